@@ -1,0 +1,318 @@
+"""Host memory behind a memslot, by backing kind.
+
+Why several kinds: what KVM does on a guest fault (and what the tracer has to
+explain) depends on the VMA behind the slot: private anonymous memory, shared
+memory, page cache, hugetlbfs, THP, or a VM_PFNMAP|VM_IO mapping that has no
+struct pages at all. Each kind here produces one VMA that is easy to recognise
+in /proc/PID/maps, and reports what the kernel says about it.
+
+Kinds:
+  anon         MAP_PRIVATE|MAP_ANONYMOUS, MADV_NOHUGEPAGE (each 4K page faults
+               on its own)
+  anon-shared  MAP_SHARED|MAP_ANONYMOUS (shmem; maps shows "/dev/zero (deleted)")
+  memfd        memfd_create("kvmtrace-guest-slotN"), MAP_SHARED
+  file         a temporary regular file, MAP_SHARED (page cache)
+  hugetlb      MAP_HUGETLB, 2 MiB pages; "unavailable" unless
+               /proc/sys/vm/nr_hugepages left enough free pages
+  thp          private anonymous, 2 MiB aligned, MADV_HUGEPAGE
+  pfnmap       the process's own [vvar] VMA (VM_PFNMAP|VM_IO in every Linux
+               process); read-only, not ours to write or unmap
+
+Every mapping the module creates is 2 MiB aligned (so hva and gpa agree
+modulo 2 MiB, as KVM needs for huge mappings) and sits between PROT_NONE guard
+pages, so the kernel never merges it with a neighbouring anonymous VMA and its
+maps line covers exactly the slot.
+"""
+
+import ctypes
+import errno
+import mmap
+import os
+import tempfile
+
+PAGE_SIZE = 4096
+HUGE_SIZE = 2 << 20
+
+KINDS = ("anon", "anon-shared", "memfd", "file", "hugetlb", "thp", "pfnmap")
+# kinds whose host memory the VMM may write (guest code stubs, checks)
+WRITABLE_KINDS = ("anon", "anon-shared", "memfd", "file", "hugetlb", "thp")
+
+PROT_NONE = 0
+PROT_RW = mmap.PROT_READ | mmap.PROT_WRITE
+MAP_SHARED = 0x01
+MAP_PRIVATE = 0x02
+MAP_FIXED = 0x10
+MAP_ANONYMOUS = 0x20
+MAP_NORESERVE = 0x4000
+MAP_HUGETLB = 0x40000
+MADV_HUGEPAGE = 14
+MADV_NOHUGEPAGE = 15
+MFD_CLOEXEC = 1
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                       ctypes.c_int, ctypes.c_long]
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+_libc.memfd_create.argtypes = [ctypes.c_char_p, ctypes.c_uint]
+_MAP_FAILED = ctypes.c_void_p(-1).value
+
+
+class Unavailable(Exception):
+    """This backing cannot be made on this host (reported, not fatal)."""
+
+
+def _check(ret, what):
+    if ret == -1:
+        e = ctypes.get_errno()
+        raise OSError(e, "%s: %s" % (what, os.strerror(e)))
+    return ret
+
+
+def _mmap(addr, length, prot, flags, fd=-1, offset=0):
+    p = _libc.mmap(addr, length, prot, flags, fd, offset)
+    if p is None or p == _MAP_FAILED:
+        e = ctypes.get_errno()
+        raise OSError(e, "mmap: " + os.strerror(e))
+    return p
+
+
+def round_up(value, align):
+    return (value + align - 1) // align * align
+
+
+class Backing:
+    """One slot's host memory: where it is, what it is, how to release it."""
+
+    def __init__(self, kind, slot):
+        self.kind = kind
+        self.slot = slot
+        self.hva = 0
+        self.size = 0
+        self.status = "unavailable"
+        self.reason = ""
+        self.path = None  # backing file, for kinds that have one
+        self.vma = None  # filled by describe()
+        self.readable_pages = None  # None: all (only pfnmap has holes)
+        self._fd = -1
+        self._reservation = None  # (addr, length) to munmap, guard pages included
+        self._owns_file = False
+
+    # -- release ----------------------------------------------------------
+    def close(self):
+        if self._reservation:
+            _libc.munmap(*self._reservation)
+            self._reservation = None
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        if self._owns_file and self.path:
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+            self._owns_file = False
+
+    # -- host access ------------------------------------------------------
+    @property
+    def writable(self):
+        return self.status == "ok" and self.kind in WRITABLE_KINDS
+
+    def buffer(self):
+        """A ctypes byte array over the mapping (host view of guest memory)."""
+        return (ctypes.c_char * self.size).from_address(self.hva)
+
+    def describe(self):
+        """Look the VMA up in /proc/self/maps (+ smaps VmFlags); cache it."""
+        if self.status == "ok":
+            self.vma = find_vma(self.hva)
+        return self.vma
+
+    def to_dict(self):
+        return {
+            "kind": self.kind,
+            "status": self.status,
+            "reason": self.reason,
+            "hva": self.hva,
+            "size": self.size,
+            "path": self.path,
+            "vma": self.vma,
+            "readable_pages": self.readable_pages,
+        }
+
+
+# --------------------------------------------------------------------------
+# allocation
+
+
+def _reserve_and_map(b, size, prot, flags, fd=-1, align=HUGE_SIZE):
+    """Map `size` bytes at an `align`ed address between PROT_NONE guards."""
+    total = size + 2 * align
+    base = _mmap(None, total, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE)
+    b._reservation = (base, total)
+    target = round_up(base + PAGE_SIZE, align)
+    b.hva = _mmap(target, size, prot, flags | MAP_FIXED, fd, 0)
+    b.size = size
+
+
+def hugetlb_free_bytes():
+    """Free 2 MiB hugetlb memory (HugePages_Free × Hugepagesize), 0 if none."""
+    free = pagesize = 0
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("HugePages_Free:"):
+                    free = int(line.split()[1])
+                elif line.startswith("Hugepagesize:"):
+                    pagesize = int(line.split()[1]) * 1024
+    except OSError:
+        return 0
+    return free * pagesize if pagesize == HUGE_SIZE else 0
+
+
+def find_special_vma(name):
+    """(start, end) of a named VMA of this process, e.g. "[vvar]", or None."""
+    with open("/proc/self/maps") as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) >= 6 and fields[5] == name:
+                start, end = (int(x, 16) for x in fields[0].split("-"))
+                return start, end
+    return None
+
+
+def allocate(kind, size, slot):
+    """Host memory of `kind` for memslot `slot`, at least `size` bytes.
+
+    Returns a Backing whose status is "ok", or "unavailable" with a reason
+    (hugetlb without reserved pages, no [vvar]); other failures raise OSError.
+    hugetlb and thp round the size up to 2 MiB; pfnmap's size is the [vvar]
+    VMA's (the request is only an upper bound there).
+    """
+    if kind not in KINDS:
+        raise ValueError("unknown backing %r (one of %s)" % (kind, ", ".join(KINDS)))
+    b = Backing(kind, slot)
+    try:
+        _allocate(b, kind, size, slot)
+    except Unavailable as e:
+        b.close()
+        b.status, b.reason, b.hva, b.size = "unavailable", str(e), 0, 0
+        return b
+    except BaseException:
+        b.close()
+        raise
+    b.status = "ok"
+    b.describe()
+    return b
+
+
+def _allocate(b, kind, size, slot):
+    size = round_up(size, PAGE_SIZE)
+    if kind == "anon":
+        _reserve_and_map(b, size, PROT_RW, MAP_PRIVATE | MAP_ANONYMOUS)
+        _check(_libc.madvise(b.hva, size, MADV_NOHUGEPAGE), "madvise(NOHUGEPAGE)")
+    elif kind == "anon-shared":
+        _reserve_and_map(b, size, PROT_RW, MAP_SHARED | MAP_ANONYMOUS)
+    elif kind == "memfd":
+        name = ("kvmtrace-guest-slot%d" % slot).encode()
+        b._fd = _check(_libc.memfd_create(name, MFD_CLOEXEC), "memfd_create")
+        os.ftruncate(b._fd, size)
+        _reserve_and_map(b, size, PROT_RW, MAP_SHARED, b._fd)
+        b.path = "/memfd:" + name.decode()
+    elif kind == "file":
+        b._fd, b.path = tempfile.mkstemp(prefix="kvmtrace-guest-slot%d-" % slot)
+        b._owns_file = True
+        os.ftruncate(b._fd, size)
+        _reserve_and_map(b, size, PROT_RW, MAP_SHARED, b._fd)
+    elif kind == "hugetlb":
+        size = round_up(size, HUGE_SIZE)
+        free = hugetlb_free_bytes()
+        if free < size:
+            raise Unavailable("hugetlb: %d KiB free 2 MiB pages, %d KiB needed "
+                              "(see /proc/sys/vm/nr_hugepages)" % (free >> 10, size >> 10))
+        try:
+            _reserve_and_map(b, size, PROT_RW, MAP_PRIVATE | MAP_ANONYMOUS | MAP_HUGETLB)
+        except OSError as e:
+            if e.errno in (errno.ENOMEM, errno.EINVAL):
+                raise Unavailable("hugetlb: mmap(MAP_HUGETLB): %s" % e.strerror) from None
+            raise
+    elif kind == "thp":
+        size = round_up(size, HUGE_SIZE)
+        _reserve_and_map(b, size, PROT_RW, MAP_PRIVATE | MAP_ANONYMOUS)
+        _check(_libc.madvise(b.hva, size, MADV_HUGEPAGE), "madvise(HUGEPAGE)")
+    elif kind == "pfnmap":
+        vvar = find_special_vma("[vvar]")
+        if vvar is None:
+            raise Unavailable("pfnmap: no [vvar] VMA in /proc/self/maps")
+        b.hva = vvar[0]
+        b.size = min(size, vvar[1] - vvar[0]) if size else vvar[1] - vvar[0]
+        b.path = "[vvar]"
+        b.readable_pages = probe_readable(b.hva, b.size // PAGE_SIZE)
+
+
+def probe_readable(hva, npages):
+    """Indexes of the pages at hva that can be read without SIGBUS.
+
+    Some [vvar] pages have no page behind them (on 6.18: the time-namespace
+    page and the arch page); a guest read of such a page makes KVM_RUN fail
+    with EFAULT, so the VMM must know. Reading one is fatal, hence a forked
+    child per page (fork before any vCPU thread exists).
+    """
+    readable = []
+    for page in range(npages):
+        pid = os.fork()
+        if pid == 0:  # child: touch the page, report by exit status
+            try:
+                ctypes.string_at(hva + page * PAGE_SIZE, 1)
+            finally:
+                os._exit(0)
+        _, status = os.waitpid(pid, 0)
+        if os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0:
+            readable.append(page)
+    return readable
+
+
+# --------------------------------------------------------------------------
+# /proc/self/maps
+
+
+_SMAPS_KB = {"KernelPageSize": "kernel_page_size_kb", "Rss": "rss_kb",
+             "AnonHugePages": "anon_huge_kb", "Private_Hugetlb": "private_hugetlb_kb",
+             "Shared_Hugetlb": "shared_hugetlb_kb"}
+
+
+def find_vma(addr, pid="self"):
+    """The VMA containing `addr` as /proc/PID/maps and smaps show it.
+
+    Returns {start, end, perms, offset, dev, inode, name, vm_flags,
+    kernel_page_size_kb, rss_kb, anon_huge_kb, private_hugetlb_kb,
+    shared_hugetlb_kb} (name is the maps path column: "" for anonymous
+    memory, "[vvar]", "/memfd:NAME (deleted)", a file path), or None.
+    """
+    vma = None
+    with open("/proc/%s/smaps" % pid) as f:
+        for line in f:
+            head = line.split(None, 5)
+            if head and "-" in head[0] and len(head) >= 5 and ":" in head[3]:
+                if vma is not None:
+                    break
+                start, end = (int(x, 16) for x in head[0].split("-"))
+                if start <= addr < end:
+                    vma = {
+                        "start": start,
+                        "end": end,
+                        "perms": head[1],
+                        "offset": int(head[2], 16),
+                        "dev": head[3],
+                        "inode": int(head[4]),
+                        "name": head[5].strip() if len(head) > 5 else "",
+                        "vm_flags": [],
+                    }
+            elif vma is not None:
+                key = line.split(":", 1)[0]
+                if key == "VmFlags":
+                    vma["vm_flags"] = line.split()[1:]
+                elif key in _SMAPS_KB:
+                    vma[_SMAPS_KB[key]] = int(line.split()[1])
+    return vma

@@ -1,0 +1,329 @@
+"""What the guest does: memslots, guest accesses, memslot changes over time.
+
+Why a separate, architecture-neutral description: tests and benchmarks of the
+tracer need to know exactly what the guest did, and the arm64 VMM will run the
+same scenarios. A Scenario is plain data (dataclasses, JSON round-trip); the
+VMM (vmm.py) executes it and the report repeats it with the addresses filled
+in, next to `expected_faults`, the host's fault rule applied to it.
+
+Slot 0 is always the VMM's system slot (page tables, guest code, stacks) and
+is not part of `slots`; scenario slots are numbered from 1.
+"""
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+from .backings import HUGE_SIZE, KINDS, PAGE_SIZE, round_up
+
+ACCESSES = ("r", "w", "rw", "x")
+CHANGE_KINDS = ("flags", "move", "delete", "fail-overlap", "fail-misaligned")
+SYSTEM_SLOT = 0
+SYSTEM_GPA = 0
+DATA_BASE_GPA = 16 << 20  # data slots start here; the system slot must fit below
+SLOT_GAP = HUGE_SIZE  # unmapped hole after each slot: a stray access exits as MMIO
+
+
+class ScenarioError(ValueError):
+    """The scenario is inconsistent (bad slot, page range, access...)."""
+
+
+@dataclass
+class Slot:
+    """A guest memory slot. gpa is chosen by layout() unless given."""
+
+    slot: int
+    backing: str
+    npages: int
+    readonly: bool = False  # KVM_MEM_READONLY: guest writes exit as MMIO
+    log_dirty: bool = False  # KVM_MEM_LOG_DIRTY_PAGES from the start
+    region2: bool = False  # create it with KVM_SET_USER_MEMORY_REGION2 if the host has it
+    gpa: Optional[int] = None
+
+    def size(self):
+        """Bytes of guest memory asked for (hugetlb/thp: whole 2 MiB pages)."""
+        size = self.npages * PAGE_SIZE
+        return round_up(size, HUGE_SIZE) if self.backing in ("hugetlb", "thp") else size
+
+
+@dataclass
+class Step:
+    """Touch pages [first, first + npages) of a slot once each, in order.
+
+    r: 8-byte load; w: 8-byte store; rw: load then store; x: jump to a stub
+    placed in the page (executes from it).
+    """
+
+    slot: int
+    first: int
+    npages: int
+    access: str
+    vcpu: int = 0
+
+
+@dataclass
+class Change:
+    """A memslot ioctl the VMM issues after the guest has run.
+
+    flags            toggle KVM_MEM_LOG_DIRTY_PAGES (a flags-only change)
+    move             same slot at another GPA (method "kvm": one ioctl, KVM's
+                     MOVE; "recreate": delete, then create at the new GPA)
+    delete           memory_size = 0
+    fail-overlap     a new slot over `slot`'s GPA range: fails with EEXIST
+    fail-misaligned  a new slot with a size that is not page aligned: EINVAL
+    """
+
+    kind: str
+    slot: int = 0
+    method: str = "kvm"
+    gpa: Optional[int] = None  # move target; chosen by layout() unless given
+
+
+@dataclass
+class Scenario:
+    name: str
+    slots: List[Slot] = field(default_factory=list)
+    steps: List[Step] = field(default_factory=list)
+    changes: List[Change] = field(default_factory=list)
+    vcpus: int = 1
+
+    # -- helpers -----------------------------------------------------------
+    def slot(self, slot_id):
+        for s in self.slots:
+            if s.slot == slot_id:
+                return s
+        raise ScenarioError("no slot %d in scenario %r" % (slot_id, self.name))
+
+    def next_slot_id(self):
+        return max([SYSTEM_SLOT] + [s.slot for s in self.slots]) + 1
+
+    def add_slot(self, backing, npages, access=None, **flags):
+        """Append a slot (and, if given, one step touching all its pages)."""
+        s = Slot(self.next_slot_id(), backing, npages, **flags)
+        self.slots.append(s)
+        for acc in access or ():
+            self.steps.append(Step(s.slot, 0, npages, acc))
+        return s
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d):
+        return cls(
+            name=d.get("name", "custom"),
+            slots=[Slot(**s) for s in d.get("slots", [])],
+            steps=[Step(**s) for s in d.get("steps", [])],
+            changes=[Change(**c) for c in d.get("changes", [])],
+            vcpus=d.get("vcpus", 1),
+        )
+
+    @classmethod
+    def load(cls, path):
+        with open(path) as f:
+            return cls.from_dict(json.load(f))
+
+    # -- checks and layout ---------------------------------------------------
+    def validate(self):
+        """Raise ScenarioError unless the scenario can run as described."""
+        if not 1 <= self.vcpus <= 64:
+            raise ScenarioError("vcpus must be 1..64")
+        ids = [s.slot for s in self.slots]
+        if len(set(ids)) != len(ids) or SYSTEM_SLOT in ids:
+            raise ScenarioError("slot ids must be unique and not %d (the system slot)"
+                                % SYSTEM_SLOT)
+        for s in self.slots:
+            if s.backing not in KINDS:
+                raise ScenarioError("slot %d: unknown backing %r (one of %s)"
+                                    % (s.slot, s.backing, ", ".join(KINDS)))
+            if s.npages <= 0:
+                raise ScenarioError("slot %d: npages must be > 0" % s.slot)
+            if s.gpa is not None and s.gpa % HUGE_SIZE:
+                raise ScenarioError("slot %d: gpa must be 2 MiB aligned" % s.slot)
+        owner = {}  # (slot, page) -> vcpu: pages are not shared between vCPUs
+        for st in self.steps:
+            s = self.slot(st.slot)
+            if st.access not in ACCESSES:
+                raise ScenarioError("step on slot %d: access %r not in %s"
+                                    % (st.slot, st.access, ACCESSES))
+            if st.first < 0 or st.npages <= 0 or st.first + st.npages > s.size() // PAGE_SIZE:
+                raise ScenarioError("step on slot %d: pages %d..%d outside the slot's %d pages"
+                                    % (st.slot, st.first, st.first + st.npages - 1,
+                                       s.size() // PAGE_SIZE))
+            if s.backing == "pfnmap" and st.access == "x":
+                raise ScenarioError("slot %d: pfnmap ([vvar]) pages cannot hold an execute stub"
+                                    % st.slot)
+            if not 0 <= st.vcpu < self.vcpus:
+                raise ScenarioError("step on slot %d: vcpu %d of %d" % (st.slot, st.vcpu,
+                                                                         self.vcpus))
+            for p in range(st.first, st.first + st.npages):
+                if owner.setdefault((st.slot, p), st.vcpu) != st.vcpu:
+                    raise ScenarioError("slot %d page %d is touched by two vCPUs: the fault "
+                                        "count would race" % (st.slot, p))
+        live = set(ids)
+        for c in self.changes:
+            if c.kind not in CHANGE_KINDS:
+                raise ScenarioError("change %r not in %s" % (c.kind, CHANGE_KINDS))
+            if c.kind in ("flags", "move", "delete", "fail-overlap"):
+                if c.slot not in live:
+                    raise ScenarioError("change %s: slot %d does not exist (any more)"
+                                        % (c.kind, c.slot))
+            if c.kind == "move" and c.method not in ("kvm", "recreate"):
+                raise ScenarioError("move method must be kvm or recreate")
+            if c.kind == "move" and c.gpa is not None and c.gpa % HUGE_SIZE:
+                raise ScenarioError("move target gpa must be 2 MiB aligned")
+            if c.kind == "delete":
+                live.discard(c.slot)
+        return self
+
+    def layout(self):
+        """Give every slot without one a 2 MiB aligned, non-overlapping GPA.
+
+        Slots go upwards from DATA_BASE_GPA in order, each followed by an
+        unmapped 2 MiB gap; move targets go above all of them.
+        """
+        taken = [(s.gpa, s.gpa + s.size()) for s in self.slots if s.gpa is not None]
+        cursor = DATA_BASE_GPA
+
+        def place(size):
+            nonlocal cursor
+            gpa = round_up(cursor, HUGE_SIZE)
+            while any(a < gpa + size and gpa < b for a, b in taken):
+                gpa = round_up(max(b for a, b in taken if a < gpa + size and gpa < b)
+                               + SLOT_GAP, HUGE_SIZE)
+            taken.append((gpa, gpa + size))
+            cursor = gpa + size + SLOT_GAP
+            return gpa
+
+        for s in self.slots:
+            if s.gpa is None:
+                s.gpa = place(s.size())
+        for c in self.changes:
+            if c.kind == "move" and c.gpa is None:
+                c.gpa = place(self.slot(c.slot).size())
+        return self
+
+
+# --------------------------------------------------------------------------
+# built-in scenarios
+
+
+def demo():
+    """Every backing kind, every access kind, and each kind of memslot change."""
+    sc = Scenario("demo")
+    anon = sc.add_slot("anon", 64)
+    sc.steps += [Step(anon.slot, 0, 16, "r"), Step(anon.slot, 16, 16, "w"),
+                 Step(anon.slot, 32, 16, "rw"), Step(anon.slot, 48, 4, "x")]
+    shared = sc.add_slot("anon-shared", 32, ["w"])
+    memfd = sc.add_slot("memfd", 32, region2=True)
+    sc.steps += [Step(memfd.slot, 0, 16, "rw"), Step(memfd.slot, 16, 16, "r")]
+    filed = sc.add_slot("file", 32)
+    sc.steps += [Step(filed.slot, 0, 8, "r"), Step(filed.slot, 8, 8, "w"),
+                 Step(filed.slot, 16, 2, "x")]
+    vvar = sc.add_slot("pfnmap", 4)
+    sc.steps += [Step(vvar.slot, 0, 4, "r"), Step(vvar.slot, 0, 1, "w")]
+    ro = sc.add_slot("anon", 16, readonly=True)
+    sc.steps += [Step(ro.slot, 0, 8, "r"), Step(ro.slot, 8, 2, "w"),
+                 Step(ro.slot, 10, 2, "rw"), Step(ro.slot, 12, 2, "x")]
+    dirty = sc.add_slot("anon", 32, log_dirty=True)
+    sc.steps += [Step(dirty.slot, 0, 16, "w"), Step(dirty.slot, 16, 8, "r"),
+                 Step(dirty.slot, 24, 4, "rw")]
+    huge = sc.add_slot("hugetlb", 512)  # skipped ("unavailable") without reserved pages
+    sc.steps += [Step(huge.slot, 0, 8, "w")]
+    thp = sc.add_slot("thp", 512)
+    sc.steps += [Step(thp.slot, 0, 8, "w"), Step(thp.slot, 8, 8, "r")]
+    sc.changes = [
+        Change("flags", anon.slot),  # turn dirty logging on: flags-only change
+        Change("move", filed.slot),  # KVM's move
+        Change("delete", shared.slot),
+        Change("fail-overlap", anon.slot),  # EEXIST
+        Change("fail-misaligned"),  # EINVAL
+    ]
+    return sc
+
+
+def minimal():
+    """One anonymous RAM slot: a few pages written, a few read."""
+    sc = Scenario("minimal")
+    ram = sc.add_slot("anon", 16)
+    sc.steps += [Step(ram.slot, 0, 8, "w"), Step(ram.slot, 8, 8, "r")]
+    return sc
+
+
+def smp():
+    """Two vCPUs, each writing its own slot (one vCPU thread each)."""
+    sc = Scenario("smp", vcpus=2)
+    for vcpu in range(2):
+        s = sc.add_slot("anon", 32)
+        sc.steps.append(Step(s.slot, 0, 32, "w", vcpu=vcpu))
+    return sc
+
+
+BUILTIN = {"demo": demo, "minimal": minimal, "smp": smp}
+
+
+def builtin(name):
+    try:
+        return BUILTIN[name]()
+    except KeyError:
+        raise ScenarioError("unknown scenario %r (one of %s)"
+                            % (name, ", ".join(BUILTIN))) from None
+
+
+# --------------------------------------------------------------------------
+# command-line specs
+
+SLOT_FLAGS = {"ro": "readonly", "readonly": "readonly", "dirty": "log_dirty",
+              "log_dirty": "log_dirty", "region2": "region2", "mem2": "region2"}
+
+
+def _int(text, what):
+    try:
+        return int(text, 0)
+    except ValueError:
+        raise ScenarioError("%s: %r is not a number" % (what, text)) from None
+
+
+def add_slot_spec(sc, spec):
+    """--slot KIND:NPAGES[:ACCESS[+ACCESS...]][:FLAG,...]
+
+    ACCESS: r, w, rw, x or "-" (none), each touching all NPAGES pages;
+    FLAGs: ro (KVM_MEM_READONLY), dirty (KVM_MEM_LOG_DIRTY_PAGES), region2.
+    e.g. anon:64:rw  memfd:32:r+w:region2  anon:16:r:ro,dirty
+    """
+    parts = spec.split(":")
+    if len(parts) < 2 or len(parts) > 4:
+        raise ScenarioError("--slot %r: expected KIND:NPAGES[:ACCESS][:FLAGS]" % spec)
+    kind, npages = parts[0], _int(parts[1], "--slot " + spec)
+    access = [a for a in (parts[2].split("+") if len(parts) > 2 else []) if a not in ("", "-")]
+    for a in access:
+        if a not in ACCESSES:
+            raise ScenarioError("--slot %r: access %r not in %s" % (spec, a, ACCESSES))
+    flags = {}
+    for f in (parts[3].split(",") if len(parts) > 3 and parts[3] else []):
+        if f not in SLOT_FLAGS:
+            raise ScenarioError("--slot %r: flag %r not in %s" % (spec, f, sorted(SLOT_FLAGS)))
+        flags[SLOT_FLAGS[f]] = True
+    return sc.add_slot(kind, npages, access, **flags)
+
+
+def add_access_spec(sc, spec):
+    """--access SLOT:FIRST:NPAGES:ACCESS[:VCPU]"""
+    parts = spec.split(":")
+    if len(parts) not in (4, 5):
+        raise ScenarioError("--access %r: expected SLOT:FIRST:NPAGES:ACCESS[:VCPU]" % spec)
+    vcpu = _int(parts[4], "--access") if len(parts) == 5 else 0
+    sc.steps.append(Step(_int(parts[0], "--access"), _int(parts[1], "--access"),
+                         _int(parts[2], "--access"), parts[3], vcpu))
+
+
+def add_change_spec(sc, spec):
+    """--change KIND[:SLOT[:METHOD]]  e.g. flags:1  move:2:recreate  delete:3  fail-misaligned"""
+    parts = spec.split(":")
+    kind = parts[0]
+    slot = _int(parts[1], "--change") if len(parts) > 1 else 0
+    method = parts[2] if len(parts) > 2 else "kvm"
+    if kind in ("flags", "move", "delete", "fail-overlap") and len(parts) < 2:
+        raise ScenarioError("--change %s needs a slot: %s:SLOT" % (kind, kind))
+    sc.changes.append(Change(kind, slot, method))

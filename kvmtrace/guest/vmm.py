@@ -1,0 +1,638 @@
+"""Run a Scenario on /dev/kvm and describe exactly what happened.
+
+Why it records so much: the report is the ground truth that tests and
+benchmarks hold the tracer's output against, so every memslot ioctl is logged
+as issued (with CLOCK_MONOTONIC time, the clock of bpf_ktime_get_ns), every
+exit is counted, and each slot carries its addresses, its VMA and the faults
+this host is expected to take for it.
+
+Order of a run:
+  1. /dev/kvm, KVM_CREATE_VM, capabilities
+  2. host memory for every slot (backings.py); the system slot 0 gets page
+     tables, one code page run per vCPU and a stack page per vCPU
+  3. memslots, in slot order (slot 0 first)
+  4. vCPUs, one thread each (comm "kvmtrace-vcpuN"), KVM_RUN until the guest
+     signals done; MMIO exits are serviced (reads return 0)
+  5. host-side checks of guest writes, KVM_GET_DIRTY_LOG on dirty-logged
+     slots, then the scenario's memslot changes
+  6. the report; optionally hold (mappings alive) for a tracer to look
+"""
+
+import ctypes
+import errno
+import mmap
+import os
+import signal
+import struct
+import threading
+import time
+
+from . import backings, faults, kvmapi
+from .kvmapi import ioctl, ioctl_errno
+from .scenario import PAGE_SIZE, SYSTEM_GPA, SYSTEM_SLOT, DATA_BASE_GPA
+
+REPORT_VERSION = 1
+MAX_EXITS = 100_000  # per vCPU: a guest this size never needs more
+MAX_LOGGED = 256  # MMIO / IO exits listed individually (all are counted)
+PR_SET_NAME = 15
+MAIN_COMM = b"kvmtrace-guest"
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+class VmmError(Exception):
+    """An expected failure (no /dev/kvm, a setup ioctl refused...): one line."""
+
+
+def _set_comm(name):
+    _libc.prctl(PR_SET_NAME, ctypes.c_char_p(name[:15]), 0, 0, 0)
+
+
+def _default_arch():
+    import platform
+
+    machine = platform.machine()
+    if machine in ("x86_64", "AMD64"):
+        from .x86 import X86Arch
+
+        return X86Arch()
+    raise VmmError("no guest support for %s yet" % machine)
+
+
+def _runs(pages):
+    """Split sorted page indexes into lists of consecutive ones."""
+    runs = []
+    for p in pages:
+        if runs and runs[-1][-1] == p - 1:
+            runs[-1].append(p)
+        else:
+            runs.append([p])
+    return runs
+
+
+class SlotState:
+    """A scenario slot (or the system slot) plus what the VMM made of it."""
+
+    def __init__(self, slot, backing, spec=None, role="data"):
+        self.slot = slot
+        self.spec = spec
+        self.role = role
+        self.backing = backing
+        self.gpa = spec.gpa if spec else SYSTEM_GPA
+        self.flags = 0
+        if spec and spec.readonly:
+            self.flags |= kvmapi.KVM_MEM_READONLY
+        if spec and spec.log_dirty:
+            self.flags |= kvmapi.KVM_MEM_LOG_DIRTY_PAGES
+        self.initial_flags = self.flags
+        self.initial_gpa = self.gpa
+        self.present = False  # a memslot exists for it right now
+        self.ioctl_name = None
+        self.touched = []  # (page, access) in guest order
+        self.skipped = []  # steps' pages the guest must not touch (see _vcpu_steps)
+        self.extra = {}  # role-specific page lists (code, page tables, stack)
+        self.dirty_pages = None
+        self.write_check = None
+
+    @property
+    def size(self):
+        return self.backing.size
+
+    @property
+    def npages(self):
+        return self.backing.size // PAGE_SIZE
+
+    def page_gpa(self, page):
+        return self.initial_gpa + page * PAGE_SIZE
+
+
+class Vcpu:
+    def __init__(self, index, fd, run):
+        self.index = index
+        self.fd = fd
+        self.run = run  # mmap of struct kvm_run
+        self.tid = None
+        self.comm = "kvmtrace-vcpu%d" % index
+        self.code_gpa = 0
+        self.code_pages = 0
+        self.stack_gpa = 0
+        self.done = False
+        self.error = None
+        self.exits = {}
+        self.mmio = []
+        self.io = []
+        self.kvm_runs = 0
+        self.run_start_ns = self.run_end_ns = 0
+        self.final_pc = None
+        self.thread = None
+
+
+class Vmm:
+    def __init__(self, scenario, arch=None, timeout=30.0, log=None, device="/dev/kvm"):
+        self.scenario = scenario.validate().layout()
+        self.device = device
+        self.arch = arch or _default_arch()
+        self.timeout = timeout
+        self.log = log or (lambda msg: None)
+        self.kvm_fd = self.vm_fd = -1
+        self.caps = {}
+        self.slots = {}  # slot id -> SlotState, system slot included
+        self.vcpus = []
+        self.memslot_ioctls = []
+        self.dirty_log_ioctls = []
+        self.errors = []
+        self.skipped_changes = []
+        self.mmap_size = 0
+        self.cr3 = 0
+        self.vcpu_layout = []  # per vCPU: (code gpa, code pages, stack gpa)
+
+    # ------------------------------------------------------------------ setup
+    def open(self):
+        try:
+            self.kvm_fd = kvmapi.open_kvm(self.device)
+        except FileNotFoundError:
+            raise VmmError("%s does not exist (no KVM on this machine)" % self.device) from None
+        except PermissionError:
+            raise VmmError("%s: permission denied (run as root or join group kvm)"
+                           % self.device) from None
+        except OSError as e:
+            raise VmmError("%s: %s" % (self.device, e.strerror or e)) from None
+        try:
+            self.vm_fd = ioctl(self.kvm_fd, kvmapi.KVM_CREATE_VM, 0)
+        except OSError as e:
+            raise VmmError("KVM_CREATE_VM failed: %s" % e.strerror) from None
+        self.caps = {name: kvmapi.check_extension(self.vm_fd, cap)
+                     for name, cap in kvmapi.CAPS.items()}
+        self.mmap_size = ioctl(self.kvm_fd, kvmapi.KVM_GET_VCPU_MMAP_SIZE, 0)
+
+    def allocate(self):
+        sc = self.scenario
+        for spec in sc.slots:
+            b = backings.allocate(spec.backing, spec.size(), spec.slot)
+            self.slots[spec.slot] = SlotState(spec.slot, b, spec)
+            if b.status != "ok":
+                self.log("slot %d: %s" % (spec.slot, b.reason))
+        self._build_system_slot()
+
+    def _vcpu_steps(self, vcpu):
+        """(gpa, npages, access) for the vCPU's steps on slots that exist."""
+        out = []
+        for st in self.scenario.steps:
+            s = self.slots[st.slot]
+            if st.vcpu != vcpu or s.backing.status != "ok":
+                continue
+            ok = s.backing.readable_pages
+            usable = []
+            for p in range(st.first, st.first + st.npages):
+                if p >= s.npages:  # pfnmap: the VMA is smaller than asked
+                    why = "beyond the %d pages of the %s VMA" % (s.npages, s.backing.path)
+                elif ok is not None and p not in ok:
+                    why = ("nothing behind this %s page (a read gets SIGBUS, so KVM_RUN "
+                           "would fail with EFAULT)" % s.backing.path)
+                else:
+                    usable.append(p)
+                    continue
+                s.skipped.append({"page": p, "access": st.access, "reason": why})
+            for run in _runs(usable):
+                out.append((s.page_gpa(run[0]), len(run), st.access))
+                s.touched += [(p, st.access) for p in run]
+        return out
+
+    def _build_system_slot(self):
+        arch, sc = self.arch, self.scenario
+        programs = [arch.gen_program(self._vcpu_steps(v), v) for v in range(sc.vcpus)]
+        code_pages = [-(-len(p) // PAGE_SIZE) for p in programs]
+        data_pages = []
+        for s in self.slots.values():
+            if s.backing.status == "ok":
+                data_pages += range(s.gpa // PAGE_SIZE, (s.gpa + s.size) // PAGE_SIZE)
+        # page 0 is mapped but left empty (the PVM emulator reads linear
+        # address 0 when it emulates `out`; unmapped, the guest triple-faults);
+        # then page tables, code, stacks. Size the slot first, then fill it.
+        fixed = 1 + sum(code_pages) + sc.vcpus
+        npages = fixed
+        while True:
+            guess = backings.round_up(npages + 16, 512)
+            mapped = list(range(0, guess)) + data_pages
+            need = fixed + arch.page_table_pages(mapped)
+            if need <= guess:
+                break
+            npages = need
+        size = guess * PAGE_SIZE
+        if SYSTEM_GPA + size > DATA_BASE_GPA:
+            raise VmmError("scenario too large: system slot needs %d KiB" % (size >> 10))
+        b = backings.allocate("anon", size, SYSTEM_SLOT)
+        sys_slot = SlotState(SYSTEM_SLOT, b, role="system")
+        self.slots[SYSTEM_SLOT] = sys_slot
+        mem = memoryview(b.buffer()).cast("B")
+
+        cursor = iter(range(PAGE_SIZE, size, PAGE_SIZE))
+        self.cr3, tables = arch.build_page_tables(mem, SYSTEM_GPA, cursor, mapped)
+        free = next(cursor)
+        code_list, stack_list = [], []
+        for v, prog in enumerate(programs):
+            code = free
+            mem[code:code + len(prog)] = prog
+            stack = code + code_pages[v] * PAGE_SIZE
+            free = stack + PAGE_SIZE
+            self.vcpu_layout.append((code, code_pages[v], stack))
+            code_list += range(code // PAGE_SIZE, code // PAGE_SIZE + code_pages[v])
+            stack_list.append(stack // PAGE_SIZE)
+        sys_slot.extra = {"page_tables": [t // PAGE_SIZE for t in tables],
+                          "code": code_list, "stack": stack_list}
+        sys_slot.touched = [(p, "x") for p in code_list]
+        # execute stubs in every page a step jumps into
+        for s in self.slots.values():
+            pages = sorted({p for p, a in s.touched if a == "x"}) if s.role == "data" else []
+            for p in pages:
+                off = p * PAGE_SIZE + arch.exec_stub_offset
+                ctypes.memmove(s.backing.hva + off, arch.exec_stub, len(arch.exec_stub))
+
+    # -------------------------------------------------------------- memslots
+    def set_region(self, slot, flags, gpa, size, hva, phase, change=None, use2=None,
+                   expect=0):
+        """Issue one KVM_SET_USER_MEMORY_REGION(2) and log it; returns errno.
+
+        use2=None: the ioctl the slot was created with (changes to a slot made
+        with MEMORY_REGION2 use it too).
+        """
+        as_id = slot >> 16
+        if use2 is None:
+            existing = self.slots.get(slot)
+            use2 = bool(existing and existing.ioctl_name == "KVM_SET_USER_MEMORY_REGION2")
+        if use2:
+            arg = kvmapi.kvm_userspace_memory_region2(slot, flags, gpa, size, hva)
+            req, name = kvmapi.KVM_SET_USER_MEMORY_REGION2, "KVM_SET_USER_MEMORY_REGION2"
+        else:
+            arg = kvmapi.kvm_userspace_memory_region(slot, flags, gpa, size, hva)
+            req, name = kvmapi.KVM_SET_USER_MEMORY_REGION, "KVM_SET_USER_MEMORY_REGION"
+        t0 = time.monotonic_ns()
+        _, err = ioctl_errno(self.vm_fd, req, arg)
+        t1 = time.monotonic_ns()
+        self.memslot_ioctls.append({
+            "seq": len(self.memslot_ioctls), "time_ns": t0, "duration_ns": t1 - t0,
+            "phase": phase, "change": change, "ioctl": name, "request": req,
+            "slot": slot & 0xFFFF, "as_id": as_id, "slot_field": slot,
+            "flags": flags, "flag_names": kvmapi.mem_flag_names(flags),
+            "gpa": gpa, "size": size, "hva": hva,
+            "errno": err, "errno_name": kvmapi.errno_name(err),
+            "expected_errno": expect, "expected_errno_name": kvmapi.errno_name(expect),
+        })
+        return err
+
+    def create_memslots(self):
+        have2 = self.caps.get("USER_MEMORY2", 0) > 0
+        for sid in sorted(self.slots):
+            s = self.slots[sid]
+            if s.backing.status != "ok":
+                continue
+            use2 = bool(s.spec and s.spec.region2 and have2)
+            err = self.set_region(sid, s.flags, s.gpa, s.size, s.backing.hva, "setup",
+                                  use2=use2)
+            if err:
+                raise VmmError("slot %d (%s at gpa %#x, %d KiB): %s failed: %s"
+                               % (sid, s.backing.kind, s.gpa, s.size >> 10,
+                                  self.memslot_ioctls[-1]["ioctl"], os.strerror(err)))
+            s.present = True
+            s.ioctl_name = self.memslot_ioctls[-1]["ioctl"]
+
+    # ------------------------------------------------------------------ vCPUs
+    def create_vcpus(self):
+        for v, (code_gpa, code_pages, stack_gpa) in enumerate(self.vcpu_layout):
+            fd = ioctl(self.vm_fd, kvmapi.KVM_CREATE_VCPU, v)
+            run = mmap.mmap(fd, self.mmap_size, mmap.MAP_SHARED,
+                            mmap.PROT_READ | mmap.PROT_WRITE)
+            vc = Vcpu(v, fd, run)
+            vc.code_gpa, vc.code_pages, vc.stack_gpa = code_gpa, code_pages, stack_gpa
+            self.arch.setup_vcpu(fd, self.cr3, code_gpa, stack_gpa + PAGE_SIZE)
+            self.vcpus.append(vc)
+
+    def _slot_of(self, gpa):
+        for s in self.slots.values():
+            if s.present and s.gpa <= gpa < s.gpa + s.size:
+                return s.slot
+        return None
+
+    def _vcpu_loop(self, vc):
+        _set_comm(vc.comm.encode())
+        vc.tid = threading.get_native_id()
+        run = vc.run
+        vc.run_start_ns = time.monotonic_ns()
+        try:
+            while vc.kvm_runs < MAX_EXITS:
+                vc.kvm_runs += 1
+                try:
+                    ioctl(vc.fd, kvmapi.KVM_RUN, 0)
+                except OSError as e:
+                    if e.errno == errno.EINTR and run[kvmapi.RUN_IMMEDIATE_EXIT]:
+                        vc.error = "timed out after %.1f s (guest still running)" % self.timeout
+                    else:
+                        vc.error = "KVM_RUN failed: %s (%s)" % (
+                            e.strerror, kvmapi.errno_name(e.errno))
+                    return
+                reason = struct.unpack_from("<I", run, kvmapi.RUN_EXIT_REASON)[0]
+                name = kvmapi.exit_reason_name(reason)
+                vc.exits[name] = vc.exits.get(name, 0) + 1
+                if reason == kvmapi.KVM_EXIT_IO:
+                    direction, size, port, count, off = struct.unpack_from(
+                        kvmapi.RUN_IO_FMT, run, kvmapi.RUN_UNION)
+                    value = int.from_bytes(run[off:off + size], "little")
+                    if len(vc.io) < MAX_LOGGED:
+                        vc.io.append({"port": port, "out": direction == kvmapi.KVM_EXIT_IO_OUT,
+                                      "size": size, "count": count, "value": value})
+                    if self.arch.is_done("io", port, direction == kvmapi.KVM_EXIT_IO_OUT):
+                        vc.done = True
+                        return
+                    if direction == kvmapi.KVM_EXIT_IO_IN:
+                        run[off:off + size * count] = bytes(size * count)
+                elif reason == kvmapi.KVM_EXIT_MMIO:
+                    gpa, data, length, is_write = struct.unpack_from(
+                        kvmapi.RUN_MMIO_FMT, run, kvmapi.RUN_UNION)
+                    if len(vc.mmio) < MAX_LOGGED:
+                        vc.mmio.append({
+                            "gpa": gpa, "len": length, "write": bool(is_write),
+                            "data": int.from_bytes(data[:length], "little") if is_write else None,
+                            "slot": self._slot_of(gpa)})
+                    if self.arch.is_done("mmio", gpa, bool(is_write)):
+                        vc.done = True
+                        return
+                    if not is_write:
+                        off = kvmapi.RUN_MMIO_DATA
+                        run[off:off + 8] = bytes(8)
+                elif reason == kvmapi.KVM_EXIT_INTR:
+                    continue
+                else:
+                    vc.error = "unexpected exit %s (%d)" % (name, reason)
+                    return
+            vc.error = "gave up after %d exits" % MAX_EXITS
+        finally:
+            vc.run_end_ns = time.monotonic_ns()
+
+    def run_vcpus(self):
+        """Run every vCPU in its own thread until done, an error or the timeout.
+
+        A vCPU still in KVM_RUN at the timeout is kicked out with
+        immediate_exit + SIGUSR1 (a no-op handler, so KVM_RUN returns EINTR).
+        Handlers can only be installed from the main thread; elsewhere the
+        timeout is not enforced.
+        """
+        try:
+            previous = signal.signal(signal.SIGUSR1, lambda *_: None)
+        except ValueError:  # not the main thread
+            previous = None
+        try:
+            for vc in self.vcpus:
+                vc.thread = threading.Thread(target=self._vcpu_loop, args=(vc,),
+                                             name=vc.comm, daemon=True)
+                vc.thread.start()
+            deadline = time.monotonic() + self.timeout
+            for vc in self.vcpus:
+                vc.thread.join(max(0.0, deadline - time.monotonic()) if previous else None)
+                if vc.thread.is_alive():
+                    vc.run[kvmapi.RUN_IMMEDIATE_EXIT] = 1
+                    while vc.thread.is_alive():
+                        signal.pthread_kill(vc.thread.ident, signal.SIGUSR1)
+                        vc.thread.join(0.05)
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGUSR1, previous)
+        for vc in self.vcpus:
+            try:
+                vc.final_pc = self.arch.get_pc(vc.fd)
+            except OSError:
+                pass
+            if vc.error:
+                self.errors.append("vcpu %d: %s (pc %s)" % (
+                    vc.index, vc.error, hex(vc.final_pc) if vc.final_pc is not None else "?"))
+            elif not vc.done:
+                self.errors.append("vcpu %d: did not reach the done port" % vc.index)
+
+    # -------------------------------------------------------------- after run
+    def check_writes(self):
+        """Compare host memory with what the guest was told to store.
+
+        A page written by the guest (w, rw) holds arch.written_value(gpa) at
+        data_offset; in a read-only slot, and in [vvar], the write went to the
+        VMM as MMIO and host memory must not hold it.
+        """
+        for s in self.slots.values():
+            if s.role != "data" or s.backing.status != "ok":
+                continue
+            readable = s.backing.readable_pages
+            written = sorted({p for p, a in s.touched if a in ("w", "rw")
+                              and (readable is None or p in readable)})
+            if not written:
+                continue
+            lands = faults.writes_land(s.backing.kind, s.initial_flags)
+            buf = s.backing.buffer()
+            bad = []
+            for p in written:
+                off = p * PAGE_SIZE + self.arch.data_offset
+                got = struct.unpack_from("<Q", buf, off)[0]
+                want = self.arch.written_value(s.page_gpa(p))
+                if (got == want) != lands:
+                    bad.append({"page": p, "value": got})
+            s.write_check = {"pages": len(written), "expect_in_host_memory": lands,
+                             "ok": not bad, "mismatches": bad[:16]}
+            if bad:
+                self.errors.append("slot %d: %d written pages do not match host memory"
+                                   % (s.slot, len(bad)))
+
+    def get_dirty_logs(self):
+        for sid in sorted(self.slots):
+            s = self.slots[sid]
+            if not (s.present and s.flags & kvmapi.KVM_MEM_LOG_DIRTY_PAGES):
+                continue
+            words = -(-s.npages // 64)
+            bitmap = (ctypes.c_uint64 * words)()
+            arg = kvmapi.kvm_dirty_log(sid, 0, ctypes.addressof(bitmap))
+            t0 = time.monotonic_ns()
+            _, err = ioctl_errno(self.vm_fd, kvmapi.KVM_GET_DIRTY_LOG, arg)
+            pages = [w * 64 + b for w in range(words) for b in range(64)
+                     if bitmap[w] >> b & 1] if not err else None
+            self.dirty_log_ioctls.append({
+                "seq": len(self.dirty_log_ioctls), "time_ns": t0, "ioctl": "KVM_GET_DIRTY_LOG",
+                "request": kvmapi.KVM_GET_DIRTY_LOG, "slot": sid, "errno": err,
+                "errno_name": kvmapi.errno_name(err), "dirty_pages": pages})
+            s.dirty_pages = pages
+            if err:
+                self.errors.append("slot %d: KVM_GET_DIRTY_LOG failed: %s"
+                                   % (sid, os.strerror(err)))
+
+    def apply_changes(self):
+        for ch in self.scenario.changes:
+            getattr(self, "_change_" + ch.kind.replace("-", "_"))(ch)
+
+    def _live(self, ch):
+        s = self.slots.get(ch.slot)
+        if s is None or not s.present:
+            why = "slot %d is %s" % (ch.slot, "unavailable" if s and s.backing.status != "ok"
+                                     else "not present")
+            self.skipped_changes.append({"kind": ch.kind, "slot": ch.slot, "reason": why})
+            self.log("change %s skipped: %s" % (ch.kind, why))
+            return None
+        return s
+
+    def _change_flags(self, ch):
+        s = self._live(ch)
+        if s:
+            new = s.flags ^ kvmapi.KVM_MEM_LOG_DIRTY_PAGES
+            if not self.set_region(s.slot, new, s.gpa, s.size, s.backing.hva, "change", "flags"):
+                s.flags = new
+
+    def _change_move(self, ch):
+        s = self._live(ch)
+        if not s:
+            return
+        if ch.method == "recreate":
+            if self.set_region(s.slot, s.flags, s.gpa, 0, s.backing.hva, "change", "move"):
+                return
+            s.present = False
+        if not self.set_region(s.slot, s.flags, ch.gpa, s.size, s.backing.hva, "change", "move"):
+            s.gpa, s.present = ch.gpa, True
+
+    def _change_delete(self, ch):
+        s = self._live(ch)
+        if s and not self.set_region(s.slot, 0, s.gpa, 0, s.backing.hva, "change", "delete"):
+            s.present = False
+
+    def _unused_slot_id(self):
+        return max(self.slots) + 1
+
+    def _change_fail_overlap(self, ch):
+        s = self._live(ch)
+        if s:
+            self.set_region(self._unused_slot_id(), 0, s.gpa, PAGE_SIZE, s.backing.hva,
+                            "change", "fail-overlap", expect=errno.EEXIST)
+
+    def _change_fail_misaligned(self, ch):
+        sys_slot = self.slots[SYSTEM_SLOT]
+        self.set_region(self._unused_slot_id(), 0, DATA_BASE_GPA - (4 << 20),
+                        PAGE_SIZE + 512, sys_slot.backing.hva, "change", "fail-misaligned",
+                        expect=errno.EINVAL)
+
+    def check_change_results(self):
+        for rec in self.memslot_ioctls:
+            if rec["errno"] != rec["expected_errno"]:
+                self.errors.append("%s slot %d (%s): errno %s, expected %s" % (
+                    rec["ioctl"], rec["slot"], rec["change"] or rec["phase"],
+                    rec["errno_name"] or 0, rec["expected_errno_name"] or 0))
+
+    # ------------------------------------------------------------------ report
+    def report(self):
+        mmu = faults.host_mmu()
+        slots = []
+        for sid in sorted(self.slots):
+            s = self.slots[sid]
+            s.backing.describe()  # after the run: Rss / AnonHugePages are current
+            touched = {}
+            for p, a in s.touched:
+                touched.setdefault(a, []).append(p)
+            expected = faults.expected_faults(
+                s.backing.kind, s.initial_flags, s.touched, mmu,
+                status=s.backing.status, role=s.role, extra=s.extra)
+            d = {
+                "slot": sid, "as_id": 0, "role": s.role, "backing": s.backing.kind,
+                "status": s.backing.status, "unavailable_reason": s.backing.reason or None,
+                "hva": s.backing.hva, "gpa": s.initial_gpa, "size": s.size,
+                "npages": s.npages, "flags": s.initial_flags,
+                "flag_names": kvmapi.mem_flag_names(s.initial_flags),
+                "ioctl": s.ioctl_name, "path": s.backing.path, "vma": s.backing.vma,
+                "touched": touched,
+                "touched_counts": {a: len(p) for a, p in touched.items()},
+                "skipped": s.skipped,
+                "readable_pages": s.backing.readable_pages,
+                "expected_faults": expected["total"],
+                "expected_faults_detail": expected,
+                "dirty_pages": s.dirty_pages,
+                "expected_dirty_pages": (
+                    faults.expected_dirty_pages(s.backing.kind, s.initial_flags, s.touched)
+                    if s.dirty_pages is not None else None),
+                "write_check": s.write_check,
+                "final": {"present": s.present, "gpa": s.gpa, "flags": s.flags,
+                          "flag_names": kvmapi.mem_flag_names(s.flags)},
+            }
+            if s.role == "system":
+                d.update(s.extra)
+            slots.append(d)
+        counts, mmio, io = {}, [], []
+        for vc in self.vcpus:
+            for k, n in vc.exits.items():
+                counts[k] = counts.get(k, 0) + n
+            mmio += [dict(m, vcpu=vc.index) for m in vc.mmio]
+            io += [dict(x, vcpu=vc.index) for x in vc.io]
+        starts = [vc.run_start_ns for vc in self.vcpus if vc.run_start_ns]
+        ends = [vc.run_end_ns for vc in self.vcpus if vc.run_end_ns]
+        return {
+            "version": REPORT_VERSION,
+            "tool": "kvmtrace.guest",
+            "arch": self.arch.name,
+            "ok": not self.errors,
+            "errors": list(self.errors),
+            "pid": os.getpid(),
+            "comm": MAIN_COMM.decode(),
+            "kernel": os.uname().release,
+            "mmu": mmu,
+            "kvm_fd": self.kvm_fd,
+            "vm_fd": self.vm_fd,
+            "caps": self.caps,
+            "scenario": self.scenario.to_dict(),
+            "vcpus": [{
+                "index": vc.index, "fd": vc.fd, "tid": vc.tid, "comm": vc.comm,
+                "done": vc.done, "error": vc.error, "kvm_run_calls": vc.kvm_runs,
+                "exits": vc.exits, "run_ns": vc.run_end_ns - vc.run_start_ns,
+                "code_gpa": vc.code_gpa, "stack_gpa": vc.stack_gpa, "final_pc": vc.final_pc,
+            } for vc in self.vcpus],
+            "memslot_ioctls": self.memslot_ioctls,
+            "dirty_log_ioctls": self.dirty_log_ioctls,
+            "skipped_changes": self.skipped_changes,
+            "slots": slots,
+            "exits": {"counts": counts, "mmio": mmio, "io": io},
+            "run_start_ns": min(starts) if starts else None,
+            "run_end_ns": max(ends) if ends else None,
+            "run_ns": (max(ends) - min(starts)) if starts and ends else None,
+            "expected_faults_total": sum(s["expected_faults"] or 0 for s in slots),
+        }
+
+    # -------------------------------------------------------------- lifecycle
+    def close(self):
+        for vc in self.vcpus:
+            vc.run.close()
+            os.close(vc.fd)
+        for fd in (self.vm_fd, self.kvm_fd):
+            if fd >= 0:
+                os.close(fd)
+        self.vm_fd = self.kvm_fd = -1
+        for s in self.slots.values():
+            s.backing.close()
+
+
+def run(scenario, arch=None, timeout=30.0, log=None, on_report=None, hold=0.0,
+        device="/dev/kvm"):
+    """Run `scenario`; returns the report dict (report["ok"] says if all went as planned).
+
+    on_report(report) is called before the hold, while every fd and mapping is
+    still alive, so a tracer can inspect /proc/PID/* against the report.
+    Raises VmmError for failures that leave nothing to report (no /dev/kvm,
+    a setup memslot refused).
+    """
+    _set_comm(MAIN_COMM)
+    vmm = Vmm(scenario, arch, timeout, log, device)
+    try:
+        vmm.open()
+        vmm.allocate()
+        vmm.create_memslots()
+        vmm.create_vcpus()
+        vmm.run_vcpus()
+        vmm.check_writes()
+        vmm.get_dirty_logs()
+        vmm.apply_changes()
+        vmm.check_change_results()
+        report = vmm.report()
+        if on_report:
+            on_report(report)
+        if hold > 0:
+            time.sleep(hold)
+        return report
+    finally:
+        vmm.close()

@@ -1,0 +1,56 @@
+"""tracefs: where tracepoint formats live. bcc reads them to build ``args``.
+
+On a freshly booted machine tracefs may not be mounted at all (seen on the
+development host), and bcc then fails with an obscure error; kvmtrace mounts it
+or says exactly what to do.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+CANDIDATES = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
+
+
+class TracefsError(RuntimeError):
+    pass
+
+
+def find() -> str | None:
+    for root in CANDIDATES:
+        if os.path.isdir(os.path.join(root, "events")):
+            return root
+    return None
+
+
+def ensure_mounted() -> str:
+    """Return the tracefs root, mounting it at /sys/kernel/tracing if needed."""
+    root = find()
+    if root:
+        return root
+    target = CANDIDATES[0]
+    r = subprocess.run(["mount", "-t", "tracefs", "tracefs", target],
+                       capture_output=True, text=True)
+    root = find()
+    if root:
+        return root
+    raise TracefsError(
+        f"tracefs is not mounted and mounting it failed ({r.stderr.strip() or r.returncode}); "
+        f"run: mount -t tracefs tracefs {target}")
+
+
+def tracepoint_exists(tracepoint: str, root: str | None = None) -> bool:
+    root = root or find()
+    if not root:
+        return False
+    category, name = tracepoint.split(":")
+    return os.path.isfile(os.path.join(root, "events", category, name, "format"))
+
+
+def category_events(category: str, root: str | None = None) -> list[str]:
+    root = root or find()
+    path = os.path.join(root or "", "events", category)
+    if not root or not os.path.isdir(path):
+        return []
+    return sorted(e for e in os.listdir(path) if os.path.isdir(os.path.join(path, e)))

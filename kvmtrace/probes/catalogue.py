@@ -1,0 +1,92 @@
+"""Probe points kvmtrace knows, and which of them this host can attach.
+
+A probe is usable when every tracepoint it needs has a format file in tracefs
+(a tracepoint that exists may still never fire on some hosts, e.g.
+kvm:kvm_page_fault on KVM-PVM: that is reported by the recording's per-probe
+counts, not guessed here).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..host import tracefs
+from .events import EVENTS
+
+GROUPS = {
+    "memslots": "KVM ioctls: VM and vCPU creation, memslot changes",
+    "faults": "stage-2 / shadow MMU faults and the sptes they install",
+    "invalidations": "mmu-notifier invalidations of guest memory",
+    "exits": "exits to the VMM: MMIO, KVM_RUN returns",
+}
+
+SETS = {
+    "all": tuple(GROUPS),
+    "default": tuple(GROUPS),
+    "memslots": ("memslots",),
+    "faults": ("memslots", "faults", "invalidations"),
+}
+
+
+@dataclass(frozen=True)
+class Probe:
+    name: str
+    group: str
+    events: tuple[str, ...]
+    needs: tuple[str, ...]  # tracepoints, "category:name"
+    doc: str
+
+
+def _tp_probe(event: str, group: str) -> Probe:
+    ev = EVENTS[event]
+    return Probe(ev.tracepoint, group, (event,), (ev.tracepoint,), ev.doc)
+
+
+PROBES: tuple[Probe, ...] = (
+    Probe("memslot-ioctls", "memslots", ("memslot", "vm_ioctl"),
+          ("syscalls:sys_enter_ioctl", "syscalls:sys_exit_ioctl"),
+          "KVM_CREATE_VM, KVM_CREATE_VCPU, KVM_SET_USER_MEMORY_REGION(2), KVM_RUN "
+          "(vCPU per thread) from the ioctl syscall tracepoints"),
+    _tp_probe("page_fault", "faults"),
+    _tp_probe("pt_walk", "faults"),
+    _tp_probe("spte_requested", "faults"),
+    _tp_probe("set_spte", "faults"),
+    _tp_probe("tdp_spte_changed", "faults"),
+    _tp_probe("fast_page_fault", "faults"),
+    _tp_probe("mmio_page_fault", "faults"),
+    _tp_probe("unmap_hva_range", "invalidations"),
+    _tp_probe("mmio", "exits"),
+    _tp_probe("userspace_exit", "exits"),
+)
+
+
+class SelectionError(ValueError):
+    pass
+
+
+def parse_selection(spec: str) -> list[Probe]:
+    """'all', a set name, group names, probe names or event names, comma separated."""
+    chosen: list[Probe] = []
+    for word in (w.strip() for w in spec.split(",") if w.strip()):
+        if word in SETS:
+            matched = [p for p in PROBES if p.group in SETS[word]]
+        elif word in GROUPS:
+            matched = [p for p in PROBES if p.group == word]
+        else:
+            matched = [p for p in PROBES
+                       if word in (p.name, p.name.split(":")[-1]) or word in p.events]
+        if not matched:
+            names = ", ".join(list(SETS) + list(GROUPS))
+            raise SelectionError(f"unknown probe or set '{word}' (sets and groups: {names}; "
+                                 f"or a probe name from 'kvmtrace doctor')")
+        chosen += [p for p in matched if p not in chosen]
+    return chosen
+
+
+def availability(probes, root: str | None = None) -> dict[str, str | None]:
+    """probe name -> None when attachable, else why not."""
+    out = {}
+    for p in probes:
+        missing = [t for t in p.needs if not tracefs.tracepoint_exists(t, root)]
+        out[p.name] = f"tracepoint {', '.join(missing)} not in tracefs" if missing else None
+    return out

@@ -1,0 +1,85 @@
+"""C text and numpy dtypes generated from :mod:`kvmtrace.probes.events`.
+
+The struct emitted for bcc and the numpy dtype used to decode it both follow
+the C rules for naturally aligned fixed-width fields (numpy's ``align=True``
+is defined to match them), and the generated C asserts the size, so a
+mismatch fails at compile time instead of silently shifting columns.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .events import CTYPES, Event
+
+# Every BPF ring buffer record starts with an 8-byte header (u32 len with the
+# BUSY / DISCARD bits, u32 page offset) and is padded to 8 bytes
+# (kernel/bpf/ringbuf.c, BPF_RINGBUF_HDR_SZ; unchanged since 5.8).
+RINGBUF_HDR = 8
+
+
+def struct_name(ev: Event) -> str:
+    return f"kvmtrace_{ev.name}"
+
+
+def ring_name(ev: Event) -> str:
+    return f"rb_{ev.name}"
+
+
+def event_dtype(ev: Event) -> np.dtype:
+    return np.dtype([(f.name, CTYPES[f.ctype]) for f in ev.all_fields], align=True)
+
+
+def record_dtype(ev: Event) -> np.dtype:
+    """The dtype of one ring-buffer record: header, then the event, padded to 8."""
+    body = event_dtype(ev)
+    size = (RINGBUF_HDR + body.itemsize + 7) & ~7
+    return np.dtype({
+        "names": ["_len", "_pg_off", "body"],
+        "formats": ["u4", "u4", body],
+        "offsets": [0, 4, RINGBUF_HDR],
+        "itemsize": size,
+    })
+
+
+def c_struct(ev: Event) -> str:
+    members = "\n".join(f"    {f.ctype} {f.name}; /* {f.doc} */" for f in ev.all_fields)
+    size = event_dtype(ev).itemsize
+    return (
+        f"struct {struct_name(ev)} {{\n{members}\n}};\n"
+        f"_Static_assert(sizeof(struct {struct_name(ev)}) == {size}, "
+        f"\"{ev.name}: layout differs from the Python declaration\");\n"
+        f"BPF_RINGBUF_OUTPUT({ring_name(ev)}, {ev.ring_pages});\n"
+    )
+
+
+def c_emit(ev: Event, index: int, assignments: str) -> str:
+    """Reserve, fill header and fields, submit: the body shared by all probes."""
+    s, r = struct_name(ev), ring_name(ev)
+    return (
+        f"    struct {s} *e = {r}.ringbuf_reserve(sizeof(struct {s}));\n"
+        f"    if (!e) {{ kvmtrace_lost({index}); return 0; }}\n"
+        f"    KVMTRACE_HEADER(e);\n"
+        f"{assignments}"
+        f"    {r}.ringbuf_submit(e, {'0' if ev.wakeup else 'BPF_RB_NO_WAKEUP'});\n"
+    )
+
+
+def c_tracepoint_probe(ev: Event, index: int) -> str:
+    """A TRACEPOINT_PROBE copying the tracepoint's args into the event.
+
+    bcc builds ``args`` from the tracepoint's format file in tracefs, so the
+    layout of the kernel side also comes from the running kernel itself.
+    """
+    category, name = ev.tracepoint.split(":")
+    # ctx is read into locals first: the verifier refuses ctx reads through a
+    # pointer the compiler has offset across helper calls.
+    reads = "".join(f"    {f.ctype} v_{f.name} = {f.src};\n" for f in ev.fields)
+    assigns = "".join(f"    e->{f.name} = v_{f.name};\n" for f in ev.fields)
+    return (
+        f"TRACEPOINT_PROBE({category}, {name}) {{\n"
+        f"{reads}"
+        f"    if (!kvmtrace_wanted()) return 0;\n"
+        f"{c_emit(ev, index, assigns)}"
+        f"    return 0;\n}}\n"
+    )

@@ -1,0 +1,219 @@
+"""Every event kvmtrace records, declared once.
+
+Each :class:`Event` lists its fields (name, C type, meaning) and, for events
+that copy a tracepoint, the C expression that fills each field. From this one
+declaration :mod:`kvmtrace.probes.codegen` makes both the C struct handed to
+bcc and the numpy dtype that decodes the ring buffer, and
+:mod:`kvmtrace.recording.format` makes the Arrow schema of the recording. The
+BPF side and the Python side therefore cannot disagree about a layout.
+
+Kernel pointers are never recorded (e.g. kvm_mmu_set_spte's ``sptep`` and
+fast_page_fault's ``sptep`` are left out on purpose). Sptes and pfns are
+kept: they hold host physical frame numbers, which the memory-type analysis
+needs (the PAT memtype list is keyed by physical address).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# C type -> numpy type string. Only fixed-width types, so sizes never depend on
+# the compiler.
+CTYPES = {
+    "u8": "u1", "s8": "i1", "u16": "u2", "s16": "i2",
+    "u32": "u4", "s32": "i4", "u64": "u8", "s64": "i8",
+}
+
+
+@dataclass(frozen=True)
+class Field:
+    name: str
+    ctype: str
+    doc: str
+    src: str | None = None  # C expression that fills it in a generated probe
+
+    def __post_init__(self):
+        if self.ctype not in CTYPES:
+            raise ValueError(f"{self.name}: unsupported C type {self.ctype}")
+
+
+@dataclass(frozen=True)
+class Event:
+    """One kind of record: one ring buffer in BPF, one table in a recording."""
+
+    name: str
+    doc: str
+    fields: tuple[Field, ...]
+    tracepoint: str | None = None  # "category:name" when a generated probe copies it
+    ring_pages: int = 16  # BPF ring buffer size in pages (power of two)
+    # Wake the collector at once (rare events that trigger work such as a
+    # smaps snapshot); others are polled, which is cheaper per event.
+    wakeup: bool = False
+
+    @property
+    def all_fields(self) -> tuple[Field, ...]:
+        return HEADER + self.fields
+
+
+# Filled for every event by KVMTRACE_HEADER(e) in the BPF program.
+HEADER = (
+    Field("ts", "u64", "CLOCK_MONOTONIC nanoseconds (bpf_ktime_get_ns)"),
+    Field("pid", "u32", "process id (tgid) of the VMM"),
+    Field("tid", "u32", "thread id (vCPU thread for fault events)"),
+    Field("vcpu_fd", "s32", "fd of the vCPU this thread last ran (KVM_RUN), -1 if none seen"),
+    Field("cpu", "u32", "host CPU"),
+)
+
+
+def _tp(name, tracepoint, doc, fields, ring_pages=16):
+    """An event that copies a tracepoint's arguments field for field."""
+    return Event(
+        name=name, doc=doc, tracepoint=tracepoint, ring_pages=ring_pages,
+        fields=tuple(Field(n, t, d, src or f"args->{n}") for n, t, d, src in fields),
+    )
+
+
+MEMSLOT = Event(
+    "memslot",
+    "KVM_SET_USER_MEMORY_REGION(2) as issued and answered: the struct read from "
+    "user memory at syscall entry, the result at exit",
+    (
+        Field("vm_fd", "s32", "the VM file descriptor the ioctl was issued on"),
+        Field("ioctl", "u32", "1 = KVM_SET_USER_MEMORY_REGION, 2 = ..._REGION2"),
+        Field("slot", "u32", "slot id; bits 16+ are the address space id"),
+        Field("flags", "u32", "KVM_MEM_* flags"),
+        Field("gpa", "u64", "guest_phys_addr"),
+        Field("size", "u64", "memory_size (0 deletes the slot)"),
+        Field("hva", "u64", "userspace_addr"),
+        Field("gmem_offset", "u64", "guest_memfd_offset (REGION2 only)"),
+        Field("gmem_fd", "u32", "guest_memfd (REGION2 only)"),
+        Field("read_ok", "u32", "1 when the struct was read from user memory"),
+        Field("ret", "s64", "ioctl return value (-errno on failure)"),
+        Field("enter_ts", "u64", "CLOCK_MONOTONIC ns at syscall entry"),
+    ),
+    wakeup=True,
+)
+
+VM_IOCTL = Event(
+    "vm_ioctl",
+    "KVM_CREATE_VM and KVM_CREATE_VCPU: which fds are VMs and vCPUs of which VM",
+    (
+        Field("cmd", "u32", "ioctl command"),
+        Field("fd", "s32", "fd the ioctl was issued on (/dev/kvm or the VM)"),
+        Field("arg", "u64", "ioctl argument (VM type, vCPU id)"),
+        Field("ret", "s64", "new fd, or -errno"),
+    ),
+    wakeup=True,
+)
+
+PT_WALK = _tp(
+    "pt_walk", "kvmmmu:kvm_mmu_pagetable_walk",
+    "KVM walks the guest's page tables for a fault (shadow paging): fault start",
+    [("addr", "u64", "guest virtual (or nested guest physical) address", None),
+     ("pferr", "u32", "page-fault error code: P=1 W=2 U=4 RSVD=8 F(etch)=16", None)],
+    ring_pages=1024,
+)
+
+SPTE_REQUESTED = _tp(
+    "spte_requested", "kvmmmu:kvm_mmu_spte_requested",
+    "a fault reached the map stage: the gfn, pfn and level KVM will install",
+    [("gfn", "u64", "guest frame number", None),
+     ("pfn", "u64", "host physical frame number", None),
+     ("level", "u8", "1 = 4K, 2 = 2M, 3 = 1G", None)],
+    ring_pages=1024,
+)
+
+SET_SPTE = _tp(
+    "set_spte", "kvmmmu:kvm_mmu_set_spte",
+    "an spte was written (shadow / legacy MMU): faults and prefetches",
+    [("gfn", "u64", "guest frame number", None),
+     ("spte", "u64", "the new spte value", None),
+     ("level", "u8", "1 = 4K, 2 = 2M, 3 = 1G", None),
+     ("r", "u8", "readable", None),
+     ("x", "u8", "executable", None),
+     ("u", "s8", "user accessible (-1 when not applicable)", None)],
+    ring_pages=1024,
+)
+
+TDP_SPTE_CHANGED = _tp(
+    "tdp_spte_changed", "kvmmmu:kvm_tdp_mmu_spte_changed",
+    "the TDP MMU changed an spte (EPT / NPT hosts)",
+    [("gfn", "u64", "guest frame number", None),
+     ("old_spte", "u64", "previous spte", None),
+     ("new_spte", "u64", "new spte", None),
+     ("level", "u8", "1 = 4K, 2 = 2M, 3 = 1G", None),
+     ("as_id", "u8", "address space", None)],
+    ring_pages=1024,
+)
+
+FAST_PAGE_FAULT = _tp(
+    "fast_page_fault", "kvmmmu:fast_page_fault",
+    "a fault fixed locklessly (access / write-protection tracking)",
+    [("vcpu_id", "s32", "vCPU id", None),
+     ("gpa", "u64", "faulting address", "args->cr2_or_gpa"),
+     ("error_code", "u64", "page-fault error code", None),
+     ("old_spte", "u64", "spte before", None),
+     ("new_spte", "u64", "spte after", None),
+     ("ret", "s32", "RET_PF_* (5 fixed, 6 spurious)", None)],
+    ring_pages=256,
+)
+
+PAGE_FAULT = _tp(
+    "page_fault", "kvm:kvm_page_fault",
+    "an EPT/NPT violation or #PF exit reached KVM's fault handler: fault start",
+    [("vcpu_id", "u32", "vCPU id", None),
+     ("guest_rip", "u64", "guest instruction pointer", None),
+     ("fault_address", "u64", "faulting address (GPA for TDP)", None),
+     ("error_code", "u64", "error code / exit qualification", None)],
+    ring_pages=1024,
+)
+
+MMIO_PAGE_FAULT = _tp(
+    "mmio_page_fault", "kvmmmu:handle_mmio_page_fault",
+    "a fault on an MMIO spte (no memslot, or a memslot KVM treats as MMIO)",
+    [("addr", "u64", "faulting address", None),
+     ("gfn", "u64", "guest frame number", None),
+     ("access", "u32", "access bits", None)],
+    ring_pages=256,
+)
+
+UNMAP_HVA_RANGE = _tp(
+    "unmap_hva_range", "kvm:kvm_unmap_hva_range",
+    "mmu-notifier invalidation of a host virtual range (COW break, munmap, ...)",
+    [("start", "u64", "host virtual start", None),
+     ("end", "u64", "host virtual end", None)],
+    ring_pages=64,
+)
+
+MMIO = _tp(
+    "mmio", "kvm:kvm_mmio",
+    "an MMIO access KVM could not satisfy from a memslot",
+    [("type", "u32", "0 unsatisfied-read, 1 read, 2 write", None),
+     ("len", "u32", "access length", None),
+     ("gpa", "u64", "guest physical address", None),
+     ("val", "u64", "value", None)],
+    ring_pages=256,
+)
+
+USERSPACE_EXIT = _tp(
+    "userspace_exit", "kvm:kvm_userspace_exit",
+    "KVM_RUN returned to the VMM: exit reason, or errno",
+    [("reason", "u32", "KVM_EXIT_* reason", None),
+     ("errno", "s32", "negative errno when KVM_RUN failed", None)],
+    ring_pages=256,
+)
+
+EVENTS: dict[str, Event] = {e.name: e for e in (
+    MEMSLOT, VM_IOCTL, PT_WALK, SPTE_REQUESTED, SET_SPTE, TDP_SPTE_CHANGED,
+    FAST_PAGE_FAULT, PAGE_FAULT, MMIO_PAGE_FAULT, UNMAP_HVA_RANGE, MMIO,
+    USERSPACE_EXIT,
+)}
+
+# ioctl numbers the BPF side filters on (include/uapi/linux/kvm.h).
+KVM_IOCTLS = {
+    "KVM_CREATE_VM": 0xAE01,
+    "KVM_CREATE_VCPU": 0xAE41,
+    "KVM_SET_USER_MEMORY_REGION": 0x4020AE46,   # _IOW(0xAE, 0x46, 32 bytes)
+    "KVM_SET_USER_MEMORY_REGION2": 0x40A0AE49,  # _IOW(0xAE, 0x49, 160 bytes)
+    "KVM_RUN": 0xAE80,
+}
