@@ -300,6 +300,32 @@ if bpf is not None:
     except Exception as e:  # noqa: BLE001
         out("FAIL", "nested guest", f"{type(e).__name__}: {e}")
 
+# ------------------------------------------------ out-of-tree module toolchain
+MOD_C = r"""
+#include <linux/module.h>
+#include <linux/init.h>
+static int __init kt_init(void) { pr_info("kt_hello: loaded\n"); return 0; }
+static void __exit kt_exit(void) { pr_info("kt_hello: unloaded\n"); }
+module_init(kt_init);
+module_exit(kt_exit);
+MODULE_LICENSE("GPL");
+"""
+mdir = "/tmp/kt_hello"
+os.makedirs(mdir, exist_ok=True)
+open(f"{mdir}/kt_hello.c", "w").write(MOD_C)
+open(f"{mdir}/Makefile", "w").write("obj-m := kt_hello.o\n")
+t = time.time()
+rc, txt, err = run("make", "-C", build, f"M={mdir}", "modules")
+t_build = time.time() - t
+if rc == 0:
+    rc2, _, err2 = run("insmod", f"{mdir}/kt_hello.ko")
+    loaded = rc2 == 0 and "kt_hello: loaded" in run("dmesg")[1]
+    run("rmmod", "kt_hello")
+    check("out-of-tree module builds and loads", loaded,
+          f"make {t_build:.0f} s; insmod {'ok' if loaded else 'failed: ' + err2.strip()}")
+else:
+    out("FAIL", "out-of-tree module builds and loads", (err or txt).strip()[-300:])
+
 # ------------------------------------------------------------ python packages
 vers = []
 for mod in ("numpy", "pandas", "pyarrow", "click", "rich"):

@@ -1,0 +1,143 @@
+"""Faults: tracepoint events paired into one row per fault, attributed to a slot.
+
+x86 tracepoint-only pairing (shadow paging, TDP MMU):
+- the fault's *request* is kvmmmu:kvm_mmu_spte_requested (one per fault that
+  reached the map stage: gfn, pfn, level);
+- its *start* is the last kvm:kvm_page_fault (TDP hosts) or
+  kvmmmu:kvm_mmu_pagetable_walk (shadow) on the same thread since the previous
+  request: it carries the error code (access kind);
+- its *install* is the first kvm_mmu_set_spte (legacy MMU) or
+  kvm_tdp_mmu_spte_changed (TDP MMU) on the same thread at or after the
+  request, for the same gfn (aligned to the level), before the next request.
+  Other set_spte rows are prefetches (KVM filling neighbours ahead of time).
+Service time = install - start: from the first to the last tracepoint of
+the fault on the vCPU thread; the exit into KVM and the re-entry are outside it.
+All joins are merge_asof / vectorised masks, never a loop over faults.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from ..memtype import x86 as x86mt
+
+# Page-fault error code bits (arch/x86/include/asm/kvm_host.h PFERR_*).
+PFERR_WRITE, PFERR_FETCH = 1 << 1, 1 << 4
+# Intel EPT violation exit qualification (older kernels trace it raw).
+EPT_QUAL_WRITE, EPT_QUAL_FETCH = 1 << 1, 1 << 2
+LEVEL_SIZE = {1: "4K", 2: "2M", 3: "1G", 4: "512G"}
+
+
+def _asof(left, right, on_left, on_right, direction, suffix_cols):
+    """merge_asof by tid, bringing right's columns renamed with a prefix."""
+    r = right.rename(columns=suffix_cols)
+    return pd.merge_asof(left.sort_values(on_left), r.sort_values(on_right),
+                         left_on=on_left, right_on=on_right, by="tid",
+                         direction=direction, allow_exact_matches=True)
+
+
+def pair(tables: dict, spte_format: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(faults, prefetches): one row per fault with start / install joined."""
+    req = tables["spte_requested"].copy()
+    cols = ["ts", "pid", "tid", "vcpu_fd", "cpu", "gfn", "pfn", "level"]
+    if not len(req):
+        return pd.DataFrame(columns=cols + ["start_ts", "error_code", "install_ts", "spte",
+                                            "access", "service_ns", "start_kind"]), \
+            tables["set_spte"].copy()
+    req = req[cols].astype({"ts": "int64"}).sort_values("ts").reset_index(drop=True)
+    req["fault_id"] = np.arange(len(req))
+    req["prev_req_ts"] = req.groupby("tid")["ts"].shift(1).fillna(-1).astype("int64")
+    req["next_req_ts"] = req.groupby("tid")["ts"].shift(-1).fillna(2**62) \
+        .astype("int64")
+
+    # start: kvm_page_fault where it fires, else the shadow page-table walk
+    if len(tables["page_fault"]):
+        st = tables["page_fault"][["ts", "tid", "error_code"]].copy()
+        start_kind = "kvm_page_fault"
+    else:
+        st = tables["pt_walk"][["ts", "tid", "pferr"]].rename(columns={"pferr": "error_code"})
+        start_kind = "kvm_mmu_pagetable_walk"
+    st = st.astype({"ts": "int64", "error_code": "int64"})
+    f = _asof(req, st, "ts", "start_ts", "backward", {"ts": "start_ts"})
+    stale = f["start_ts"].isna() | (f["start_ts"] <= f["prev_req_ts"])
+    f.loc[stale, ["start_ts", "error_code"]] = np.nan
+
+    # install: the first spte write for this gfn after the request
+    if spte_format != "legacy" and len(tables["tdp_spte_changed"]):
+        src = tables["tdp_spte_changed"].rename(columns={"new_spte": "spte"})
+    else:
+        src = tables["set_spte"]
+    src = src.reset_index(drop=True)
+    ins = src[["ts", "tid", "gfn", "spte", "level"]].astype({"ts": "int64"})
+    ins["install_row"] = np.arange(len(ins))
+    f = _asof(f, ins, "ts", "install_ts",
+              "forward", {"ts": "install_ts", "gfn": "install_gfn", "level": "install_level"})
+    pages = np.left_shift(1, 9 * (f["level"].astype("int64") - 1))
+    ok = (f["install_ts"].notna() & (f["install_ts"] < f["next_req_ts"])
+          & ((f["install_gfn"].fillna(-1).astype("int64") & ~(pages - 1))
+             == (f["gfn"].astype("int64") & ~(pages - 1))))
+    f.loc[~ok, ["install_ts", "spte", "install_row"]] = np.nan
+    prefetch = src[~np.isin(np.arange(len(src)), f.loc[ok, "install_row"].astype("int64"))]
+
+    ec = f["error_code"].fillna(0).astype("int64")
+    if start_kind == "kvm_page_fault" and spte_format == "ept":
+        write, fetch = (ec & EPT_QUAL_WRITE) != 0, (ec & EPT_QUAL_FETCH) != 0
+    else:
+        write, fetch = (ec & PFERR_WRITE) != 0, (ec & PFERR_FETCH) != 0
+    access = np.where(fetch, "exec", np.where(write, "write", "read"))
+    # Without a start event, the installed spte tells read vs write.
+    no_start = f["start_ts"].isna()
+    spte_w = (f["spte"].fillna(0).astype("uint64") & np.uint64(2)) != 0
+    access = np.where(no_start, np.where(spte_w, "write", "read"), access)
+    f["access"] = access
+    f["start_kind"] = np.where(no_start, "", start_kind)
+    f["service_ns"] = f["install_ts"] - f["start_ts"]
+    return f.sort_values("fault_id").reset_index(drop=True), prefetch
+
+
+def spte_memtypes(f: pd.DataFrame, spte_format: str, pat) -> np.ndarray:
+    has = f["spte"].notna()
+    out = np.full(len(f), "", dtype=object)
+    if has.any():
+        out[has.to_numpy()] = x86mt.spte_memtype(
+            f.loc[has, "spte"].astype("uint64").to_numpy(),
+            f.loc[has, "level"].to_numpy(), spte_format, pat)
+    return out
+
+
+def attach_vm(df: pd.DataFrame, vcpus: pd.DataFrame, slots: pd.DataFrame) -> pd.Series:
+    """vm_fd of each row: its thread's vCPU fd -> KVM_CREATE_VCPU's VM fd; when the
+    vCPU was created before recording, the pid's only VM if it has one."""
+    vm = pd.Series(-1, index=df.index, dtype="int64")
+    if len(df) and len(vcpus):
+        m = df[["pid", "vcpu_fd"]].reset_index().merge(
+            vcpus.drop_duplicates(["pid", "vcpu_fd"], keep="last")[["pid", "vcpu_fd", "vm_fd"]],
+            on=["pid", "vcpu_fd"], how="left").set_index("index")["vm_fd"]
+        vm = m.fillna(-1).astype("int64").reindex(df.index, fill_value=-1)
+    if len(slots):
+        only = slots.groupby("pid")["vm_fd"].nunique()
+        single = slots.drop_duplicates("pid").set_index("pid")["vm_fd"][only == 1]
+        fill = (vm < 0) & df["pid"].isin(single.index)
+        vm[fill] = df.loc[fill, "pid"].map(single).astype("int64")
+    return vm
+
+
+def attribute(df: pd.DataFrame, slots: pd.DataFrame, key: str, ts="ts") -> pd.Series:
+    """Index into ``slots`` (a slot version) for each row, -1 when none.
+
+    ``key`` is 'gfn' (guest frame) or 'hva' (host address); one vectorised mask
+    per slot version, of which a VM has few."""
+    out = np.full(len(df), -1, dtype=np.int64)
+    if not len(df) or not len(slots):
+        return pd.Series(out, index=df.index)
+    t = df[ts].to_numpy(dtype=np.int64)
+    pid, vm = df["pid"].to_numpy(), df["vm_fd"].to_numpy()
+    addr = df[key].to_numpy(dtype=np.uint64)
+    for i, s in slots.iterrows():
+        lo, hi = (s.gfn_start, s.gfn_end) if key == "gfn" else (s.hva, s.hva + s["size"])
+        t_end = s.t_end if s.t_end < np.iinfo(np.int64).max else np.iinfo(np.int64).max
+        hit = ((pid == s.pid) & (vm == s.vm_fd) & (t >= s.t_start) & (t < t_end)
+               & (addr >= np.uint64(lo)) & (addr < np.uint64(hi)))
+        out[hit] = i
+    return pd.Series(out, index=df.index)

@@ -1,0 +1,141 @@
+"""Memslots over time, replayed from the recorded ioctls with KVM's own rules.
+
+KVM (virt/kvm/kvm_main.c, __kvm_set_memory_region, 5.x-6.18) classifies a
+successful KVM_SET_USER_MEMORY_REGION(2) as: size 0 -> DELETE; no slot with
+that id -> CREATE; a different guest_phys_addr -> MOVE; different flags ->
+FLAGS_ONLY; otherwise nothing changes. Changing size or userspace_addr of a
+live slot is refused (-EINVAL). Memslot ioctls are rare (tens per VM), so the
+replay is a plain loop; faults are attributed to its result with column
+operations.
+"""
+
+from __future__ import annotations
+
+import errno as errno_mod
+
+import numpy as np
+import pandas as pd
+
+KVM_MEM_FLAGS = {1: "LOG_DIRTY_PAGES", 2: "READONLY", 4: "GUEST_MEMFD"}
+KVM_CREATE_VM, KVM_CREATE_VCPU = 0xAE01, 0xAE41
+INF = np.iinfo(np.uint64).max
+
+
+def flag_names(flags: int) -> str:
+    names = [n for bit, n in KVM_MEM_FLAGS.items() if flags & bit]
+    rest = flags & ~sum(KVM_MEM_FLAGS)
+    if rest:
+        names.append(f"0x{rest:x}")
+    return "|".join(names) or "-"
+
+
+def errno_name(ret: int) -> str:
+    if ret >= 0:
+        return ""
+    return errno_mod.errorcode.get(-ret, f"errno {-ret}")
+
+
+def _failure_reason(row, live: dict) -> str:
+    """Why KVM refused a memslot ioctl, as far as the request and state tell."""
+    err = errno_name(row.ret)
+    page = 4096
+    if row.read_ok == 0:
+        return f"{err}: the request could not be read from user memory by the probe"
+    if err == "EINVAL":
+        bad = [n for n, v in (("guest_phys_addr", row.gpa), ("memory_size", row.size),
+                              ("userspace_addr", row.hva)) if v % page]
+        if bad:
+            return f"EINVAL: {', '.join(bad)} not page aligned"
+        if row.flags & ~7:
+            return f"EINVAL: unknown flags 0x{row.flags:x}"
+        old = live.get((row.as_id, row.slot_id))
+        if old is not None and row.size and (old["size"] != row.size or old["hva"] != row.hva):
+            return "EINVAL: a live slot's size or userspace address cannot change"
+        if row.size == 0 and old is None:
+            return "EINVAL: deleting a slot that does not exist"
+        return "EINVAL: KVM refused the request (invalid parameters for this VM)"
+    if err == "EEXIST":
+        lo, hi = row.gpa, row.gpa + row.size
+        for (as_id, sid), s in live.items():
+            if as_id == row.as_id and sid != row.slot_id and s["gpa"] < hi and lo < s["gpa"] + s["size"]:
+                return f"EEXIST: GPA range overlaps slot {sid} ({s['gpa']:#x}+{s['size']:#x})"
+        return "EEXIST: GPA range overlaps another slot"
+    if err == "EFAULT":
+        return "EFAULT: userspace_addr range is not accessible"
+    if err == "ENOMEM":
+        return "ENOMEM: KVM could not allocate the slot"
+    if err == "EPERM":
+        return "EPERM: not allowed for this VM"
+    return f"{err}: KVM refused the request"
+
+
+def decode_ops(memslot: pd.DataFrame) -> pd.DataFrame:
+    """The memslot ioctls with decoded fields (vectorised part)."""
+    df = memslot.sort_values("ts", kind="stable").reset_index(drop=True).copy()
+    df["as_id"] = (df["slot"].astype("int64") // 65536)
+    df["slot_id"] = (df["slot"].astype("int64") % 65536)
+    df["ioctl_name"] = np.where(df["ioctl"] == 2, "KVM_SET_USER_MEMORY_REGION2",
+                                "KVM_SET_USER_MEMORY_REGION")
+    df["errno"] = [errno_name(int(r)) for r in df["ret"]]
+    df["flag_names"] = [flag_names(int(f)) for f in df["flags"]]
+    df["latency_ns"] = (df["ts"].astype("int64") - df["enter_ts"].astype("int64"))
+    return df
+
+
+def replay(ops: pd.DataFrame):
+    """(ops with 'op' and 'reason' columns, slot versions table)."""
+    op_col, reason_col = [], []
+    versions = []
+    state: dict = {}  # (pid, vm_fd) -> {(as_id, slot_id): version dict}
+    for row in ops.itertuples(index=False):
+        live = state.setdefault((row.pid, row.vm_fd), {})
+        key = (row.as_id, row.slot_id)
+        old = live.get(key)
+        if row.size == 0:
+            op = "delete"
+        elif old is None:
+            op = "create"
+        elif old["gpa"] != row.gpa:
+            op = "move"
+        elif old["flags"] != row.flags:
+            op = "flags"
+        else:
+            op = "no-op"
+        if row.ret < 0:
+            op_col.append(f"failed {op}")
+            reason_col.append(_failure_reason(row, live))
+            continue
+        op_col.append(op)
+        reason_col.append("")
+        if op == "no-op":
+            continue
+        if old is not None:
+            old["t_end"], old["ended_by"] = int(row.ts), op
+        if op == "delete":
+            live.pop(key, None)
+            continue
+        new = {"pid": row.pid, "vm_fd": row.vm_fd, "as_id": row.as_id, "slot": row.slot_id,
+               "gpa": int(row.gpa), "size": int(row.size), "hva": int(row.hva),
+               "flags": int(row.flags), "flag_names": row.flag_names,
+               "ioctl_name": row.ioctl_name, "gmem_fd": int(row.gmem_fd) if row.ioctl == 2 else -1,
+               "t_start": int(row.ts), "t_end": INF, "created_by": op, "ended_by": ""}
+        live[key] = new
+        versions.append(new)
+    ops = ops.assign(op=op_col, reason=reason_col)
+    cols = ["pid", "vm_fd", "as_id", "slot", "gpa", "size", "hva", "flags", "flag_names",
+            "ioctl_name", "gmem_fd", "t_start", "t_end", "created_by", "ended_by"]
+    slots = pd.DataFrame(versions, columns=cols)
+    if len(slots):
+        slots["gfn_start"] = slots["gpa"] // 4096
+        slots["gfn_end"] = (slots["gpa"] + slots["size"]) // 4096
+        slots["version"] = slots.groupby(["pid", "vm_fd", "as_id", "slot"]).cumcount()
+    else:
+        slots = slots.assign(gfn_start=[], gfn_end=[], version=[])
+    return ops, slots.reset_index(drop=True)
+
+
+def vcpu_to_vm(vm_ioctl: pd.DataFrame) -> pd.DataFrame:
+    """(pid, vcpu_fd) -> vm_fd, from KVM_CREATE_VCPU results."""
+    v = vm_ioctl[(vm_ioctl["cmd"] == KVM_CREATE_VCPU) & (vm_ioctl["ret"] >= 0)]
+    return (v.rename(columns={"fd": "vm_fd"})
+            .assign(vcpu_fd=v["ret"].astype("int32"))[["pid", "vcpu_fd", "vm_fd", "ts"]])
