@@ -68,5 +68,87 @@ def record(output, pids, duration, probes, force, flush_interval, command):
         sys.exit(stats.command_status if stats.command_status > 0 else 1)
 
 
+@main.command()
+@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text",
+              show_default=True)
+def doctor(fmt):
+    """What this host can trace, tried rather than guessed.
+
+    Exits non-zero, with the fix, when recording is impossible here.
+    """
+    import json
+
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    from .host import doctor as doc
+
+    checks = doc.run()
+    blocked = [c for c in checks if c.blocks_record and not c.ok]
+    if fmt == "json":
+        click.echo(json.dumps({"can_record": not blocked,
+                               "checks": [c.__dict__ for c in checks]}, indent=1))
+    else:
+        t = Table(title="kvmtrace doctor", title_justify="left")
+        for c in ("check", "", "detail"):
+            t.add_column(c, overflow="fold")
+        for c in checks:
+            mark = {True: "[green]yes[/]", False: "[red]no[/]", None: ""}[c.ok]
+            detail = escape(c.detail) + (f"\n[yellow]fix:[/] {escape(c.fix)}"
+                                         if c.fix and not c.ok else "")
+            t.add_row(c.name, mark, detail)
+        console = Console()
+        console.print(t)
+        console.print("[green]record can run here[/]" if not blocked else
+                      "[red]record cannot run here:[/] " + "; ".join(
+                          f"{c.name}: {c.fix or c.detail}" for c in blocked))
+    sys.exit(1 if blocked else 0)
+
+
+@main.command()
+@click.argument("recording", type=click.Path(dir_okay=True))
+@click.option("--format", "fmt", type=click.Choice(["text", "json", "csv"]), default="text",
+              show_default=True)
+@click.option("--pid", type=int, help="only this VMM process")
+@click.option("--slot", type=int, help="only this memslot id")
+@click.option("--table", type=click.Choice(["slots", "ops", "faults", "ranges", "verdicts",
+                                             "errors", "vmas"]),
+              help="json / csv: just this table (csv default: slots)")
+@click.option("--fail-on", "fail_on", type=click.Choice(["mismatch", "error"]), multiple=True,
+              help="exit 1 when a memory-type mismatch (downgraded / upgraded) or an error "
+                   "(rejected memslot, failed fault) is found; repeatable")
+def report(recording, fmt, pid, slot, table, fail_on):
+    """Analyse RECORDING offline: memslots, faults, memory types, errors.
+
+    Needs neither root nor bcc.
+    """
+    from . import render
+    from .analysis.model import build
+    from .recording.reader import RecordingError
+
+    try:
+        model = build(recording)
+    except RecordingError as e:
+        _fail(str(e))
+    if fmt == "json":
+        click.echo(render.to_json(model, pid, slot, table))
+    elif fmt == "csv":
+        click.echo(render.to_csv(model, pid, slot, table), nl=False)
+    else:
+        from rich.console import Console
+        console = Console()
+        if not console.is_terminal:
+            console = Console(width=200)  # files and pipes: no wrapping at 80 columns
+        render.to_text(model, console, pid, slot)
+    v = model.verdicts
+    if "mismatch" in fail_on and v["verdict"].isin(["downgraded", "upgraded"]).any():
+        click.echo("kvmtrace: memory-type mismatch found", err=True)
+        sys.exit(1)
+    if "error" in fail_on and len(model.errors):
+        click.echo(f"kvmtrace: {len(model.errors)} error(s) found", err=True)
+        sys.exit(1)
+
+
 if __name__ == "__main__":
     main()

@@ -26,6 +26,8 @@ if str(ROOT) not in sys.path:
 from kvmtrace.guest import faults, kvmapi, scenario, x86  # noqa: E402
 from kvmtrace.guest.scenario import Scenario, ScenarioError, Step  # noqa: E402
 
+from conftest import SpteCounter  # noqa: E402
+
 REQUIRE_LIVE = os.environ.get("KVMTRACE_REQUIRE_LIVE") == "1"
 TRACEPOINT = "/sys/kernel/tracing/events/kvmmmu/kvm_mmu_set_spte"
 
@@ -48,46 +50,6 @@ def run_guest_json(tmp_path, *args):
     proc = guest("--report", str(out), *args)
     assert out.exists(), proc.stderr
     return proc, json.loads(out.read_text())
-
-
-class SpteCounter:
-    """bpftrace counting kvm_mmu_set_spte by (pid, gfn) and (pid, level)."""
-
-    PROGRAM = r"""
-    BEGIN { printf("ready\n"); }
-    tracepoint:kvmmmu:kvm_mmu_set_spte /strncmp(comm, "kvmtrace-vcpu", 13) == 0/ {
-        @spte[pid, args->gfn] = count();
-        @level[pid, args->level] = count();
-    }
-    """
-
-    def __init__(self):
-        self.proc = subprocess.Popen(["bpftrace", "-e", self.PROGRAM], stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, text=True)
-        deadline = time.monotonic() + 20
-        self.head = []
-        while time.monotonic() < deadline:
-            line = self.proc.stdout.readline()
-            if not line:
-                break
-            self.head.append(line)
-            if line.strip() == "ready":
-                return
-        self.proc.kill()
-        raise RuntimeError("bpftrace did not start: " + "".join(self.head))
-
-    def stop(self):
-        """{pid: {gfn: count}}, {pid: {level: count}}"""
-        self.proc.send_signal(signal.SIGINT)
-        out, _ = self.proc.communicate(timeout=20)
-        sptes, levels = {}, {}
-        for line in out.splitlines():
-            for name, table in (("@spte[", sptes), ("@level[", levels)):
-                if line.startswith(name):
-                    key, value = line[len(name):].split("]:")
-                    pid, k = (int(x) for x in key.split(","))
-                    table.setdefault(pid, {})[k] = int(value)
-        return sptes, levels
 
 
 def bpftrace_usable():

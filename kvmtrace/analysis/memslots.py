@@ -19,6 +19,9 @@ import pandas as pd
 KVM_MEM_FLAGS = {1: "LOG_DIRTY_PAGES", 2: "READONLY", 4: "GUEST_MEMFD"}
 KVM_CREATE_VM, KVM_CREATE_VCPU = 0xAE01, 0xAE41
 INF = np.iinfo(np.uint64).max
+SLOT_INT_COLS = {"pid": "int64", "vm_fd": "int64", "as_id": "int64", "slot": "int64",
+                 "gpa": "uint64", "size": "uint64", "hva": "uint64", "flags": "int64",
+                 "gmem_fd": "int64", "t_start": "uint64", "t_end": "uint64"}
 
 
 def flag_names(flags: int) -> str:
@@ -124,13 +127,10 @@ def replay(ops: pd.DataFrame):
     ops = ops.assign(op=op_col, reason=reason_col)
     cols = ["pid", "vm_fd", "as_id", "slot", "gpa", "size", "hva", "flags", "flag_names",
             "ioctl_name", "gmem_fd", "t_start", "t_end", "created_by", "ended_by"]
-    slots = pd.DataFrame(versions, columns=cols)
-    if len(slots):
-        slots["gfn_start"] = slots["gpa"] // 4096
-        slots["gfn_end"] = (slots["gpa"] + slots["size"]) // 4096
-        slots["version"] = slots.groupby(["pid", "vm_fd", "as_id", "slot"]).cumcount()
-    else:
-        slots = slots.assign(gfn_start=[], gfn_end=[], version=[])
+    slots = pd.DataFrame(versions, columns=cols).astype(SLOT_INT_COLS)
+    slots["gfn_start"] = (slots["gpa"] // 4096).astype("int64")
+    slots["gfn_end"] = ((slots["gpa"] + slots["size"]) // 4096).astype("int64")
+    slots["version"] = slots.groupby(["pid", "vm_fd", "as_id", "slot"]).cumcount().astype("int64")
     return ops, slots.reset_index(drop=True)
 
 

@@ -165,7 +165,8 @@ def _errors(ops, ex, f, slots, vcpus) -> pd.DataFrame:
                          "what": "KVM_RUN", "slot": -1,
                          "errno": memslots.errno_name(int(r.errno)),
                          "detail": f"KVM_RUN failed with {memslots.errno_name(int(r.errno))}{where}"})
-    return pd.DataFrame(rows, columns=["ts", "pid", "vm_fd", "what", "slot", "errno", "detail"])
+    return pd.DataFrame(rows, columns=["ts", "pid", "vm_fd", "what", "slot", "errno", "detail"]) \
+        .astype({"pid": "int64", "vm_fd": "int64", "slot": "int64"})
 
 
 def _reason(vma_mt, vma_src, spte_mts, verdict) -> str:
@@ -212,7 +213,10 @@ def _verdicts(slots, f, ops):
                      "reason": f"{r.ioctl_name} refused: {r.reason}"})
     cols = ["pid", "vm_fd", "as_id", "slot", "version", "gpa", "size", "faults", "verdict",
             "vma_memtype", "spte_memtype", "reason"]
-    return pd.DataFrame(rows, columns=cols), _ranges(fv, slots)
+    v = pd.DataFrame(rows, columns=cols).astype(
+        {"pid": "int64", "vm_fd": "int64", "as_id": "int64", "slot": "int64", "version": "int64",
+         "faults": "int64"})
+    return v, _ranges(fv, slots)
 
 
 def _ranges(fv: pd.DataFrame, slots: pd.DataFrame) -> pd.DataFrame:

@@ -31,6 +31,26 @@ DISCARD = np.uint32(1 << 30)
 PAGE = mmap.PAGESIZE
 
 
+def decode(raw: np.ndarray, dtype: np.dtype) -> tuple[np.ndarray, int]:
+    """Decode a run of fixed-size ring records: (event bodies, bytes consumed).
+
+    Stops at the first record still BUSY; drops DISCARDed ones. ``raw`` is a
+    uint8 array (a view of the ring, or captured bytes in tests); the result
+    is a copy, so the ring space can be handed back at once.
+    """
+    rec = dtype.itemsize
+    n = len(raw) // rec
+    raw = raw[:n * rec]
+    lens = np.ndarray((n,), dtype=np.uint32, buffer=raw, strides=(rec,))
+    busy = np.flatnonzero(lens & BUSY)
+    if busy.size:
+        n = int(busy[0])
+        raw = raw[:n * rec]
+    records = np.frombuffer(raw.tobytes(), dtype=dtype)  # the one copy
+    keep = (records["_len"] & DISCARD) == 0
+    return (records["body"] if keep.all() else records["body"][keep]), n * rec
+
+
 class RingReader:
     def __init__(self, map_fd: int, size: int, record_dtype: np.dtype):
         if size & (size - 1):
@@ -57,17 +77,9 @@ class RingReader:
         if n <= 0:
             return np.empty(0, dtype=self.dtype["body"])
         start = cons & (self.size - 1)
-        raw = self._data[start:start + n * self.rec]
-        lens = np.ndarray((n,), dtype=np.uint32, buffer=raw, strides=(self.rec,))
-        busy = np.flatnonzero(lens & BUSY)
-        if busy.size:
-            n = int(busy[0])
-            raw = raw[:n * self.rec]
-            lens = lens[:n]
-        records = np.frombuffer(raw.tobytes(), dtype=self.dtype)  # the copy
-        self._cons[0] = cons + n * self.rec  # hand the space back to BPF
-        keep = (records["_len"] & DISCARD) == 0
-        return records["body"][keep] if not keep.all() else records["body"]
+        bodies, used = decode(self._data[start:start + n * self.rec], self.dtype)
+        self._cons[0] = cons + used  # hand the space back to BPF
+        return bodies
 
     def close(self):
         self._cons = self._prod = self._data = None

@@ -1,0 +1,25 @@
+# Two commands do everything (see README):
+#   make demo   install what is missing, record the built-in guest, print the report
+#   make test   install what is missing, run the whole test suite
+PY := .venv/bin/python
+OUT := out
+
+.PHONY: setup demo test doctor clean
+
+setup:
+	@scripts/setup
+
+demo: setup
+	@mkdir -p $(OUT)
+	$(PY) -m kvmtrace.cli record -o $(OUT)/demo.kvt --force -- \
+	    $(PY) -m kvmtrace.guest --scenario demo --report $(OUT)/demo-guest.json
+	$(PY) -m kvmtrace.cli report $(OUT)/demo.kvt
+
+test: setup
+	$(PY) -m pytest -q -ra tests
+
+doctor: setup
+	$(PY) -m kvmtrace.cli doctor
+
+clean:
+	rm -rf $(OUT) .pytest_cache

@@ -1,0 +1,104 @@
+"""Shared test helpers.
+
+Live tests need root, bcc, tracefs and /dev/kvm. They are skipped only when
+one of those is truly absent; with KVMTRACE_REQUIRE_LIVE=1 (set by .ci/run)
+a missing capability fails the test instead, so CI cannot pass by skipping.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = ROOT / "tests" / "fixtures"
+REQUIRE_LIVE = os.environ.get("KVMTRACE_REQUIRE_LIVE") == "1"
+
+
+def _missing_live() -> str | None:
+    if os.geteuid() != 0:
+        return "not root"
+    if not os.path.exists("/dev/kvm"):
+        return "no /dev/kvm"
+    try:
+        import bcc  # noqa: F401
+    except ImportError:
+        return "bcc not importable"
+    return None
+
+
+@pytest.fixture
+def live():
+    why = _missing_live()
+    if why:
+        if REQUIRE_LIVE:
+            pytest.fail(f"live test cannot run ({why}) and KVMTRACE_REQUIRE_LIVE=1")
+        pytest.skip(why)
+
+
+def kvmtrace(*args, timeout=120, **kw):
+    """Run the kvmtrace CLI as a user would; returns CompletedProcess."""
+    return subprocess.run([sys.executable, "-m", "kvmtrace.cli", *map(str, args)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout, **kw)
+
+
+def guest_cmd(*args):
+    return [sys.executable, "-m", "kvmtrace.guest", *map(str, args)]
+
+
+def load_json(path):
+    return json.loads(Path(path).read_text())
+
+
+def one_line_error(proc):
+    """A user error: non-zero exit, exactly one line on stderr, no traceback."""
+    assert proc.returncode != 0, proc.stdout
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    return lines[0]
+
+
+class SpteCounter:
+    """bpftrace counting kvm_mmu_set_spte by (pid, gfn) and (pid, level)."""
+
+    PROGRAM = r"""
+    BEGIN { printf("ready\n"); }
+    tracepoint:kvmmmu:kvm_mmu_set_spte /strncmp(comm, "kvmtrace-vcpu", 13) == 0/ {
+        @spte[pid, args->gfn] = count();
+        @level[pid, args->level] = count();
+    }
+    """
+
+    def __init__(self):
+        self.proc = subprocess.Popen(["bpftrace", "-e", self.PROGRAM], stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True)
+        deadline = time.monotonic() + 20
+        self.head = []
+        while time.monotonic() < deadline:
+            line = self.proc.stdout.readline()
+            if not line:
+                break
+            self.head.append(line)
+            if line.strip() == "ready":
+                return
+        self.proc.kill()
+        raise RuntimeError("bpftrace did not start: " + "".join(self.head))
+
+    def stop(self):
+        """{pid: {gfn: count}}, {pid: {level: count}}"""
+        self.proc.send_signal(signal.SIGINT)
+        out, _ = self.proc.communicate(timeout=20)
+        sptes, levels = {}, {}
+        for line in out.splitlines():
+            for name, table in (("@spte[", sptes), ("@level[", levels)):
+                if line.startswith(name):
+                    key, value = line[len(name):].split("]:")
+                    pid, k = (int(x) for x in key.split(","))
+                    table.setdefault(pid, {})[k] = int(value)
+        return sptes, levels
