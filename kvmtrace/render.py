@@ -141,6 +141,19 @@ def _verdict_table(v: pd.DataFrame, console: Console):
     console.print(t)
 
 
+def _ranges_table(r: pd.DataFrame, console: Console):
+    t = Table(title="page ranges (guest frames faulted, by level and memory types)",
+              title_justify="left")
+    for c in ("slot", "GPA range", "pages", "level", "VMA type", "spte type", "verdict"):
+        t.add_column(c)
+    for x in r.itertuples(index=False):
+        style = VERDICT_STYLE.get(x.verdict, "")
+        t.add_row(str(x.slot), f"{_hex(x.gfn_first * 4096)}-{_hex((x.gfn_last + 1) * 4096)}",
+                  str(x.pages), str(x.size), x.vma_memtype, x.spte_memtype,
+                  f"[{style}]{x.verdict}[/]")
+    console.print(t)
+
+
 def _ops_table(o: pd.DataFrame, console: Console):
     t = Table(title="memslot ioctls", title_justify="left")
     for c in ("time", "pid", "vm", "ioctl", "slot", "op", "flags", "GPA", "size", "result"):
@@ -179,6 +192,7 @@ def to_text(model: Model, console: Console, pid=None, slot=None):
         _ops_table(t["ops"], console)
         _activity_table(s, console)
         _verdict_table(t["verdicts"], console)
+        _ranges_table(t["ranges"], console)
     outside = int((model.faults["slot_row"] < 0).sum())
     if outside:
         console.print(f"[yellow]{outside} faults outside every recorded memslot[/] "
