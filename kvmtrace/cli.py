@@ -14,6 +14,34 @@ import click
 from . import __version__
 
 
+def _emit(text: str, output: str | None):
+    """To stdout, or to a file (saying where it went)."""
+    if not output:
+        click.echo(text, nl=False)
+        return
+    try:
+        with open(output, "w") as f:
+            f.write(text)
+    except OSError as e:
+        _fail(f"{output}: {e.strerror}")
+    click.echo(f"kvmtrace: wrote {output}", err=True)
+
+
+def _parse_thresholds(values) -> dict:
+    from .analysis.compare import DEFAULT_THRESHOLDS
+
+    out = {}
+    for v in values:
+        name, _, num = v.partition("=")
+        if name not in DEFAULT_THRESHOLDS:
+            _fail(f"unknown threshold '{name}' (one of {', '.join(DEFAULT_THRESHOLDS)})")
+        try:
+            out[name] = float(num.rstrip("%")) / (100 if num.endswith("%") else 1)
+        except ValueError:
+            _fail(f"threshold '{v}': expected NAME=NUMBER, e.g. latency=0.25 or latency=25%")
+    return out
+
+
 def _fail(msg: str, code: int = 2):
     click.echo(f"kvmtrace: {msg}", err=True)
     sys.exit(code)
@@ -108,8 +136,10 @@ def doctor(fmt):
 
 @main.command()
 @click.argument("recording", type=click.Path(dir_okay=True))
-@click.option("--format", "fmt", type=click.Choice(["text", "json", "csv"]), default="text",
-              show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["text", "json", "csv", "html"]),
+              default="text", show_default=True)
+@click.option("-o", "--output", type=click.Path(dir_okay=False),
+              help="write the report here instead of stdout (html: default report.html)")
 @click.option("--pid", type=int, help="only this VMM process")
 @click.option("--slot", type=int, help="only this memslot id")
 @click.option("--table", type=click.Choice(["slots", "ops", "faults", "ranges", "verdicts",
@@ -118,7 +148,7 @@ def doctor(fmt):
 @click.option("--fail-on", "fail_on", type=click.Choice(["mismatch", "error"]), multiple=True,
               help="exit 1 when a memory-type mismatch (downgraded / upgraded) or an error "
                    "(rejected memslot, failed fault) is found; repeatable")
-def report(recording, fmt, pid, slot, table, fail_on):
+def report(recording, fmt, pid, slot, table, fail_on, output):
     """Analyse RECORDING offline: memslots, faults, memory types, errors.
 
     Needs neither root nor bcc.
@@ -132,9 +162,12 @@ def report(recording, fmt, pid, slot, table, fail_on):
     except RecordingError as e:
         _fail(str(e))
     if fmt == "json":
-        click.echo(render.to_json(model, pid, slot, table))
+        _emit(render.to_json(model, pid, slot, table) + "\n", output)
     elif fmt == "csv":
-        click.echo(render.to_csv(model, pid, slot, table), nl=False)
+        _emit(render.to_csv(model, pid, slot, table), output)
+    elif fmt == "html":
+        from .html import report_html
+        _emit(report_html(model, render.tables(model, pid, slot)), output or "report.html")
     else:
         from rich.console import Console
         console = Console()
@@ -147,6 +180,53 @@ def report(recording, fmt, pid, slot, table, fail_on):
         sys.exit(1)
     if "error" in fail_on and len(model.errors):
         click.echo(f"kvmtrace: {len(model.errors)} error(s) found", err=True)
+        sys.exit(1)
+
+
+@main.command()
+@click.argument("base", type=click.Path(dir_okay=True))
+@click.argument("new", type=click.Path(dir_okay=True))
+@click.option("--metric", "metrics", multiple=True,
+              type=click.Choice(["latency", "faults", "levels", "memtype", "invalidations",
+                                 "exits", "errors", "backing"]),
+              help="compare only these (repeatable; default all)")
+@click.option("--threshold", "thresholds", multiple=True, metavar="NAME=VALUE",
+              help="regression threshold, e.g. latency=0.25 (median +25%, CI must clear it), "
+                   "faults=10%, levels=0.1, memtype, invalidations, exits (repeatable)")
+@click.option("--format", "fmt", type=click.Choice(["text", "json", "html"]), default="text",
+              show_default=True)
+@click.option("-o", "--output", type=click.Path(dir_okay=False),
+              help="write here instead of stdout (html: default diff.html)")
+@click.option("--fail-on-regression", is_flag=True, help="exit 1 when a regression is found")
+def diff(base, new, metrics, thresholds, fmt, output, fail_on_regression):
+    """What got slower or changed from BASE to NEW, and why.
+
+    Slots are matched by GPA range and size; a changed backing or flags
+    (dirty logging) is named as the cause of what moved.
+    """
+    from . import render
+    from .analysis.compare import METRICS, compare
+    from .analysis.model import build
+    from .recording.reader import RecordingError
+
+    thr = _parse_thresholds(thresholds)
+    try:
+        mb, mn = build(base), build(new)
+    except RecordingError as e:
+        _fail(str(e))
+    c = compare(mb, mn, thr, metrics or METRICS)
+    if fmt == "json":
+        _emit(render.diff_to_json(mb, mn, c) + "\n", output)
+    elif fmt == "html":
+        from .html import diff_html
+        _emit(diff_html(mb, mn, c), output or "diff.html")
+    else:
+        from rich.console import Console
+        console = Console()
+        if not console.is_terminal:
+            console = Console(width=200)
+        render.diff_to_text(mb, mn, c, console)
+    if fail_on_regression and c.regressions:
         sys.exit(1)
 
 

@@ -198,3 +198,79 @@ def to_text(model: Model, console: Console, pid=None, slot=None):
         console.print(f"[yellow]{outside} faults outside every recorded memslot[/] "
                       "(slots set before recording started, or of untraced VMs)")
     _errors_table(t["errors"], console)
+
+
+# -- diff -----------------------------------------------------------------
+
+def diff_summary_lines(c) -> list[str]:
+    """One line per slot with findings, the form CI logs show:
+    'slot 2 (GPA ...): 2M/1G mappings 100% -> 0%, p50 fault time +180% [...]; cause: ...'"""
+    by_slot: dict[str, list] = {}
+    for f in c.findings:
+        by_slot.setdefault(f.slot, []).append(f)
+    lines = []
+    for slot, fs in by_slot.items():
+        mark = "REGRESSION" if any(f.regression for f in fs) else "changed"
+        cause = c.causes.get(slot) or []
+        lines.append(f"{mark}: {slot}: " + ", ".join(f.text for f in fs)
+                     + (f"; cause: {', '.join(cause)}" if cause else ""))
+    return lines
+
+
+def diff_to_text(base, new, c, console: Console):
+    console.print(f"[bold]kvmtrace diff[/]\n  BASE {escape(base.recording.path)}\n"
+                  f"  NEW  {escape(new.recording.path)}")
+    console.print(f"  [dim]{escape(c.method)}[/]")
+    for p in base.recording.problems:
+        console.print(f"  [yellow]BASE note:[/] {escape(p)}")
+    for p in new.recording.problems:
+        console.print(f"  [yellow]NEW note:[/] {escape(p)}")
+    t = Table(title="slots (matched by address space, GPA and size)", title_justify="left")
+    for col in ("GPA", "size", "slot", "backing", "faults", "pages", "2M/1G", "p50 us",
+                "invalidations", "MMIO exits"):
+        t.add_column(col, overflow="fold")
+
+    def pair(a, b, fmt=str):
+        fa = "" if pd.isna(a) else fmt(a)
+        fb = "" if pd.isna(b) else fmt(b)
+        return fa if fa == fb else f"{fa} -> {fb}"
+
+    for r in c.slots.to_dict("records"):
+        t.add_row(_hex(r["gpa"]), _size(r["bytes"]), pair(r["slot_base"], r["slot_new"]),
+                  escape(pair(r["backing_base"], r["backing_new"])),
+                  pair(r["faults_base"], r["faults_new"], lambda x: str(int(x))),
+                  pair(r["pages_base"], r["pages_new"], lambda x: str(int(x))),
+                  pair(r["huge_share_base"], r["huge_share_new"], lambda x: f"{x * 100:.0f}%"),
+                  pair(r["p50_us_base"], r["p50_us_new"], lambda x: f"{x:.1f}"),
+                  pair(r["invalidations_base"], r["invalidations_new"], lambda x: str(int(x))),
+                  pair(r["mmio_exits_base"], r["mmio_exits_new"], lambda x: str(int(x))))
+    console.print(t)
+    lat = c.latency
+    if len(lat):
+        t = Table(title="fault service time (us) by slot, memory type and level",
+                  title_justify="left")
+        for col in ("by", "key", "side", "count", "rate/s", "p50", "p90", "p99", "max"):
+            t.add_column(col, justify="left" if col in ("by", "key", "side") else "right")
+        for r in lat.sort_values(["by", "key", "side"]).to_dict("records"):
+            t.add_row(r["by"], r["key"], r["side"], str(r["count"]),
+                      "" if pd.isna(r.get("rate")) else f"{r['rate']:.0f}",
+                      *(f"{r[q]:.2f}" for q in ("p50", "p90", "p99", "max")))
+        console.print(t)
+    lines = diff_summary_lines(c)
+    for line in lines:
+        style = "bold red" if line.startswith("REGRESSION") else "yellow"
+        console.print(f"[{style}]{escape(line)}[/]")
+    n = len(c.regressions)
+    console.print("[green]no regression[/]" if not n else f"[bold red]{n} regression(s)[/]")
+
+
+def diff_to_json(base, new, c) -> str:
+    return json.dumps({
+        "base": base.recording.path, "new": new.recording.path, "method": c.method,
+        "regressions": len(c.regressions),
+        "summary": diff_summary_lines(c),
+        "findings": [f.__dict__ for f in c.findings],
+        "slots": json.loads(c.slots.to_json(orient="records")),
+        "latency": json.loads(c.latency.to_json(orient="records")),
+        "vms": json.loads(c.totals.to_json(orient="records")),
+    }, indent=1, default=str)

@@ -23,6 +23,7 @@ SYSTEM_SLOT = 0
 SYSTEM_GPA = 0
 DATA_BASE_GPA = 16 << 20  # data slots start here; the system slot must fit below
 SLOT_GAP = HUGE_SIZE  # unmapped hole after each slot: a stray access exits as MMIO
+HUGE_PAGES = HUGE_SIZE // PAGE_SIZE  # 4 KiB pages per 2 MiB guest page
 
 
 class ScenarioError(ValueError):
@@ -40,6 +41,9 @@ class Slot:
     log_dirty: bool = False  # KVM_MEM_LOG_DIRTY_PAGES from the start
     region2: bool = False  # create it with KVM_SET_USER_MEMORY_REGION2 if the host has it
     gpa: Optional[int] = None
+    # the guest's page tables map the slot with 2 MiB pages (PDE PS=1)
+    # instead of 4 KiB PTEs: only then can a shadow MMU install 2 MiB sptes
+    gpage2m: bool = False
 
     def size(self):
         """Bytes of guest memory asked for (hugetlb/thp: whole 2 MiB pages)."""
@@ -141,6 +145,12 @@ class Scenario:
                 raise ScenarioError("slot %d: npages must be > 0" % s.slot)
             if s.gpa is not None and s.gpa % HUGE_SIZE:
                 raise ScenarioError("slot %d: gpa must be 2 MiB aligned" % s.slot)
+            if s.gpage2m and s.npages % HUGE_PAGES:
+                raise ScenarioError("slot %d: gpage2m needs npages a multiple of %d (2 MiB)"
+                                    % (s.slot, HUGE_PAGES))
+            if s.gpage2m and s.backing == "pfnmap":
+                raise ScenarioError("slot %d: gpage2m needs 2 MiB of memory; the pfnmap "
+                                    "([vvar]) VMA is a few pages" % s.slot)
         owner = {}  # (slot, page) -> vcpu: pages are not shared between vCPUs
         for st in self.steps:
             s = self.slot(st.slot)
@@ -275,7 +285,8 @@ def builtin(name):
 # command-line specs
 
 SLOT_FLAGS = {"ro": "readonly", "readonly": "readonly", "dirty": "log_dirty",
-              "log_dirty": "log_dirty", "region2": "region2", "mem2": "region2"}
+              "log_dirty": "log_dirty", "region2": "region2", "mem2": "region2",
+              "gpage2m": "gpage2m"}
 
 
 def _int(text, what):
@@ -289,8 +300,9 @@ def add_slot_spec(sc, spec):
     """--slot KIND:NPAGES[:ACCESS[+ACCESS...]][:FLAG,...]
 
     ACCESS: r, w, rw, x or "-" (none), each touching all NPAGES pages;
-    FLAGs: ro (KVM_MEM_READONLY), dirty (KVM_MEM_LOG_DIRTY_PAGES), region2.
-    e.g. anon:64:rw  memfd:32:r+w:region2  anon:16:r:ro,dirty
+    FLAGs: ro (KVM_MEM_READONLY), dirty (KVM_MEM_LOG_DIRTY_PAGES), region2,
+    gpage2m (guest maps the slot with 2 MiB pages; NPAGES a multiple of 512).
+    e.g. anon:64:rw  memfd:32:r+w:region2  anon:16:r:ro,dirty  thp:1024:w:gpage2m
     """
     parts = spec.split(":")
     if len(parts) < 2 or len(parts) > 4:

@@ -29,7 +29,7 @@ import time
 
 from . import backings, faults, kvmapi
 from .kvmapi import ioctl, ioctl_errno
-from .scenario import PAGE_SIZE, SYSTEM_GPA, SYSTEM_SLOT, DATA_BASE_GPA
+from .scenario import DATA_BASE_GPA, HUGE_SIZE, PAGE_SIZE, SYSTEM_GPA, SYSTEM_SLOT
 
 REPORT_VERSION = 1
 MAX_EXITS = 100_000  # per vCPU: a guest this size never needs more
@@ -85,6 +85,8 @@ class SlotState:
         if spec and spec.log_dirty:
             self.flags |= kvmapi.KVM_MEM_LOG_DIRTY_PAGES
         self.initial_flags = self.flags
+        # the guest maps the slot with 2 MiB PDEs instead of 4 KiB PTEs
+        self.gpage2m = bool(spec and spec.gpage2m)
         self.initial_gpa = self.gpa
         self.present = False  # a memslot exists for it right now
         self.ioctl_name = None
@@ -202,9 +204,13 @@ class Vmm:
         arch, sc = self.arch, self.scenario
         programs = [arch.gen_program(self._vcpu_steps(v), v) for v in range(sc.vcpus)]
         code_pages = [-(-len(p) // PAGE_SIZE) for p in programs]
-        data_pages = []
+        data_pages, huge_frames = [], []
         for s in self.slots.values():
-            if s.backing.status == "ok":
+            if s.backing.status != "ok":
+                continue
+            if s.gpage2m:
+                huge_frames += range(s.gpa // HUGE_SIZE, (s.gpa + s.size) // HUGE_SIZE)
+            else:
                 data_pages += range(s.gpa // PAGE_SIZE, (s.gpa + s.size) // PAGE_SIZE)
         # page 0 is mapped but left empty (the PVM emulator reads linear
         # address 0 when it emulates `out`; unmapped, the guest triple-faults);
@@ -214,7 +220,7 @@ class Vmm:
         while True:
             guess = backings.round_up(npages + 16, 512)
             mapped = list(range(0, guess)) + data_pages
-            need = fixed + arch.page_table_pages(mapped)
+            need = fixed + arch.page_table_pages(mapped, huge_frames)
             if need <= guess:
                 break
             npages = need
@@ -227,7 +233,7 @@ class Vmm:
         mem = memoryview(b.buffer()).cast("B")
 
         cursor = iter(range(PAGE_SIZE, size, PAGE_SIZE))
-        self.cr3, tables = arch.build_page_tables(mem, SYSTEM_GPA, cursor, mapped)
+        self.cr3, tables = arch.build_page_tables(mem, SYSTEM_GPA, cursor, mapped, huge_frames)
         free = next(cursor)
         code_list, stack_list = [], []
         for v, prog in enumerate(programs):

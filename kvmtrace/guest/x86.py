@@ -6,7 +6,8 @@ never takes a shadow page fault. 64-bit code at CPL3 runs natively, so each
 first touch of a guest page is a real shadow page fault, which is what the
 tracer is meant to see. So the vCPU starts directly in 64-bit long mode at
 CPL3 (CS 0x33 / data 0x2b, DPL 3) with host-built 4-level identity page tables
-(VA == GPA, 4 KiB PTEs, U/S set on every level) and RFLAGS.IOPL=3 so `out`
+(VA == GPA, 4 KiB PTEs, or 2 MiB PDEs for a slot asked to use them, U/S
+set on every level) and RFLAGS.IOPL=3 so `out`
 reaches the VMM as KVM_EXIT_IO. No GDT/IDT exist in guest memory: the hidden
 segment state comes from KVM_SET_SREGS, and nothing may raise an exception
 (`hlt` at CPL3 would #GP and triple-fault without an IDT).
@@ -81,20 +82,28 @@ USER_DS = 0x28 | 3  # selector index 5, RPL 3
 # --------------------------------------------------------------------------
 # page tables
 
-PTE_P, PTE_W, PTE_US = 1 << 0, 1 << 1, 1 << 2
+PTE_P, PTE_W, PTE_US, PTE_PS = 1 << 0, 1 << 1, 1 << 2, 1 << 7
 PTE_FLAGS = PTE_P | PTE_W | PTE_US  # A/D left clear: KVM sets them (and traps the first write)
 
 
-def page_table_pages(gpa_pages):
-    """How many 4 KiB table pages identity-mapping the given GPA page set needs."""
+def page_table_pages(gpa_pages, huge_frames=()):
+    """How many 4 KiB table pages identity-mapping the given GPA pages need.
+
+    gpa_pages: 4 KiB pages (GPA >> 12) mapped by PTEs; huge_frames: 2 MiB
+    frames (GPA >> 21) mapped by PDEs with PS=1 (no page table below them).
+    """
     pages = set(gpa_pages)
-    return (1 + len({p >> 27 for p in pages}) + len({p >> 18 for p in pages})
+    frames = set(huge_frames)
+    return (1 + len({p >> 27 for p in pages} | {f >> 18 for f in frames})
+            + len({p >> 18 for p in pages} | {f >> 9 for f in frames})
             + len({p >> 9 for p in pages}))
 
 
-def build_page_tables(memory, base_gpa, table_gpas, gpa_pages):
+def build_page_tables(memory, base_gpa, table_gpas, gpa_pages, huge_frames=()):
     """Write 4-level identity tables for `gpa_pages` (GPA >> 12) into memory.
 
+    huge_frames (GPA >> 21) are mapped by 2 MiB PDEs (PS=1), A/D clear like
+    the PTEs; none of them may hold a page of gpa_pages.
     memory: writable buffer holding guest memory from base_gpa on;
     table_gpas: iterator of free page GPAs in that buffer for the tables.
     Returns (cr3, [GPA of each table page]).
@@ -123,6 +132,15 @@ def build_page_tables(memory, base_gpa, table_gpas, gpa_pages):
         set_entry(pdpt, (page >> 18) & 511, pd | PTE_FLAGS)
         set_entry(pd, (page >> 9) & 511, pt | PTE_FLAGS)
         set_entry(pt, page & 511, (page << 12) | PTE_FLAGS)
+    small_frames = {page >> 9 for page in gpa_pages}
+    for frame in sorted(set(huge_frames)):
+        if frame in small_frames:
+            raise ValueError("2 MiB frame %#x is also mapped with 4 KiB pages" % (frame << 21))
+        pdpt = table(3, frame >> 18)
+        pd = table(2, frame >> 9)
+        set_entry(pml4, (frame >> 18) & 511, pdpt | PTE_FLAGS)
+        set_entry(pdpt, (frame >> 9) & 511, pd | PTE_FLAGS)
+        set_entry(pd, frame & 511, (frame << 21) | PTE_FLAGS | PTE_PS)
     return pml4, used
 
 

@@ -1,0 +1,327 @@
+"""Regression analysis between two recordings of the same workload.
+
+Slots are matched by what the guest sees, (address space, GPA, size), not by
+slot id: two VMMs (or two runs) may number slots differently. A matched slot
+whose backing or flags differ keeps its match, and the difference is named as
+the likely cause of what changed. Several VMs with the same layout pool
+their faults per slot.
+
+Per slot the metrics are fault count, distinct pages faulted, mapping levels
+(share of 2M / 1G), installed memory types, invalidations, MMIO exits and the
+fault service time distribution (kvmtrace.analysis.stats for the effect
+sizes). A metric is a regression when it moves past its threshold in the bad
+direction; service time only when the whole 95% interval of the median ratio
+is past it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from ..memtype import is_cacheable
+from . import stats
+from .model import Model
+
+KEY = ["as_id", "gpa", "bytes"]  # a slot as the guest sees it
+
+DEFAULT_THRESHOLDS = {
+    "latency": 0.25,        # median service time ratio - 1; CI low must exceed it
+    "faults": 0.10,         # relative increase in faults
+    "levels": 0.10,         # absolute drop in the share of 2M/1G mappings
+    "memtype": 0.01,        # absolute drop in the share of cacheable mappings
+    "invalidations": 0.25,  # relative increase
+    "exits": 0.25,          # relative increase in MMIO exits
+}
+MIN_COUNT_CHANGE = 8        # ignore count changes smaller than this (noise, tiny slots)
+MIN_SAMPLES = 20            # service-time comparison needs this many faults per side
+METRICS = ("latency", "faults", "levels", "memtype", "invalidations", "exits", "errors",
+           "backing")
+
+
+def backing_class(vma: str, vmflags: str) -> str:
+    """A short name for what backs a slot, for matching and for causes."""
+    flags = (vmflags or "").split()
+    if "pf" in flags:
+        return f"PFNMAP {vma}"
+    if "mm" in flags:
+        return f"MIXEDMAP {vma}"
+    if "ht" in flags:
+        return "hugetlb"
+    if vma.startswith("memfd:"):
+        return "memfd"
+    if vma == "[anon]":
+        return "anon (no THP)" if "nh" in flags else "anon"
+    if vma.startswith("/dev/zero"):
+        return "shared anon"
+    if vma.startswith("/"):
+        return "file"
+    return vma
+
+
+def slot_profile(model: Model) -> pd.DataFrame:
+    """One row per (as_id, gpa, size) with the slot's activity, all VMs pooled."""
+    s = model.slots.rename(columns={"size": "bytes"})
+    if not len(s):
+        return pd.DataFrame(columns=KEY + ["slot", "backing", "flags", "faults", "pages",
+                                           "huge_share", "cacheable_share", "memtypes",
+                                           "invalidations", "mmio_exits", "service_ns",
+                                           "levels"])
+    s["slot_row"] = np.arange(len(s))
+    s["backing"] = [backing_class(v, f) for v, f in zip(s["vma"], s["vmflags"])]
+    keys = s[["slot_row"] + KEY]
+
+    def in_slots(df, cols=()):
+        return df.loc[df["slot_row"] >= 0, ["slot_row", *cols]].merge(keys, on="slot_row")
+
+    f = in_slots(model.faults, ("gfn", "level", "size", "spte_memtype", "service_ns"))
+    inv = in_slots(model.invalidations)
+    ex = in_slots(model.exits)
+    rows = []
+    fg = {k: g for k, g in f.groupby(KEY)} if len(f) else {}
+    ig = inv.groupby(KEY).size().to_dict() if len(inv) else {}
+    eg = ex.groupby(KEY).size().to_dict() if len(ex) else {}
+    for key, g in s.groupby(KEY):
+        faults = fg.get(key, f.iloc[0:0])
+        n = len(faults)
+        mts = faults["spte_memtype"][faults["spte_memtype"] != ""]
+        cache = np.array([bool(is_cacheable(m)) for m in mts]) if len(mts) else np.array([])
+        rows.append({
+            **dict(zip(KEY, key)),
+            "slot": "/".join(str(x) for x in sorted(set(g["slot"]))),
+            "backing": "/".join(dict.fromkeys(g["backing"])),
+            "flags": " -> ".join(dict.fromkeys(g["flag_names"])),
+            "faults": n,
+            "pages": faults["gfn"].nunique() if n else 0,
+            "huge_share": float((faults["level"] > 1).mean()) if n else np.nan,
+            "levels": faults["size"].value_counts().to_dict() if n else {},
+            "cacheable_share": float(cache.mean()) if len(cache) else np.nan,
+            "memtypes": mts.value_counts(normalize=True).round(4).to_dict(),
+            "invalidations": ig.get(key, 0),
+            "mmio_exits": eg.get(key, 0),
+            "service_ns": faults["service_ns"].to_numpy(dtype=float),
+        })
+    return pd.DataFrame(rows)
+
+
+@dataclass
+class Finding:
+    slot: str
+    metric: str
+    base: object
+    new: object
+    text: str
+    regression: bool
+    detail: dict = field(default_factory=dict)
+
+
+@dataclass
+class Comparison:
+    findings: list[Finding]
+    slots: pd.DataFrame          # matched slot table, side by side
+    latency: pd.DataFrame        # service-time quantiles per slot / memtype / level
+    totals: pd.DataFrame         # per recording and VM
+    method: str
+    causes: dict                 # slot label -> cause words
+
+    @property
+    def regressions(self) -> list[Finding]:
+        return [f for f in self.findings if f.regression]
+
+
+def _pct(a, b) -> str:
+    if not a:
+        return "new" if b else "0%"
+    return f"{(b - a) / a * 100:+.0f}%"
+
+
+def _share(x) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and np.isnan(x)) else f"{x * 100:.0f}%"
+
+
+def _label(row) -> str:
+    return f"slot {row['slot_base']}" + (
+        f"->{row['slot_new']}" if row["slot_new"] != row["slot_base"] else "") + \
+        f" (GPA {int(row['gpa']):#x}+{int(row['bytes']) // 1024} KiB)"
+
+
+def _count_finding(label, metric, a, b, thr, name) -> Finding | None:
+    if a == b:
+        return None
+    rel = (b - a) / a if a else np.inf
+    reg = b > a and rel > thr and (b - a) >= MIN_COUNT_CHANGE
+    if not reg and abs(b - a) < MIN_COUNT_CHANGE:
+        return None
+    return Finding(label, metric, a, b, f"{name} {a} -> {b} ({_pct(a, b)})", reg)
+
+
+def _causes(r) -> list[str]:
+    out = []
+    if r["backing_base"] != r["backing_new"]:
+        out.append(f"backing {r['backing_base']} -> {r['backing_new']}")
+    if r["flags_base"] != r["flags_new"]:
+        fb, fn = set(r["flags_base"].split(" -> ")), set(r["flags_new"].split(" -> "))
+        if any("LOG_DIRTY_PAGES" in x for x in fn) and not any("LOG_DIRTY_PAGES" in x for x in fb):
+            out.append("dirty logging turned on")
+        elif any("LOG_DIRTY_PAGES" in x for x in fb) and not any("LOG_DIRTY_PAGES" in x
+                                                                  for x in fn):
+            out.append("dirty logging turned off")
+        else:
+            out.append(f"flags {r['flags_base']} -> {r['flags_new']}")
+    if r["pages_base"] and r["pages_new"] and r["pages_new"] != r["pages_base"]:
+        out.append(f"pages touched {r['pages_base']} -> {r['pages_new']} "
+                   f"(x{r['pages_new'] / r['pages_base']:.2g})")
+    return out
+
+
+def compare(base: Model, new: Model, thresholds: dict | None = None,
+            metrics=METRICS) -> Comparison:
+    thr = dict(DEFAULT_THRESHOLDS, **(thresholds or {}))
+    pb, pn = slot_profile(base), slot_profile(new)
+    m = pb.merge(pn, on=KEY, how="outer", suffixes=("_base", "_new"), indicator=True)
+    findings: list[Finding] = []
+    causes = {}
+    for _, r in m.iterrows():
+        if r["_merge"] != "both":
+            side = "BASE" if r["_merge"] == "left_only" else "NEW"
+            sl = r["slot_base"] if side == "BASE" else r["slot_new"]
+            findings.append(Finding(f"slot {sl} (GPA {int(r['gpa']):#x})", "slots", None, None,
+                                    f"only in {side}", False))
+            continue
+        label = _label(r)
+        cause = _causes(r)
+        causes[label] = cause
+        if "backing" in metrics and r["backing_base"] != r["backing_new"]:
+            risky = r["backing_new"].startswith(("PFNMAP", "MIXEDMAP"))
+            findings.append(Finding(label, "backing", r["backing_base"], r["backing_new"],
+                                    f"backing {r['backing_base']} -> {r['backing_new']}", risky))
+        if "faults" in metrics:
+            f = _count_finding(label, "faults", int(r["faults_base"]), int(r["faults_new"]),
+                               thr["faults"], "faults")
+            findings += [f] if f else []
+        if "levels" in metrics:
+            hb, hn = r["huge_share_base"], r["huge_share_new"]
+            if np.isfinite(hb) and np.isfinite(hn) and abs(hn - hb) > 1e-9:
+                findings.append(Finding(label, "levels", hb, hn,
+                                        f"2M/1G mappings {_share(hb)} -> {_share(hn)}",
+                                        hb - hn > thr["levels"],
+                                        {"base": r["levels_base"], "new": r["levels_new"]}))
+        if "memtype" in metrics:
+            cb, cn = r["cacheable_share_base"], r["cacheable_share_new"]
+            if r["memtypes_base"] != r["memtypes_new"] and np.isfinite(cb) and np.isfinite(cn):
+                findings.append(Finding(
+                    label, "memtype", r["memtypes_base"], r["memtypes_new"],
+                    f"memory types {_mix(r['memtypes_base'])} -> {_mix(r['memtypes_new'])}",
+                    cb - cn > thr["memtype"]))
+        for metric, col, name in (("invalidations", "invalidations", "invalidations"),
+                                  ("exits", "mmio_exits", "MMIO exits")):
+            if metric in metrics:
+                f = _count_finding(label, metric, int(r[f"{col}_base"]), int(r[f"{col}_new"]),
+                                   thr[metric], name)
+                findings += [f] if f else []
+        if "latency" in metrics:
+            sb, sn = r["service_ns_base"], r["service_ns_new"]
+            if len(sb) >= MIN_SAMPLES and len(sn) >= MIN_SAMPLES:
+                e = stats.median_ratio(sb, sn)
+                reg = e.ci_low > 1 + thr["latency"]
+                better = e.ci_high < 1 - thr["latency"]
+                if reg or better:
+                    findings.append(Finding(
+                        label, "latency", e.median_base, e.median_new,
+                        f"p50 fault time {(e.ratio - 1) * 100:+.0f}% "
+                        f"[95% CI {(e.ci_low - 1) * 100:+.0f}%..{(e.ci_high - 1) * 100:+.0f}%, "
+                        f"Cliff's d {e.cliffs_delta:+.2f} {e.magnitude}]", reg, e.__dict__))
+    if "errors" in metrics:
+        findings += _error_findings(base, new)
+    totals = pd.concat([_totals(base, "base"), _totals(new, "new")], ignore_index=True)
+    return Comparison(findings, _side_by_side(m), _latency_table(base, new, pb, pn), totals,
+                      _method(base, new), causes)
+
+
+def _mix(d: dict) -> str:
+    return "/".join(f"{k} {v * 100:.0f}%" for k, v in sorted(d.items())) or "none"
+
+
+def _error_findings(base: Model, new: Model) -> list[Finding]:
+    out = []
+    key = ["what", "errno"]
+    eb = base.errors.groupby(key).size() if len(base.errors) else pd.Series(dtype=int)
+    en = new.errors.groupby(key).size() if len(new.errors) else pd.Series(dtype=int)
+    for k in sorted(set(eb.index) | set(en.index)):
+        a, b = int(eb.get(k, 0)), int(en.get(k, 0))
+        if b != a:
+            out.append(Finding("all slots", "errors", a, b,
+                               f"{k[0]} {k[1]}: {a} -> {b}", b > a))
+    return out
+
+
+def _side_by_side(m: pd.DataFrame) -> pd.DataFrame:
+    cols = []
+    for c in ("slot", "backing", "flags", "faults", "pages", "huge_share", "cacheable_share",
+              "invalidations", "mmio_exits"):
+        cols += [f"{c}_base", f"{c}_new"]
+    out = m[KEY + cols].copy()
+    for side in ("base", "new"):
+        out[f"p50_us_{side}"] = [np.median(x) / 1e3 if isinstance(x, np.ndarray) and len(x)
+                                 else np.nan for x in m[f"service_ns_{side}"]]
+    return out
+
+
+def _latency_table(base, new, pb, pn) -> pd.DataFrame:
+    """Service-time quantiles by slot, memory type and level, both sides."""
+    rows = []
+    for side, model in (("base", base), ("new", new)):
+        f = model.faults
+        if not len(f):
+            continue
+        secs = recorded_seconds(model)
+        s = model.slots
+        f = f.assign(gpa=np.where(f["slot_row"] >= 0,
+                                  s["gpa"].reindex(f["slot_row"]).to_numpy(), -1))
+        for by in ("gpa", "spte_memtype", "size"):
+            for k, g in f.groupby(by):
+                q = stats.quantiles(g["service_ns"] / 1e3)
+                rows.append({"side": side, "by": {"gpa": "slot GPA", "spte_memtype": "memtype",
+                                                  "size": "level"}[by],
+                             "key": f"{int(k):#x}" if by == "gpa" else str(k), **q,
+                             "rate": q["count"] / secs if secs else np.nan})
+    return pd.DataFrame(rows)
+
+
+def recorded_seconds(model: Model) -> float | None:
+    """How long the recording ran (from its end note; None if it was cut off)."""
+    end = model.recording["notes"]
+    end = end[end["key"] == "end"]
+    return json.loads(end["value"].iloc[-1]).get("elapsed_s") if len(end) else None
+
+
+def _totals(model: Model, side: str) -> pd.DataFrame:
+    elapsed = recorded_seconds(model)
+    ex = model.recording["userspace_exit"]
+    rows = []
+    vms = model.slots[["pid", "vm_fd"]].drop_duplicates() if len(model.slots) else \
+        pd.DataFrame({"pid": [], "vm_fd": []})
+    for r in vms.itertuples(index=False):
+        f = model.faults[(model.faults["pid"] == r.pid) & (model.faults["vm_fd"] == r.vm_fd)]
+        e = ex[ex["pid"] == r.pid]
+        rows.append({"side": side, "pid": int(r.pid), "vm_fd": int(r.vm_fd),
+                     "faults": len(f), "huge_share": float((f["level"] > 1).mean()) if len(f)
+                     else np.nan, "p50_us": float(f["service_ns"].median() / 1e3) if len(f)
+                     else np.nan, "userspace_exits": len(e),
+                     "exits": e["reason"].map(lambda x: int(x)).value_counts().to_dict(),
+                     "errors": int((model.errors["pid"] == r.pid).sum()),
+                     "recorded_s": elapsed})
+    return pd.DataFrame(rows)
+
+
+def _method(base: Model, new: Model) -> str:
+    kinds = set(base.faults.get("start_kind", pd.Series(dtype=str)).dropna()) | \
+        set(new.faults.get("start_kind", pd.Series(dtype=str)).dropna())
+    kinds.discard("")
+    start = " / ".join(sorted(kinds)) or "the fault's first tracepoint"
+    return ("fault service time from tracepoint pairing on the vCPU thread: "
+            f"{start} -> the spte install (kvm_mmu_set_spte / kvm_tdp_mmu_spte_changed); "
+            "exit and re-entry are not included")

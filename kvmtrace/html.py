@@ -1,0 +1,106 @@
+"""Self-contained HTML for `report --format html` and `diff --format html`:
+inline SVG plots and plain tables, so one file can be mailed or archived."""
+
+from __future__ import annotations
+
+import html
+
+import numpy as np
+import pandas as pd
+
+from . import plots
+from .analysis.compare import Comparison
+from .analysis.model import Model
+
+STYLE = """
+body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px;color:#222}
+table{border-collapse:collapse;font-size:12px;margin:0.5em 0 1.5em}
+td,th{border:1px solid #ccc;padding:2px 6px;text-align:left}
+th{background:#f0f0f0} .reg{color:#b00;font-weight:bold} .ok{color:#080}
+.plots{display:flex;flex-wrap:wrap;gap:1em} h2{margin-top:1.5em}
+"""
+
+
+def _page(title: str, body: list[str]) -> str:
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
+            f"</title><style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>"
+            + "\n".join(body) + "</body></html>\n")
+
+
+def _table(df: pd.DataFrame) -> str:
+    return df.to_html(index=False, na_rep="", float_format=lambda x: f"{x:.3g}", border=0)
+
+
+def _slot_labels(model: Model) -> pd.Series:
+    s = model.slots
+    return s["slot"].astype(str) + np.where(s["version"] > 0, " v" + (s["version"] + 1)
+                                            .astype(str), "")
+
+
+def _level_shares(f: pd.DataFrame, by: str, order: list) -> dict:
+    ct = pd.crosstab(f[by], f["size"], normalize="index").reindex(order).fillna(0)
+    return {lvl: ct[lvl].tolist() if lvl in ct else [0.0] * len(order) for lvl in ("4K", "2M", "1G")}
+
+
+def report_html(model: Model, tables: dict) -> str:
+    body = [f"<p>{html.escape(model.recording.path)}: {model.meta.get('kernel')} "
+            f"{model.meta.get('arch')}, KVM {html.escape(str(model.meta.get('kvm')))}</p>"]
+    f = model.faults[model.faults["slot_row"] >= 0]
+    plots_html = []
+    if len(f):
+        labels = _slot_labels(model)
+        f = f.assign(label=labels.reindex(f["slot_row"]).to_numpy())
+        order = [x for x in labels if x in set(f["label"])]
+        plots_html.append(plots.latency_cdf(
+            {f"slot {k}": g["service_ns"].to_numpy() / 1e3 for k, g in f.groupby("label")},
+            "fault service time per slot"))
+        plots_html.append(plots.level_mix(order, _level_shares(f, "label", order),
+                                          "mapping levels per slot"))
+    body.append("<div class='plots'>" + "".join(plots_html) + "</div>")
+    for name in ("slots", "verdicts", "ops", "ranges", "errors"):
+        body.append(f"<h2>{name}</h2>" + _table(tables[name]))
+    return _page("kvmtrace report", body)
+
+
+def diff_html(base: Model, new: Model, c: Comparison) -> str:
+    regs = c.regressions
+    body = [f"<p>BASE {html.escape(base.recording.path)}<br>NEW {html.escape(new.recording.path)}"
+            f"</p><p>{html.escape(c.method)}</p>",
+            f"<p class='{'reg' if regs else 'ok'}'>"
+            + (f"{len(regs)} regression(s)" if regs else "no regression") + "</p>"]
+    if c.findings:
+        body.append(_table(pd.DataFrame(
+            [{"slot": f.slot, "metric": f.metric, "change": f.text,
+              "regression": "yes" if f.regression else ""} for f in c.findings])))
+    plot = []
+    series = {}
+    for side, m in (("base", base), ("new", new)):
+        series[side] = m.faults["service_ns"].to_numpy() / 1e3
+    plot.append(plots.latency_cdf(series, "fault service time, all slots"))
+    s = c.slots
+    labels = [f"{int(g):#x}" for g in s["gpa"]]
+    plot.append(plots.grouped_bars(labels, {"base": s["faults_base"].fillna(0).tolist(),
+                                            "new": s["faults_new"].fillna(0).tolist()},
+                                   "faults per slot (by GPA)", "faults"))
+    plot.append(plots.grouped_bars(labels, {"base": s["huge_share_base"].fillna(0).tolist(),
+                                            "new": s["huge_share_new"].fillna(0).tolist()},
+                                   "share of 2M/1G mappings per slot", "share"))
+    for label, (fb, fn) in _per_slot_series(base, new).items():
+        if len(fb) >= 5 and len(fn) >= 5:
+            plot.append(plots.latency_cdf({"base": fb, "new": fn}, f"service time, {label}"))
+    body.append("<div class='plots'>" + "".join(plot) + "</div>")
+    body.append("<h2>slots side by side</h2>" + _table(s))
+    body.append("<h2>service time quantiles (us)</h2>" + _table(c.latency))
+    body.append("<h2>VMs</h2>" + _table(c.totals))
+    return _page("kvmtrace diff", body)
+
+
+def _per_slot_series(base: Model, new: Model) -> dict:
+    out: dict = {}
+    for side, m in ((0, base), (1, new)):
+        f = m.faults[m.faults["slot_row"] >= 0]
+        gpa = m.slots["gpa"].reindex(f["slot_row"]).to_numpy()
+        for g, grp in f.assign(gpa=gpa).groupby("gpa"):
+            out.setdefault(f"GPA {int(g):#x}", [np.array([]), np.array([])])[side] = \
+                grp["service_ns"].to_numpy() / 1e3
+    return out

@@ -1,0 +1,74 @@
+"""Plots for the HTML views (report and diff), as inline SVG text.
+
+matplotlib with the Agg backend: no display needed, and SVG keeps the HTML
+file self-contained (no scripts, no external files).
+"""
+
+from __future__ import annotations
+
+import io
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+COLORS = {"base": "#4c72b0", "new": "#dd8452"}
+
+
+def _svg(fig) -> str:
+    buf = io.StringIO()
+    fig.savefig(buf, format="svg", bbox_inches="tight")
+    plt.close(fig)
+    text = buf.getvalue()
+    return text[text.index("<svg"):]
+
+
+def latency_cdf(series: dict[str, np.ndarray], title: str) -> str:
+    """Empirical CDFs of fault service time (microseconds, log x)."""
+    fig, ax = plt.subplots(figsize=(6.4, 3.4))
+    for i, (label, x) in enumerate(series.items()):
+        x = np.sort(np.asarray(x, dtype=float)[np.isfinite(x)])
+        if not len(x):
+            continue
+        y = np.arange(1, len(x) + 1) / len(x)
+        color = COLORS.get(label.split()[0], f"C{i}")
+        ax.step(x, y, where="post", label=f"{label} (n={len(x)})", color=color)
+    ax.set_xscale("log")
+    ax.set_xlabel("fault service time (us)")
+    ax.set_ylabel("fraction of faults")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    return _svg(fig)
+
+
+def level_mix(labels: list[str], shares: dict[str, list[float]], title: str) -> str:
+    """Stacked bars: share of 4K / 2M / 1G mappings per bar."""
+    fig, ax = plt.subplots(figsize=(max(4, 0.6 * len(labels) + 2), 3.2))
+    bottom = np.zeros(len(labels))
+    for i, level in enumerate(("4K", "2M", "1G")):
+        v = np.asarray(shares.get(level, [0] * len(labels)), dtype=float)
+        ax.bar(labels, v, bottom=bottom, label=level, color=f"C{i}")
+        bottom += v
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("share of faults")
+    ax.set_title(title, fontsize=10)
+    ax.tick_params(axis="x", labelrotation=45, labelsize=8)
+    ax.legend(fontsize=8)
+    return _svg(fig)
+
+
+def grouped_bars(labels: list[str], groups: dict[str, list[float]], title: str,
+                 ylabel: str) -> str:
+    fig, ax = plt.subplots(figsize=(max(4, 0.7 * len(labels) + 2), 3.2))
+    x = np.arange(len(labels))
+    w = 0.8 / max(len(groups), 1)
+    for i, (name, vals) in enumerate(groups.items()):
+        ax.bar(x + i * w - 0.4 + w / 2, vals, w, label=name, color=COLORS.get(name, f"C{i}"))
+    ax.set_xticks(x, labels, rotation=45, fontsize=8)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    return _svg(fig)
