@@ -15,6 +15,7 @@ from rich.table import Table
 
 from .analysis import summary
 from .analysis.model import Model
+from .probes.events import EVENTS
 
 VERDICT_STYLE = {"consistent": "green", "downgraded": "yellow", "upgraded": "bold red",
                  "rejected": "red", "unknown": "dim"}
@@ -88,14 +89,20 @@ def _header(model: Model, console: Console):
     console.print(f"[bold]kvmtrace report[/] {escape(rec.path)}")
     console.print(f"  host {m.get('host')}  kernel {m.get('kernel')}  {m.get('arch')}  "
                   f"KVM {kvm.get('vendor')} ({kvm.get('mmu')}, {kvm.get('spte_format')} sptes)")
+    n_events = sum(len(rec[name]) for name in EVENTS)
+    if endv:
+        lost = f"{sum((endv.get('lost') or {}).values()):,} lost"
+    else:
+        st = rec["stats"]
+        lost = (f"{int(st.groupby('kind')['lost'].max().sum()):,} lost by the last flush"
+                if len(st) else "lost events unknown")
     console.print(f"  recorded {endv.get('elapsed_s', '?')} s, stopped by "
                   f"{endv.get('stopped_by', 'unknown (not closed)')}; "
-                  f"{sum((endv.get('events') or {}).values()):,} events, "
-                  f"{sum((endv.get('lost') or {}).values()):,} lost")
+                  f"{n_events:,} events, {lost}")
     console.print(f"  probes attached: {', '.join(probes.get('attached', []))}")
     for name, why in (probes.get("unavailable") or {}).items():
         console.print(f"  [dim]not attached: {name}: {why}[/]")
-    for p in rec.problems + model.notes:
+    for p in model.notes:  # the recording's own problems come first in it
         console.print(f"  [yellow]note:[/] {p}")
 
 

@@ -162,3 +162,22 @@ def test_doctor_tells_the_truth():
         assert "CONFIG_KPROBES" in checks["attach kprobe"]["detail"]
     assert checks["record's program"]["ok"] is True
     assert checks["/dev/kvm"]["ok"] is True
+
+
+def test_disk_full_stops_with_one_line_and_keeps_the_flushed_part(tmp_path):
+    """A tmpfs too small for the recording: record stops with one clear line,
+    and the file still reads back (everything up to the last flush)."""
+    mnt = tmp_path / "tiny"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=96k", "tmpfs", str(mnt)], check=True)
+    try:
+        out = mnt / "full.kvt"
+        p = run("record", "-o", out, "--flush-interval", "0.05", "--",
+                *guest_cmd("--scenario", "demo", "-q", "--hold", "0.5"))
+        assert p.returncode == 2 and "Traceback" not in p.stderr
+        assert "No space left on device" in p.stderr.splitlines()[-1]
+        r = read(str(out))
+        assert not r.complete
+        assert run("report", out).returncode == 0
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)

@@ -106,6 +106,7 @@ class Session:
         self._stop = False
         self.proc: Child | None = None
         self.snapshotted_pids: set[int] = set()
+        self.write_error: OSError | None = None
 
     # -- setup --------------------------------------------------------------
     def _select(self):
@@ -256,10 +257,17 @@ class Session:
             if live:
                 live.start(self)
             self._loop(b, prog, readers, writer, live)
+        except OSError as e:  # the recording file could not be written (disk full, ...)
+            self.write_error = e
+            self.stats.stopped_by = f"write error: {e.strerror}"
         finally:
             for s, h in old.items():
                 signal.signal(s, h)
             self._finish(b, prog, readers, writer, live)
+        if self.write_error is not None:
+            raise RecordError(f"writing {opts.output} failed ({self.write_error.strerror}); "
+                              "recording stopped, the file holds everything up to the last "
+                              "successful flush")
         return self.stats
 
     def _loop(self, b, prog, readers, writer, live):
@@ -292,13 +300,7 @@ class Session:
                 if live:
                     live.update(self, writer)
 
-    def _finish(self, b, prog, readers, writer, live):
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            if self.proc.wait(timeout=3) is None:
-                self.proc.kill()
-                self.proc.wait()
-            self.stats.command_status = self.proc.returncode
+    def _final_records(self, b, prog, readers, writer):
         self._drain(readers, writer)
         for pid in sorted(self.snapshotted_pids | set(self.opts.pids)):
             if os.path.exists(f"/proc/{pid}"):
@@ -312,8 +314,22 @@ class Session:
             "events": self.stats.events, "lost": self.stats.lost,
             "clock": context.clock_base(),
         })
-        writer.close()
+
+    def _finish(self, b, prog, readers, writer, live):
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            if self.proc.wait(timeout=3) is None:
+                self.proc.kill()
+                self.proc.wait()
+            self.stats.command_status = self.proc.returncode
+        try:
+            if self.write_error is None:
+                self._final_records(b, prog, readers, writer)
+            writer.close()
+        except OSError as e:
+            self.write_error = self.write_error or e
+            writer.abandon()
         for _, rd in readers:
             rd.close()
-        if live:
+        if live and self.write_error is None:
             live.stop(self, writer)

@@ -66,6 +66,13 @@ class RecordingWriter:
         os.fsync(self._file.fileno())
         self.bytes_written = self._file.tell()
 
+    def abandon(self):
+        """After a failed write: close without writing more (what was synced stays)."""
+        try:
+            self._file.close()
+        except OSError:
+            pass
+
     def close(self):
         self.flush()
         self._writer.close()  # writes the end-of-stream marker
