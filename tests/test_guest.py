@@ -279,9 +279,10 @@ def test_demo_faults_counted_by_bpftrace(demo):
                 break
         else:
             stray += n
-    want = {s["slot"]: s["expected_faults"] for s in report["slots"]}
+    want = {s["slot"]: s["expected_set_spte"] for s in report["slots"]}
     assert got == want and stray == 0
-    assert levels.get(report["pid"]) == {1: report["expected_faults_total"]}
+    assert levels.get(report["pid"]) == {1: report["expected_set_spte_total"]}
+    assert report["expected_set_spte_total"] == report["expected_faults_total"]  # no prefetch
 
 
 def test_minimal_custom_and_smp(tmp_path):
@@ -319,3 +320,199 @@ def test_hold_keeps_mappings_alive(tmp_path):
         assert p.wait(timeout=15) == 0
     finally:
         p.kill()
+
+
+# --------------------------------------------------- 2 MiB guest pages, diff pairs
+
+
+class FaultCounter(SpteCounter):
+    """bpftrace counting kvm_mmu_set_spte and kvm_mmu_spte_requested by (pid, gfn, level)."""
+
+    PROGRAM = r"""
+    BEGIN { printf("ready\n"); }
+    tracepoint:kvmmmu:kvm_mmu_set_spte /strncmp(comm, "kvmtrace-vcpu", 13) == 0/ {
+        @set[pid, args->gfn, args->level] = count();
+    }
+    tracepoint:kvmmmu:kvm_mmu_spte_requested /strncmp(comm, "kvmtrace-vcpu", 13) == 0/ {
+        @req[pid, args->gfn, args->level] = count();
+    }
+    """
+
+    def stop(self):
+        """{"set" / "req": {pid: [(gfn, level, count)]}}"""
+        self.proc.send_signal(signal.SIGINT)
+        out, _ = self.proc.communicate(timeout=20)
+        tables = {"set": {}, "req": {}}
+        for line in out.splitlines():
+            for name, table in tables.items():
+                if line.startswith("@%s[" % name):
+                    key, value = line[len(name) + 2:].split("]:")
+                    pid, gfn, level = (int(x) for x in key.split(","))
+                    table.setdefault(pid, []).append((gfn, level, int(value)))
+        return tables
+
+
+def per_slot_levels(report, rows):
+    """{slot: {level: count}} for (gfn, level, count) rows of one pid; stray under None."""
+    got = {}
+    for gfn, level, n in rows:
+        slot = next((s["slot"] for s in report["slots"] if s["status"] == "ok"
+                     and s["gpa"] <= gfn << 12 < s["gpa"] + s["size"]), None)
+        levels = got.setdefault(slot, {})
+        levels[level] = levels.get(level, 0) + n
+    return got
+
+
+def int_keys(d):
+    return {int(k): v for k, v in d.items()}
+
+
+def test_gpage2m_spec_and_checks():
+    sc = Scenario("t")
+    scenario.add_slot_spec(sc, "thp:1024:w:gpage2m")
+    scenario.add_slot_spec(sc, "anon:512:r:gpage2m,dirty")
+    sc.validate().layout()
+    assert [(s.backing, s.gpage2m, s.log_dirty) for s in sc.slots] == [
+        ("thp", True, False), ("anon", True, True)]
+    assert Scenario.from_dict(json.loads(json.dumps(sc.to_dict()))) == sc
+    for bad in ("anon:1000:w:gpage2m", "pfnmap:512:r:gpage2m", "anon:512:r:gpage3m"):
+        sc2 = Scenario("t")
+        with pytest.raises(ScenarioError):
+            scenario.add_slot_spec(sc2, bad)
+            sc2.validate()
+
+
+def test_page_tables_with_2m_pages():
+    mem = bytearray(32 * 4096)
+    pages, frames = list(range(16)), [8, 9]  # 4 KiB pages below 64 KiB; 16 and 18 MiB
+    assert x86.page_table_pages(pages, frames) == 4  # PML4, PDPT, one PD, one PT
+    cr3, tables = x86.build_page_tables(mem, 0, iter(range(16 * 4096, 32 * 4096, 4096)),
+                                        pages, frames)
+    assert len(tables) == 4
+
+    def entry(table, index):
+        return int.from_bytes(mem[table + 8 * index:table + 8 * index + 8], "little")
+
+    pd = entry(entry(cr3, 0) & ~0xFFF, 0) & ~0xFFF
+    flags = x86.PTE_P | x86.PTE_W | x86.PTE_US
+    assert entry(pd, 8) == (8 << 21) | flags | x86.PTE_PS
+    assert entry(pd, 9) == (9 << 21) | flags | x86.PTE_PS
+    assert not entry(pd, 0) & x86.PTE_PS  # the 4 KiB pages go through a page table
+    assert entry(entry(pd, 0) & ~0xFFF, 5) == (5 << 12) | flags
+    with pytest.raises(ValueError):
+        x86.build_page_tables(bytearray(32 * 4096), 0, iter(range(16 * 4096, 32 * 4096, 4096)),
+                              pages, [0])
+
+
+def test_fault_rule_2m_guest_pages():
+    """The measured 2 MiB rules on the measured access sequences (see faults.py)."""
+    def rule(kind, flags, touched):
+        d = faults.expected_faults(kind, flags, touched, "pvm-shadow", gpage2m=True)
+        return d["total"], d["levels"], d["set_spte"]
+
+    def two_frames(access):
+        return [(p, access) for p in (0, 1, 2, 3, 512, 513, 514, 515)]
+
+    # 2 MiB host pages: one level-2 fault per frame and access kind
+    assert rule("thp", 0, two_frames("w")) == (2, {2: 2}, 2)
+    assert rule("hugetlb", 0, two_frames("r") + two_frames("w")) == (4, {2: 4}, 4)
+    assert rule("thp", 0, two_frames("rw")) == (4, {2: 4}, 4)
+    assert rule("thp", 0, two_frames("w") + two_frames("r")) == (2, {2: 2}, 2)
+    # dirty logging or 4 KiB host pages: 4 KiB sptes
+    assert rule("thp", kvmapi.KVM_MEM_LOG_DIRTY_PAGES, two_frames("w")) == (8, {1: 8}, 8)
+    assert rule("anon", 0, two_frames("rw")) == (16, {1: 16}, 16)
+    assert rule("memfd", 0, two_frames("rw")) == (10, {1: 10}, 10)  # reads map writable
+    seq = [(p, "r") for p in range(8)] + [(0, "w")] + [(p, "r") for p in range(1, 8)]
+    assert rule("anon", 0, seq) == (16, {1: 16}, 16)  # the write drops the read sptes
+    assert rule("memfd", 0, seq) == (9, {1: 9}, 16)  # ... and prefetches 1-7 writable
+    assert rule("thp", 0, seq) == (2, {2: 2}, 2)
+    assert rule("memfd", kvmapi.KVM_MEM_LOG_DIRTY_PAGES, seq) == (16, {1: 16}, 16)
+    stubs = [(0, "r"), (1, "x"), (2, "x"), (3, "x"), (5, "x")]  # VMM wrote 1, 2, 3, 5
+    assert rule("anon", 0, stubs) == (2, {1: 2}, 5)
+    assert rule("thp", kvmapi.KVM_MEM_LOG_DIRTY_PAGES, stubs) == (1, {1: 1}, 8)
+    assert faults.expected_dirty_pages("memfd", 1, seq, gpage2m=True) == list(range(8))
+    assert faults.expected_dirty_pages("anon", 1, seq, gpage2m=True) == [0]
+    ro = faults.expected_faults("anon", kvmapi.KVM_MEM_READONLY, [(0, "r")], "pvm-shadow",
+                                gpage2m=True)
+    assert ro["total"] is None and ro["rule"].startswith("not measured")
+
+
+def test_diff_pairs_share_gpa_ranges():
+    assert {n for pair in scenario.DIFF_PAIRS for n in pair} <= set(scenario.BUILTIN)
+    for a, b in scenario.DIFF_PAIRS:
+        sa, sb = (scenario.builtin(n).validate().layout() for n in (a, b))
+        assert [(s.gpa, s.size()) for s in sa.slots] == [(s.gpa, s.size()) for s in sb.slots]
+
+
+# what each pair must differ in (expected faults by level of slot 1, dirty pages)
+PAIR_EXPECT = {
+    "huge-base": {2: 2}, "huge-4k": {1: 64},
+    "dirty-off": {2: 4}, "dirty-on": {1: 64},
+    "ram": {1: 2}, "pfnmap": {1: 2},
+    "pages-1x": {1: 32}, "pages-2x": {1: 64},
+}
+CUSTOM_RUNS = {
+    # prefetch into a writable direct shadow page, writable-on-read under dirty logging
+    "memfd-seq": ["--slot", "memfd:512:-:gpage2m", "--access", "1:0:8:r", "--access",
+                  "1:0:1:w", "--access", "1:1:7:r", "--slot", "memfd:512:-:gpage2m,dirty",
+                  "--access", "2:0:8:r", "--access", "2:0:1:w", "--access", "2:1:7:r"],
+    "stubs": ["--slot", "anon:512:r:gpage2m", "--slot", "thp:512:-:gpage2m,dirty",
+              "--access", "2:0:1:r", "--access", "2:1:3:x", "--access", "2:5:1:x",
+              "--slot", "hugetlb:512:r+w:gpage2m"],  # hugetlb: only with reserved pages
+}
+
+
+@pytest.fixture(scope="module")
+def pair_runs(tmp_path_factory):
+    """Every diff-pair scenario and the custom 2 MiB runs, under one bpftrace."""
+    require_kvm()
+    tmp = tmp_path_factory.mktemp("pairs")
+    counter = FaultCounter() if bpftrace_usable() else None
+    runs = {}
+    try:
+        for name in PAIR_EXPECT:
+            runs[name] = run_guest_json(tmp, "--scenario", name, "-q")
+        for name, args in CUSTOM_RUNS.items():
+            runs[name] = run_guest_json(tmp, "-q", *args)
+    finally:
+        counts = counter.stop() if counter else None
+    return runs, counts
+
+
+def test_pair_scenarios_run_as_expected(pair_runs):
+    runs, _ = pair_runs
+    for name, (proc, report) in runs.items():
+        assert proc.returncode == 0 and report["ok"], (name, proc.stderr, report["errors"])
+        if name in PAIR_EXPECT:
+            data = [s for s in report["slots"] if s["role"] == "data"]
+            assert len(data) == 1 and data[0]["gpa"] == scenario.PAIR_GPA
+            assert int_keys(data[0]["expected_levels"]) == PAIR_EXPECT[name], name
+    slot = {n: runs[n][1]["slots"][1] for n in PAIR_EXPECT}
+    assert slot["huge-base"]["host_pages"]["ok"] and slot["dirty-on"]["host_pages"]["ok"]
+    assert slot["huge-base"]["guest_page_size"] == 2 << 20
+    assert slot["huge-4k"]["vma"]["anon_huge_kb"] == 0
+    dirty = slot["dirty-on"]
+    assert dirty["dirty_pages"] == dirty["expected_dirty_pages"] and len(dirty["dirty_pages"]) == 32
+    assert slot["dirty-off"]["dirty_pages"] is None
+    assert {"pf", "io"} <= set(slot["pfnmap"]["vma"]["vm_flags"])
+    assert not {"pf", "io"} & set(slot["ram"]["vma"]["vm_flags"])
+    assert slot["ram"]["touched"] == slot["pfnmap"]["touched"] == {"r": [0, 2]}
+    seq = runs["memfd-seq"][1]["slots"]
+    assert seq[2]["dirty_pages"] == seq[2]["expected_dirty_pages"] == list(range(8))
+    assert (seq[1]["expected_faults"], seq[1]["expected_set_spte"]) == (9, 16)
+
+
+def test_pair_faults_counted_by_bpftrace(pair_runs):
+    runs, counts = pair_runs
+    if counts is None:
+        pytest.skip("bpftrace or the kvmmmu tracepoints are not available")
+    for name, (_, report) in runs.items():
+        if report["mmu"] not in faults.MEASURED_MMUS:
+            pytest.skip("no measured fault rule for MMU %r" % report["mmu"])
+        got_set = per_slot_levels(report, counts["set"].get(report["pid"], []))
+        got_req = per_slot_levels(report, counts["req"].get(report["pid"], []))
+        assert None not in got_set and None not in got_req, name
+        for s in report["slots"]:
+            d = s["expected_faults_detail"]
+            assert got_req.get(s["slot"], {}) == int_keys(d["levels"]), (name, s["slot"])
+            assert got_set.get(s["slot"], {}) == int_keys(d["set_spte_levels"]), (name, s["slot"])

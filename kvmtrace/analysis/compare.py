@@ -42,9 +42,10 @@ METRICS = ("latency", "faults", "levels", "memtype", "invalidations", "exits", "
            "backing")
 
 
-def backing_class(vma: str, vmflags: str) -> str:
+def backing_class(vma: str, vmflags: str, anonhuge_kb: int = 0) -> str:
     """A short name for what backs a slot, for matching and for causes."""
     flags = (vmflags or "").split()
+    thp = " (THP)" if anonhuge_kb else " (THP advised)" if "hg" in flags else ""
     if "pf" in flags:
         return f"PFNMAP {vma}"
     if "mm" in flags:
@@ -54,7 +55,7 @@ def backing_class(vma: str, vmflags: str) -> str:
     if vma.startswith("memfd:"):
         return "memfd"
     if vma == "[anon]":
-        return "anon (no THP)" if "nh" in flags else "anon"
+        return "anon (no THP)" if "nh" in flags else "anon" + thp
     if vma.startswith("/dev/zero"):
         return "shared anon"
     if vma.startswith("/"):
@@ -71,7 +72,8 @@ def slot_profile(model: Model) -> pd.DataFrame:
                                            "invalidations", "mmio_exits", "service_ns",
                                            "levels"])
     s["slot_row"] = np.arange(len(s))
-    s["backing"] = [backing_class(v, f) for v, f in zip(s["vma"], s["vmflags"])]
+    s["backing"] = [backing_class(v, f, h) for v, f, h in
+                    zip(s["vma"], s["vmflags"], s["anonhuge_kb"].fillna(0))]
     keys = s[["slot_row"] + KEY]
 
     def in_slots(df, cols=()):
@@ -171,7 +173,9 @@ def _causes(r) -> list[str]:
             out.append("dirty logging turned off")
         else:
             out.append(f"flags {r['flags_base']} -> {r['flags_new']}")
-    if r["pages_base"] and r["pages_new"] and r["pages_new"] != r["pages_base"]:
+    same_levels = r["huge_share_base"] == r["huge_share_new"]
+    if same_levels and r["pages_base"] and r["pages_new"] and r["pages_new"] != r["pages_base"]:
+        # distinct guest pages faulted; only a cause when the mapping sizes are alike
         out.append(f"pages touched {r['pages_base']} -> {r['pages_new']} "
                    f"(x{r['pages_new'] / r['pages_base']:.2g})")
     return out

@@ -49,8 +49,8 @@ def slot_vmas(slots: pd.DataFrame, vmas: pd.DataFrame) -> pd.DataFrame:
                 hit = ov[ov["ts"] == snap_ts].sort_values("start")
         if hit is None or not len(hit):
             rows.append({"slot_row": i, "vma": "not observed", "vmflags": "", "pfnmap": False,
-                         "vma_count": 0, "kernelpagesize_kb": np.nan, "snapshot_delay_ms": np.nan,
-                         "vma_covers": False})
+                         "vma_count": 0, "kernelpagesize_kb": np.nan, "anonhuge_kb": 0,
+                         "snapshot_delay_ms": np.nan, "vma_covers": False})
             continue
         first = hit.iloc[0]
         covers = hit["start"].min() <= s.hva and hit["end"].max() >= s.hva + s["size"]
@@ -62,11 +62,13 @@ def slot_vmas(slots: pd.DataFrame, vmas: pd.DataFrame) -> pd.DataFrame:
             "pfnmap": bool(hit["vmflags"].map(is_pfn_mapped).any()),
             "vma_count": len(hit),
             "kernelpagesize_kb": float(first.kernelpagesize_kb),
+            "anonhuge_kb": int(hit["anonhugepages_kb"].sum()),
             "snapshot_delay_ms": (int(first.ts) - int(s.t_start)) / 1e6,
             "vma_covers": bool(covers),
         })
     return pd.DataFrame(rows, columns=["slot_row", "vma", "vmflags", "pfnmap", "vma_count",
-                                       "kernelpagesize_kb", "snapshot_delay_ms", "vma_covers"])
+                                       "kernelpagesize_kb", "anonhuge_kb", "snapshot_delay_ms",
+                                       "vma_covers"])
 
 
 def vmflag_words(vmflags: str) -> str:

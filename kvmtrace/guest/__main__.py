@@ -5,6 +5,8 @@ Examples:
   python -m kvmtrace.guest --scenario minimal --report /tmp/guest.json
   python -m kvmtrace.guest --slot anon:64:rw --slot memfd:32:r:region2 \\
       --slot anon:16:r+w:ro --change flags:1 --change fail-misaligned
+  python -m kvmtrace.guest --slot thp:1024:w:gpage2m  # guest maps it with 2 MiB pages
+  python -m kvmtrace.guest --scenario huge-base       # one of the `kvmtrace diff` pairs
   python -m kvmtrace.guest --scenario demo --hold 5   # keep mappings for a tracer
   python -m kvmtrace.guest --list                     # built-in scenarios as JSON
 
@@ -54,14 +56,19 @@ def write_json(path, obj):
     os.replace(tmp, path)
 
 
+LEVEL_NAMES = {1: "4K", 2: "2M", 3: "1G"}
+
+
 def summary(report):
     slots = [s for s in report["slots"] if s["role"] == "data"]
     ok = sum(1 for s in slots if s["status"] == "ok")
     counts = ", ".join("%s=%d" % kv for kv in sorted(report["exits"]["counts"].items()))
+    levels = ", ".join("%s %d" % (LEVEL_NAMES.get(int(k), "level %s" % k), n)
+                       for k, n in report["expected_levels_total"].items())
     return ("kvmtrace.guest: pid %d, %d/%d slots, %d memslot ioctls, exits %s, "
-            "expected faults %d, run %.2f ms%s" % (
+            "expected faults %d (%s), run %.2f ms%s" % (
                 report["pid"], ok, len(slots), len(report["memslot_ioctls"]), counts,
-                report["expected_faults_total"], (report["run_ns"] or 0) / 1e6,
+                report["expected_faults_total"], levels or "-", (report["run_ns"] or 0) / 1e6,
                 "" if report["ok"] else ": " + "; ".join(report["errors"])))
 
 
@@ -77,7 +84,9 @@ def main(argv=None):
     ap.add_argument("--scenario-file", metavar="FILE.json",
                     help="scenario as JSON (the report's 'scenario' object)")
     ap.add_argument("--slot", action="append", metavar="KIND:NPAGES[:ACCESS][:FLAGS]",
-                    help="add a slot, e.g. anon:64:rw, memfd:32:r+w:region2, anon:16:r:ro,dirty")
+                    help="add a slot, e.g. anon:64:rw, memfd:32:r+w:region2, anon:16:r:ro,dirty, "
+                         "thp:1024:w:gpage2m (FLAGS: ro, dirty, region2, gpage2m = the guest "
+                         "maps the slot with 2 MiB pages; NPAGES a multiple of 512)")
     ap.add_argument("--access", action="append", metavar="SLOT:FIRST:NPAGES:ACCESS[:VCPU]",
                     help="add an access step")
     ap.add_argument("--change", action="append", metavar="KIND[:SLOT[:METHOD]]",

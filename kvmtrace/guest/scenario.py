@@ -270,7 +270,93 @@ def smp():
     return sc
 
 
-BUILTIN = {"demo": demo, "minimal": minimal, "smp": smp}
+# --------------------------------------------------------------------------
+# pairs for `kvmtrace diff`: the two scenarios of a pair differ in one thing
+# only, and each has one data slot at the same GPA range (the diff matches
+# slots by GPA). Expected faults in the data slot on KVM-PVM
+# (faults.expected_faults; the system slot adds one 4K fault to each):
+#   huge-base / huge-4k    2 faults at level 2 / 64 at level 1
+#   dirty-off / dirty-on   4 faults at level 2 / 64 at level 1 (32 dirty pages)
+#   ram / pfnmap           2 faults at level 1 each; the backing VMA differs
+#   pages-1x / pages-2x    32 / 64 faults at level 1
+
+PAIR_GPA = DATA_BASE_GPA
+
+
+def _huge(name, backing, log_dirty=False, reads=0, writes=32):
+    """One 4 MiB slot the guest maps with 2 MiB pages; in each 2 MiB frame,
+    `reads` pages read, then the next `writes` pages written."""
+    sc = Scenario(name)
+    s = sc.add_slot(backing, 2 * HUGE_PAGES, gpa=PAIR_GPA, gpage2m=True, log_dirty=log_dirty)
+    for frame in (0, HUGE_PAGES):
+        if reads:
+            sc.steps.append(Step(s.slot, frame, reads, "r"))
+        sc.steps.append(Step(s.slot, frame + reads, writes, "w"))
+    return sc
+
+
+def huge_base():
+    """2 MiB guest pages on THP (2 MiB host pages): one level-2 fault per frame."""
+    return _huge("huge-base", "thp")
+
+
+def huge_4k():
+    """huge-base on 4 KiB host pages (MADV_NOHUGEPAGE): one level-1 fault per page."""
+    return _huge("huge-4k", "anon")
+
+
+def dirty_off():
+    """2 MiB guest pages on THP, 16 pages read then 16 written per frame."""
+    return _huge("dirty-off", "thp", reads=16, writes=16)
+
+
+def dirty_on():
+    """dirty-off with KVM_MEM_LOG_DIRTY_PAGES: KVM maps 4 KiB sptes only."""
+    return _huge("dirty-on", "thp", log_dirty=True, reads=16, writes=16)
+
+
+def _four_pages(name, backing):
+    sc = Scenario(name)
+    s = sc.add_slot(backing, 4, gpa=PAIR_GPA)
+    # pages 0 and 2: the [vvar] pages with memory behind them on 6.18
+    sc.steps += [Step(s.slot, 0, 1, "r"), Step(s.slot, 2, 1, "r")]
+    return sc
+
+
+def ram():
+    """Four pages of anonymous RAM, pages 0 and 2 read."""
+    return _four_pages("ram", "anon")
+
+
+def pfnmap():
+    """ram with the slot backed by [vvar] (VM_PFNMAP|VM_IO) instead."""
+    return _four_pages("pfnmap", "pfnmap")
+
+
+def _pages(name, npages):
+    sc = Scenario(name)
+    s = sc.add_slot("anon", 64, gpa=PAIR_GPA)
+    sc.steps.append(Step(s.slot, 0, npages, "w"))
+    return sc
+
+
+def pages_1x():
+    """A 64-page anonymous slot, 32 pages written."""
+    return _pages("pages-1x", 32)
+
+
+def pages_2x():
+    """pages-1x with all 64 pages written."""
+    return _pages("pages-2x", 64)
+
+
+DIFF_PAIRS = (("huge-base", "huge-4k"), ("dirty-off", "dirty-on"), ("ram", "pfnmap"),
+              ("pages-1x", "pages-2x"))
+
+BUILTIN = {"demo": demo, "minimal": minimal, "smp": smp,
+           "huge-base": huge_base, "huge-4k": huge_4k, "dirty-off": dirty_off,
+           "dirty-on": dirty_on, "ram": ram, "pfnmap": pfnmap, "pages-1x": pages_1x,
+           "pages-2x": pages_2x}
 
 
 def builtin(name):

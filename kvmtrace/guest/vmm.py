@@ -13,8 +13,9 @@ Order of a run:
   3. memslots, in slot order (slot 0 first)
   4. vCPUs, one thread each (comm "kvmtrace-vcpuN"), KVM_RUN until the guest
      signals done; MMIO exits are serviced (reads return 0)
-  5. host-side checks of guest writes, KVM_GET_DIRTY_LOG on dirty-logged
-     slots, then the scenario's memslot changes
+  5. host-side checks of guest writes and of 2 MiB host pages,
+     KVM_GET_DIRTY_LOG on dirty-logged slots, then the scenario's memslot
+     changes
   6. the report; optionally hold (mappings alive) for a tracer to look
 """
 
@@ -59,6 +60,14 @@ def _default_arch():
     raise VmmError("no guest support for %s yet" % machine)
 
 
+def _sum_levels(dicts):
+    total = {}
+    for d in dicts:
+        for level, n in d.items():
+            total[level] = total.get(level, 0) + n
+    return dict(sorted(total.items()))
+
+
 def _runs(pages):
     """Split sorted page indexes into lists of consecutive ones."""
     runs = []
@@ -95,6 +104,8 @@ class SlotState:
         self.extra = {}  # role-specific page lists (code, page tables, stack)
         self.dirty_pages = None
         self.write_check = None
+        self.host_written = []  # pages the VMM wrote before the run (execute stubs)
+        self.host_pages = None  # check_host_pages(): did the host map 2 MiB pages
 
     @property
     def size(self):
@@ -253,6 +264,7 @@ class Vmm:
             for p in pages:
                 off = p * PAGE_SIZE + arch.exec_stub_offset
                 ctypes.memmove(s.backing.hva + off, arch.exec_stub, len(arch.exec_stub))
+            s.host_written = pages
 
     # -------------------------------------------------------------- memslots
     def set_region(self, slot, flags, gpa, size, hva, phase, change=None, use2=None,
@@ -444,6 +456,39 @@ class Vmm:
                 self.errors.append("slot %d: %d written pages do not match host memory"
                                    % (s.slot, len(bad)))
 
+    def check_host_pages(self):
+        """Check that 2 MiB guest pages on thp / hugetlb got 2 MiB host pages.
+
+        expected_faults assumes each 2 MiB frame of such a slot is one host
+        huge page. hugetlb always is; THP comes from the fault path (measured
+        here: every time) but the kernel falls back to 4 KiB pages when it
+        cannot allocate a 2 MiB one, and then the rule does not hold. Every
+        frame written (by the guest, or by the VMM's execute stubs) must show
+        in smaps AnonHugePages / *_Hugetlb; frames only read map the huge
+        zero page, which smaps does not count, so they go unchecked.
+        """
+        for s in self.slots.values():
+            if not (s.gpage2m and s.backing.status == "ok"
+                    and s.backing.kind in faults.HUGE_HOST_KINDS):
+                continue
+            vma = s.backing.describe() or {}
+            lands = faults.writes_land(s.backing.kind, s.initial_flags)
+            written = {p // faults.PAGES_PER_2M for p in s.host_written}
+            written |= {p // faults.PAGES_PER_2M for p, a in s.touched
+                        if lands and a in faults.WRITE_ACCESSES}
+            if s.backing.kind == "thp":
+                huge_kb = vma.get("anon_huge_kb", 0)
+            else:
+                huge_kb = vma.get("private_hugetlb_kb", 0) + vma.get("shared_hugetlb_kb", 0)
+            need_kb = len(written) * (HUGE_SIZE >> 10)
+            s.host_pages = {"written_frames": len(written), "huge_kb": huge_kb,
+                            "needed_kb": need_kb, "ok": huge_kb >= need_kb}
+            if huge_kb < need_kb:
+                self.errors.append(
+                    "slot %d (%s): only %d KiB of the %d KiB written are 2 MiB host pages; "
+                    "expected_faults assumes 2 MiB host pages" % (
+                        s.slot, s.backing.kind, huge_kb, need_kb))
+
     def get_dirty_logs(self):
         for sid in sorted(self.slots):
             s = self.slots[sid]
@@ -536,7 +581,8 @@ class Vmm:
                 touched.setdefault(a, []).append(p)
             expected = faults.expected_faults(
                 s.backing.kind, s.initial_flags, s.touched, mmu,
-                status=s.backing.status, role=s.role, extra=s.extra)
+                status=s.backing.status, role=s.role, extra=s.extra, gpage2m=s.gpage2m,
+                host_written=s.host_written)
             d = {
                 "slot": sid, "as_id": 0, "role": s.role, "backing": s.backing.kind,
                 "status": s.backing.status, "unavailable_reason": s.backing.reason or None,
@@ -548,11 +594,16 @@ class Vmm:
                 "touched_counts": {a: len(p) for a, p in touched.items()},
                 "skipped": s.skipped,
                 "readable_pages": s.backing.readable_pages,
+                "guest_page_size": HUGE_SIZE if s.gpage2m else PAGE_SIZE,
                 "expected_faults": expected["total"],
+                "expected_levels": expected["levels"],
+                "expected_set_spte": expected["set_spte"],
                 "expected_faults_detail": expected,
+                "host_pages": s.host_pages,
                 "dirty_pages": s.dirty_pages,
                 "expected_dirty_pages": (
-                    faults.expected_dirty_pages(s.backing.kind, s.initial_flags, s.touched)
+                    faults.expected_dirty_pages(s.backing.kind, s.initial_flags, s.touched,
+                                                s.gpage2m, s.host_written)
                     if s.dirty_pages is not None else None),
                 "write_check": s.write_check,
                 "final": {"present": s.present, "gpa": s.gpa, "flags": s.flags,
@@ -598,6 +649,8 @@ class Vmm:
             "run_end_ns": max(ends) if ends else None,
             "run_ns": (max(ends) - min(starts)) if starts and ends else None,
             "expected_faults_total": sum(s["expected_faults"] or 0 for s in slots),
+            "expected_levels_total": _sum_levels(s["expected_levels"] for s in slots),
+            "expected_set_spte_total": sum(s["expected_set_spte"] or 0 for s in slots),
         }
 
     # -------------------------------------------------------------- lifecycle
@@ -631,6 +684,7 @@ def run(scenario, arch=None, timeout=30.0, log=None, on_report=None, hold=0.0,
         vmm.create_vcpus()
         vmm.run_vcpus()
         vmm.check_writes()
+        vmm.check_host_pages()
         vmm.get_dirty_logs()
         vmm.apply_changes()
         vmm.check_change_results()
