@@ -82,9 +82,15 @@ def diff_html(base: Model, new: Model, c: Comparison) -> str:
     plot.append(plots.grouped_bars(labels, {"base": s["faults_base"].fillna(0).tolist(),
                                             "new": s["faults_new"].fillna(0).tolist()},
                                    "faults per slot (by GPA)", "faults"))
-    plot.append(plots.grouped_bars(labels, {"base": s["huge_share_base"].fillna(0).tolist(),
-                                            "new": s["huge_share_new"].fillna(0).tolist()},
-                                   "share of 2M/1G mappings per slot", "share"))
+    bars, shares = [], {"4K": [], "2M": [], "1G": []}
+    for label, lb, ln in zip(labels, s["levels_base"], s["levels_new"]):
+        for side, lv in (("base", lb), ("new", ln)):
+            lv = lv if isinstance(lv, dict) else {}
+            total = sum(lv.values()) or 1
+            bars.append(f"{label} {side}")
+            for k in shares:
+                shares[k].append(lv.get(k, 0) / total)
+    plot.append(plots.level_mix(bars, shares, "mapping levels per slot, base vs new"))
     for label, (fb, fn) in _per_slot_series(base, new).items():
         if len(fb) >= 5 and len(fn) >= 5:
             plot.append(plots.latency_cdf({"base": fb, "new": fn}, f"service time, {label}"))

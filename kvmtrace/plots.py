@@ -12,6 +12,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib import ticker  # noqa: E402
 import numpy as np  # noqa: E402
 
 COLORS = {"base": "#4c72b0", "new": "#dd8452"}
@@ -32,10 +33,12 @@ def latency_cdf(series: dict[str, np.ndarray], title: str) -> str:
         x = np.sort(np.asarray(x, dtype=float)[np.isfinite(x)])
         if not len(x):
             continue
-        y = np.arange(1, len(x) + 1) / len(x)
+        y = np.arange(0, len(x) + 1) / len(x)
         color = COLORS.get(label.split()[0], f"C{i}")
-        ax.step(x, y, where="post", label=f"{label} (n={len(x)})", color=color)
+        ax.step(np.r_[x[0], x], y, where="post", label=f"{label} (n={len(x)})", color=color)
     ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(ticker.NullFormatter())
     ax.set_xlabel("fault service time (us)")
     ax.set_ylabel("fraction of faults")
     ax.set_title(title, fontsize=10)

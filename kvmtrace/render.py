@@ -14,7 +14,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from .analysis import summary
-from .analysis.model import Model
+from .analysis.model import EXIT_REASONS, Model
 from .probes.events import EVENTS
 
 VERDICT_STYLE = {"consistent": "green", "downgraded": "yellow", "upgraded": "bold red",
@@ -262,6 +262,18 @@ def diff_to_text(base, new, c, console: Console):
             t.add_row(r["by"], r["key"], r["side"], str(r["count"]),
                       "" if pd.isna(r.get("rate")) else f"{r['rate']:.0f}",
                       *(f"{r[q]:.2f}" for q in ("p50", "p90", "p99", "max")))
+        console.print(t)
+    if len(c.totals):
+        t = Table(title="VMs", title_justify="left")
+        for col in ("side", "pid", "vm fd", "faults", "2M/1G", "p50 us", "exits to VMM",
+                    "errors", "recorded"):
+            t.add_column(col)
+        for r in c.totals.to_dict("records"):
+            exits = ", ".join(f"{EXIT_REASONS.get(int(k), k)} {v}" for k, v in r["exits"].items())
+            t.add_row(r["side"], str(r["pid"]), str(r["vm_fd"]), str(r["faults"]),
+                      "" if pd.isna(r["huge_share"]) else f"{r['huge_share'] * 100:.0f}%",
+                      "" if pd.isna(r["p50_us"]) else f"{r['p50_us']:.1f}", exits,
+                      str(r["errors"]), "" if r["recorded_s"] is None else f"{r['recorded_s']} s")
         console.print(t)
     lines = diff_summary_lines(c)
     for line in lines:

@@ -264,8 +264,8 @@ def _error_findings(base: Model, new: Model) -> list[Finding]:
 
 def _side_by_side(m: pd.DataFrame) -> pd.DataFrame:
     cols = []
-    for c in ("slot", "backing", "flags", "faults", "pages", "huge_share", "cacheable_share",
-              "invalidations", "mmio_exits"):
+    for c in ("slot", "backing", "flags", "faults", "pages", "huge_share", "levels",
+              "cacheable_share", "invalidations", "mmio_exits"):
         cols += [f"{c}_base", f"{c}_new"]
     out = m[KEY + cols].copy()
     for side in ("base", "new"):
