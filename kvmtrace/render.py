@@ -56,11 +56,11 @@ def tables(model: Model, pid=None, slot=None) -> dict[str, pd.DataFrame]:
         "ops": summary.ops_table(model, pid, slot),
         "faults": summary.filter_rows(f.drop(columns=["prev_req_ts", "next_req_ts",
                                                       "install_row"], errors="ignore"),
-                                      model, pid, slot),
-        "ranges": summary.filter_rows(r, model, None, slot),
-        "verdicts": summary.filter_rows(model.verdicts, model, pid, slot),
-        "errors": summary.filter_rows(model.errors, model, pid, slot),
-        "vmas": summary.filter_rows(model.recording["vmas"], model, pid, None),
+                                      pid, slot),
+        "ranges": summary.filter_rows(r, None, slot),
+        "verdicts": summary.filter_rows(model.verdicts, pid, slot),
+        "errors": summary.filter_rows(model.errors, pid, slot),
+        "vmas": summary.filter_rows(model.recording["vmas"], pid, None),
     }
 
 

@@ -6,7 +6,6 @@ written, and the built-in guest's own report of the same run.
 """
 
 import numpy as np
-import pytest
 
 from kvmtrace.collectors.ringbuf import BUSY, DISCARD, decode
 from kvmtrace.probes import codegen

@@ -86,7 +86,7 @@ def ops_table(model: Model, pid: int | None = None, slot: int | None = None) -> 
               "gpa", "size", "hva", "ret", "errno", "reason", "latency_ns"]].reset_index(drop=True)
 
 
-def filter_rows(df: pd.DataFrame, model: Model, pid=None, slot=None) -> pd.DataFrame:
+def filter_rows(df: pd.DataFrame, pid=None, slot=None) -> pd.DataFrame:
     if pid is not None and "pid" in df:
         df = df[df["pid"] == pid]
     if slot is not None and "slot" in df:

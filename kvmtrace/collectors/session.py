@@ -13,24 +13,23 @@ file is closed with its end marker.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import os
 import select
 import shutil
 import signal
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..host import bccload
 from ..host import headers as bcc_headers
 from ..host import procfs, tracefs
 from ..probes import catalogue, codegen, program
 from ..recording.writer import RecordingWriter
-from . import context
+from . import child, context
 from .ringbuf import RingReader
 
 
@@ -49,37 +48,6 @@ class Options:
     poll_s: float = 0.02
 
 
-class Child:
-    """The launched command: poll / wait / terminate, as subprocess.Popen offers."""
-
-    def __init__(self, pid: int):
-        self.pid = pid
-        self.returncode: int | None = None
-
-    def poll(self):
-        if self.returncode is None:
-            pid, status = os.waitpid(self.pid, os.WNOHANG)
-            if pid:
-                self.returncode = os.waitstatus_to_exitcode(status)
-        return self.returncode
-
-    def wait(self, timeout: float | None = None):
-        end = None if timeout is None else time.monotonic() + timeout
-        while self.poll() is None:
-            if end is not None and time.monotonic() >= end:
-                return None
-            time.sleep(0.01)
-        return self.returncode
-
-    def terminate(self):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(self.pid, signal.SIGTERM)
-
-    def kill(self):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(self.pid, signal.SIGKILL)
-
-
 @dataclass
 class Stats:
     events: dict = field(default_factory=dict)
@@ -89,22 +57,12 @@ class Stats:
     command_status: int | None = None
 
 
-def _load_bcc():
-    try:
-        import bcc  # noqa: F401
-    except ImportError:
-        raise RecordError("the bcc Python module is not importable: install Debian's "
-                          "python3-bpfcc and run kvmtrace from a Python that sees it "
-                          "(make setup makes such a virtual environment)") from None
-    return bcc
-
-
 class Session:
     def __init__(self, opts: Options):
         self.opts = opts
         self.stats = Stats()
         self._stop = False
-        self.proc: Child | None = None
+        self.proc: child.Child | None = None
         self.snapshotted_pids: set[int] = set()
         self.write_error: OSError | None = None
 
@@ -124,54 +82,22 @@ class Session:
         return root, wanted, avail, usable
 
     def _compile(self, usable, filter_pids: bool):
-        bcc = _load_bcc()
         hdr = bcc_headers.find()
         if hdr is None:
             raise RecordError(bcc_headers.missing_hint())
         cflags = bcc_headers.apply(hdr)
         prog = program.build(usable, filter_pids)
-        with tempfile.TemporaryFile(mode="w+") as err:
-            saved = os.dup(2)
-            os.dup2(err.fileno(), 2)
-            try:
-                b = bcc.BPF(text=prog.text, cflags=cflags)
-            except Exception as e:  # bcc raises bare Exception on compile/load errors
-                os.dup2(saved, 2)
-                err.seek(0)
-                detail = [ln for ln in err.read().splitlines() if "error" in ln.lower()]
-                raise RecordError(f"BPF program failed to load: {e}"
-                                  + (f" ({detail[0].strip()})" if detail else "")) from None
-            finally:
-                os.dup2(saved, 2)
-                os.close(saved)
+        try:
+            b = bccload.load(prog.text, cflags)
+        except bccload.BPFLoadError as e:
+            raise RecordError(f"BPF program failed to load: {e}") from None
         return b, prog, hdr
 
     def _spawn(self, b):
-        """Start the command held before exec until its pid is in the filter.
-
-        A plain fork/exec: subprocess.Popen waits for the exec, which would
-        deadlock with a child that waits for us."""
         cmd = list(self.opts.command)
         if shutil.which(cmd[0]) is None:
             raise RecordError(f"cannot run {cmd[0]}: command not found")
-        r, w = os.pipe()
-        pid = os.fork()
-        if pid == 0:  # child
-            try:
-                os.close(w)
-                os.read(r, 1)
-                os.close(r)
-                signal.signal(signal.SIGINT, signal.SIG_DFL)
-                signal.signal(signal.SIGTERM, signal.SIG_DFL)
-                os.execvp(cmd[0], cmd)
-            except OSError as e:
-                os.write(2, f"kvmtrace: cannot run {cmd[0]}: {e.strerror}\n".encode())
-            os._exit(127)
-        os.close(r)
-        self._add_pid(b, pid)
-        os.write(w, b"g")
-        os.close(w)
-        return Child(pid)
+        return child.spawn(cmd, lambda pid: self._add_pid(b, pid))
 
     @staticmethod
     def _add_pid(b, pid: int):

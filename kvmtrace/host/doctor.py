@@ -7,12 +7,11 @@ gives ok / missing and, when it matters for recording, the fix.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import platform
-import tempfile
 from dataclasses import dataclass
 
+from . import bccload
 from . import headers as bcc_headers
 from . import kvm, tracefs
 
@@ -26,65 +25,40 @@ class Check:
     blocks_record: bool = False
 
 
-@contextlib.contextmanager
-def _captured_stderr():
-    """bcc and libbpf print to fd 2; keep it out of doctor's output."""
-    with tempfile.TemporaryFile(mode="w+") as f:
-        saved = os.dup(2)
-        os.dup2(f.fileno(), 2)
-        try:
-            yield f
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-
-
-def _first_error(exc: Exception, f) -> str:
-    f.seek(0)
-    lines = [ln.strip() for ln in f.read().splitlines() if ln.strip()]
-    interesting = [ln for ln in lines if any(w in ln.lower() for w in
-                                             ("error", "denied", "invalid", "not", "fail"))]
-    msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    return msg + (f" ({interesting[-1][:120]})" if interesting else "")
-
-
-def _try_attach(bcc, cflags, kind: str, kallsyms: set) -> tuple[bool, str]:
+def _try_attach(cflags, kind: str, kallsyms: set) -> tuple[bool, str]:
     target = "kvm_arch_prepare_memory_region"
-    with _captured_stderr() as err:
-        try:
-            if kind == "tracepoint":
-                b = bcc.BPF(text="TRACEPOINT_PROBE(sched, sched_process_fork) { return 0; }",
-                            cflags=cflags)
-                detail = "sched:sched_process_fork attached"
-            elif kind == "raw_tp":
-                b = bcc.BPF(text="RAW_TRACEPOINT_PROBE(sched_process_fork) { return 0; }",
-                            cflags=cflags)
-                detail = "raw_tp sched_process_fork attached"
-            elif kind == "kprobe":
-                if not (os.path.exists("/sys/bus/event_source/devices/kprobe/type")
-                        or os.path.exists(f"{tracefs.find() or ''}/kprobe_events")):
-                    return False, ("the kernel has no kprobes (no kprobe PMU, no kprobe_events "
-                                   "in tracefs: CONFIG_KPROBES is off)")
-                if target not in kallsyms:
-                    return False, f"{target} not in /proc/kallsyms"
-                b = bcc.BPF(text="int kt_probe(void *ctx) { return 0; }", cflags=cflags)
-                b.attach_kprobe(event=target, fn_name="kt_probe")
-                detail = f"kprobe on {target} attached"
-            elif kind == "fentry":
-                if not bcc.BPF.support_kfunc():
-                    return False, "bcc/kernel report no fentry (kfunc) support"
-                b = bcc.BPF(text=f"KFUNC_PROBE({target}) {{ return 0; }}", cflags=cflags)
-                detail = f"fentry on {target} attached"
-            else:
-                raise ValueError(kind)
-            b.cleanup()
-            return True, detail
-        except Exception as e:  # bcc raises bare Exception
-            msg = _first_error(e, err)
-            if kind == "fentry" and "not permitted" in msg and os.geteuid() == 0:
-                msg = ("the kernel refuses fentry programs (EPERM as root"
-                       + (f"; lockdown: {_lockdown()}" if _lockdown() else "") + ")")
-            return False, msg
+    try:
+        if kind == "tracepoint":
+            b = bccload.load("TRACEPOINT_PROBE(sched, sched_process_fork) { return 0; }", cflags)
+            detail = "sched:sched_process_fork attached"
+        elif kind == "raw_tp":
+            b = bccload.load("RAW_TRACEPOINT_PROBE(sched_process_fork) { return 0; }", cflags)
+            detail = "raw_tp sched_process_fork attached"
+        elif kind == "kprobe":
+            if not (os.path.exists("/sys/bus/event_source/devices/kprobe/type")
+                    or os.path.exists(f"{tracefs.find() or ''}/kprobe_events")):
+                return False, ("the kernel has no kprobes (no kprobe PMU, no kprobe_events "
+                               "in tracefs: CONFIG_KPROBES is off)")
+            if target not in kallsyms:
+                return False, f"{target} not in /proc/kallsyms"
+            b = bccload.load("int kt_probe(void *ctx) { return 0; }", cflags,
+                             after=lambda b: b.attach_kprobe(event=target, fn_name="kt_probe"))
+            detail = f"kprobe on {target} attached"
+        elif kind == "fentry":
+            if not bccload.import_bcc().BPF.support_kfunc():
+                return False, "bcc/kernel report no fentry (kfunc) support"
+            b = bccload.load(f"KFUNC_PROBE({target}) {{ return 0; }}", cflags)
+            detail = f"fentry on {target} attached"
+        else:
+            raise ValueError(kind)
+        b.cleanup()
+        return True, detail
+    except bccload.BPFLoadError as e:
+        msg = str(e)
+        if kind == "fentry" and "not permitted" in msg and os.geteuid() == 0:
+            msg = ("the kernel refuses fentry programs (EPERM as root"
+                   + (f"; lockdown: {_lockdown()}" if _lockdown() else "") + ")")
+        return False, msg
 
 
 def _lockdown() -> str:
@@ -136,13 +110,12 @@ def run() -> list[Check]:
                   "" if evs else "load the kvm module"))
 
     try:
-        import bcc
+        bcc = bccload.import_bcc()
         add(Check("bcc", True, f"importable ({os.path.dirname(bcc.__file__)})"))
-    except ImportError:
+    except bccload.BPFLoadError as e:
         bcc = None
-        add(Check("bcc", False, "python module 'bcc' not importable",
-                  "apt-get install python3-bpfcc and use a Python that sees it "
-                  "(make setup)", blocks_record=True))
+        add(Check("bcc", False, "python module 'bcc' not importable", str(e),
+                  blocks_record=True))
     hdr = bcc_headers.find()
     if hdr:
         add(Check("kernel headers for bcc", True,
@@ -156,17 +129,17 @@ def run() -> list[Check]:
         cflags = bcc_headers.apply(hdr)
         syms = _kallsyms()
         for kind in ("tracepoint", "raw_tp", "kprobe", "fentry"):
-            ok, detail = _try_attach(bcc, cflags, kind, syms)
+            ok, detail = _try_attach(cflags, kind, syms)
             if kind in ("kprobe", "fentry") and not ok:
                 detail += ("; without it, kvm_arch_prepare_memory_region and the fault "
                            "handler's entry/return are not traced (tracepoints cover the rest)")
             add(Check(f"attach {kind}", ok, detail,
                       blocks_record=(kind == "tracepoint" and not ok)))
-        checks += probe_set_checks(bcc, cflags, troot)
+        checks += probe_set_checks(cflags, troot)
     return checks
 
 
-def probe_set_checks(bcc, cflags, troot) -> list[Check]:
+def probe_set_checks(cflags, troot) -> list[Check]:
     """The probes record would use, and a real compile + load of their program."""
     from ..probes import catalogue, program
 
@@ -177,15 +150,13 @@ def probe_set_checks(bcc, cflags, troot) -> list[Check]:
         out.append(Check(f"probe {p.name}", avail[p.name] is None,
                          p.group + (f": {avail[p.name]}" if avail[p.name] else "")))
     prog = program.build(usable, filter_pids=True)
-    with _captured_stderr() as err:
-        try:
-            b = bcc.BPF(text=prog.text, cflags=cflags)
-            b.cleanup()
-            out.append(Check("record's program", True,
-                             f"{len(usable)} probes, {len(prog.events)} event kinds: "
-                             "compiled, loaded and attached"))
-        except Exception as e:
-            out.append(Check("record's program", False, _first_error(e, err),
-                             "report this with `kvmtrace doctor --format json`",
-                             blocks_record=True))
+    try:
+        bccload.load(prog.text, cflags).cleanup()
+        out.append(Check("record's program", True,
+                         f"{len(usable)} probes, {len(prog.events)} event kinds: "
+                         "compiled, loaded and attached"))
+    except bccload.BPFLoadError as e:
+        out.append(Check("record's program", False, str(e),
+                         "report this with `kvmtrace doctor --format json`",
+                         blocks_record=True))
     return out

@@ -4,4 +4,6 @@ An Arrow IPC *stream*: crash-safe (every flushed batch stays readable when
 the writer dies mid-way), columnar, and readable by anything that reads Arrow
 (pyarrow, DuckDB, polars). See format.py for the layout.
 """
-from .format import SCHEMA_VERSION  # noqa: F401
+from .format import SCHEMA_VERSION
+
+__all__ = ["SCHEMA_VERSION"]
