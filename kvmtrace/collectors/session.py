@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..host import bccload
+from ..host import btf
 from ..host import headers as bcc_headers
 from ..host import procfs, tracefs
 from ..probes import catalogue, codegen, program
@@ -65,6 +66,7 @@ class Session:
         self.proc: child.Child | None = None
         self.snapshotted_pids: set[int] = set()
         self.write_error: OSError | None = None
+        self.btf = None
 
     # -- setup --------------------------------------------------------------
     def _select(self):
@@ -73,7 +75,8 @@ class Session:
             wanted = catalogue.parse_selection(self.opts.probes)
         except catalogue.SelectionError as e:
             raise RecordError(str(e)) from None
-        avail = catalogue.availability(wanted, root)
+        self.btf = btf.open_kernel()
+        avail = catalogue.availability(wanted, root, self.btf)
         usable = [p for p in wanted if avail[p.name] is None]
         if not any(p.group == "memslots" for p in usable) and not any(
                 p.group == "faults" for p in usable):
@@ -86,9 +89,10 @@ class Session:
         if hdr is None:
             raise RecordError(bcc_headers.missing_hint())
         cflags = bcc_headers.apply(hdr)
-        prog = program.build(usable, filter_pids)
+        prog = program.build(usable, filter_pids,
+                             catalogue.offsets(usable, self.btf) if self.btf else {})
         try:
-            b = bccload.load(prog.text, cflags)
+            b = bccload.load(prog.text, cflags + prog.cflags, after=prog.attach_all)
         except bccload.BPFLoadError as e:
             raise RecordError(f"BPF program failed to load: {e}") from None
         return b, prog, hdr
@@ -168,6 +172,7 @@ class Session:
             "tracefs": root,
             "bcc_headers": {"source": hdr.source, "version": hdr.version,
                             "matches_kernel": hdr.matches_kernel},
+            "btf": btf.context(self.btf, prog.cflags),
         })
         try:
             writer = RecordingWriter(opts.output, meta)

@@ -200,3 +200,28 @@ class BTF:
 
     def __exit__(self, *exc):
         self.close()
+
+
+# Enums decoders need, stored in every recording made where they exist.
+RECORDED_ENUMS = ("kvm_pgtable_prot", "kvm_mr_change")
+
+
+def open_kernel() -> BTF | None:
+    """vmlinux + kvm module BTF, or None where the kernel has none."""
+    try:
+        return BTF("kvm")
+    except BTFError:
+        return None
+
+
+def context(b: BTF | None, defines: list[str]) -> dict:
+    """What a recording keeps of the BTF it was made with."""
+    if b is None:
+        return {"source": None}
+    enums = {}
+    for name in RECORDED_ENUMS:
+        try:
+            enums[name] = b.enum(name)
+        except BTFError:
+            pass
+    return {"source": b.source, "offsets": [d[2:] for d in defines], "enums": enums}

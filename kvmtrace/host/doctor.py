@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from . import bccload
 from . import headers as bcc_headers
-from . import kvm, tracefs
+from . import btf, kprobes, kvm, tracefs
 
 
 @dataclass
@@ -35,10 +35,8 @@ def _try_attach(cflags, kind: str, kallsyms: set) -> tuple[bool, str]:
             b = bccload.load("RAW_TRACEPOINT_PROBE(sched_process_fork) { return 0; }", cflags)
             detail = "raw_tp sched_process_fork attached"
         elif kind == "kprobe":
-            if not (os.path.exists("/sys/bus/event_source/devices/kprobe/type")
-                    or os.path.exists(f"{tracefs.find() or ''}/kprobe_events")):
-                return False, ("the kernel has no kprobes (no kprobe PMU, no kprobe_events "
-                               "in tracefs: CONFIG_KPROBES is off)")
+            if not kprobes.available():
+                return False, kprobes.UNAVAILABLE
             if target not in kallsyms:
                 return False, f"{target} not in /proc/kallsyms"
             b = bccload.load("int kt_probe(void *ctx) { return 0; }", cflags,
@@ -71,14 +69,6 @@ def _lockdown() -> str:
     return sel[0] if sel else ""
 
 
-def _kallsyms() -> set:
-    try:
-        with open("/proc/kallsyms") as f:
-            return {line.split()[2] for line in f if len(line.split()) >= 3}
-    except OSError:
-        return set()
-
-
 def run() -> list[Check]:
     checks: list[Check] = []
     add = checks.append
@@ -88,9 +78,9 @@ def run() -> list[Check]:
     add(Check("privileges", root, "root" if root else f"uid {os.geteuid()}",
               "run as root (CAP_BPF, CAP_PERFMON and tracefs access are needed)",
               blocks_record=not root))
-    btf = os.path.exists("/sys/kernel/btf/vmlinux")
-    add(Check("BTF", btf, "/sys/kernel/btf/vmlinux" if btf else "absent",
-              "" if btf else "a kernel with CONFIG_DEBUG_INFO_BTF=y gives struct offsets "
+    has_btf = os.path.exists("/sys/kernel/btf/vmlinux")
+    add(Check("BTF", has_btf, "/sys/kernel/btf/vmlinux" if has_btf else "absent",
+              "" if has_btf else "a kernel with CONFIG_DEBUG_INFO_BTF=y gives struct offsets "
               "(needed for kprobe-based probes)"))
     flav = kvm.flavour()
     add(Check("/dev/kvm", flav["dev_kvm"], "present" if flav["dev_kvm"] else "absent",
@@ -127,7 +117,7 @@ def run() -> list[Check]:
                   blocks_record=True))
     if bcc and hdr and root:
         cflags = bcc_headers.apply(hdr)
-        syms = _kallsyms()
+        syms = kprobes.kallsyms()
         for kind in ("tracepoint", "raw_tp", "kprobe", "fentry"):
             ok, detail = _try_attach(cflags, kind, syms)
             if kind in ("kprobe", "fentry") and not ok:
@@ -144,14 +134,15 @@ def probe_set_checks(cflags, troot) -> list[Check]:
     from ..probes import catalogue, program
 
     out = []
-    avail = catalogue.availability(catalogue.PROBES, troot)
+    b = btf.open_kernel()
+    avail = catalogue.availability(catalogue.PROBES, troot, b)
     usable = [p for p in catalogue.PROBES if avail[p.name] is None]
     for p in catalogue.PROBES:
         out.append(Check(f"probe {p.name}", avail[p.name] is None,
                          p.group + (f": {avail[p.name]}" if avail[p.name] else "")))
-    prog = program.build(usable, filter_pids=True)
+    prog = program.build(usable, True, catalogue.offsets(usable, b) if b else {})
     try:
-        bccload.load(prog.text, cflags).cleanup()
+        bccload.load(prog.text, cflags + prog.cflags, after=prog.attach_all).cleanup()
         out.append(Check("record's program", True,
                          f"{len(usable)} probes, {len(prog.events)} event kinds: "
                          "compiled, loaded and attached"))

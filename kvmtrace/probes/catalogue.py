@@ -35,6 +35,9 @@ class Probe:
     events: tuple[str, ...]
     needs: tuple[str, ...]  # tracepoints, "category:name"
     doc: str
+    kfuncs: tuple[str, ...] = ()  # kernel functions it kprobes (must be in kallsyms)
+    arch: tuple[str, ...] = ()    # machines it is for (empty: all)
+    requires: str | None = None   # another probe it only makes sense with
 
 
 def _tp_probe(event: str, group: str) -> Probe:
@@ -54,6 +57,12 @@ PROBES: tuple[Probe, ...] = (
     _tp_probe("tdp_spte_changed", "faults"),
     _tp_probe("fast_page_fault", "faults"),
     _tp_probe("mmio_page_fault", "faults"),
+    Probe("kvm_arch_prepare_memory_region", "memslots", ("prepare_region",), (),
+          EVENTS["prepare_region"].doc, kfuncs=("kvm_arch_prepare_memory_region",)),
+    Probe("prepare-vma", "memslots", ("prepare_vma",), (), EVENTS["prepare_vma"].doc,
+          kfuncs=("find_vma_intersection",), requires="kvm_arch_prepare_memory_region"),
+    Probe("kvm_mmu_page_fault", "faults", ("fault_handler",), (), EVENTS["fault_handler"].doc,
+          kfuncs=("kvm_mmu_page_fault",), arch=("x86_64",)),
     _tp_probe("unmap_hva_range", "invalidations"),
     _tp_probe("mmio", "exits"),
     _tp_probe("userspace_exit", "exits"),
@@ -83,10 +92,50 @@ def parse_selection(spec: str) -> list[Probe]:
     return chosen
 
 
-def availability(probes, root: str | None = None) -> dict[str, str | None]:
-    """probe name -> None when attachable, else why not."""
+def availability(probes, root: str | None = None, btf=None,
+                 machine: str | None = None) -> dict[str, str | None]:
+    """probe name -> None when attachable, else why not.
+
+    ``btf`` (kvmtrace.host.btf.BTF) resolves the struct members kprobes read;
+    without it, kprobe probes that read structs are unavailable."""
+    import platform
+
+    from ..host import kprobes
+    from ..host.btf import BTFError
+
+    machine = machine or platform.machine()
     out = {}
     for p in probes:
+        why = None
         missing = [t for t in p.needs if not tracefs.tracepoint_exists(t, root)]
-        out[p.name] = f"tracepoint {', '.join(missing)} not in tracefs" if missing else None
+        if p.arch and machine not in p.arch:
+            why = f"only on {', '.join(p.arch)}"
+        elif missing:
+            why = f"tracepoint {', '.join(missing)} not in tracefs"
+        elif p.kfuncs and not kprobes.available():
+            why = kprobes.UNAVAILABLE
+        elif p.kfuncs and not set(p.kfuncs) <= kprobes.kallsyms():
+            gone = sorted(set(p.kfuncs) - kprobes.kallsyms())
+            why = f"{', '.join(gone)} not in /proc/kallsyms (inlined or absent)"
+        else:
+            members = [m for e in p.events for m in EVENTS[e].btf_members]
+            if members and btf is None:
+                why = "needs the kernel's BTF for struct offsets"
+            for m in members if btf is not None else ():
+                try:
+                    btf.member_offset(*m)
+                except BTFError as e:
+                    why = str(e)
+                    break
+        out[p.name] = why
+    for p in probes:  # a probe whose partner can't attach can't either
+        if p.requires and out.get(p.name) is None and out.get(p.requires, "absent"):
+            out[p.name] = f"needs {p.requires}, which is " + (
+                "not selected" if p.requires not in out else "unavailable")
     return out
+
+
+def offsets(probes, btf) -> dict:
+    """(struct, member) -> byte offset, for every member the probes' events read."""
+    return {m: btf.member_offset(*m) for p in probes for e in p.events
+            for m in EVENTS[e].btf_members}

@@ -83,3 +83,74 @@ def c_tracepoint_probe(ev: Event, index: int) -> str:
         f"{c_emit(ev, index, assigns)}"
         f"    return 0;\n}}\n"
     )
+
+
+# -- kprobes ----------------------------------------------------------------
+# A kernel struct member is read at an offset taken from the running kernel's
+# BTF, passed in as a -D define (bcc does no CO-RE relocation).
+
+KREAD_MACRO = (
+    "#define KVMTRACE_READ(type, base, off) ({ type __v = 0; u64 __b = (u64)(base); "
+    "if (__b) bpf_probe_read_kernel(&__v, sizeof(__v), (void *)(__b + (off))); __v; })\n")
+
+
+def btf_define(member: tuple[str, str]) -> str:
+    struct, path = member
+    return f"KT_OFF_{struct}__{path.replace('.', '__')}"
+
+
+def _src(f) -> str:
+    return f"KVMTRACE_READ({f.ctype}, {f.src}, {btf_define(f.btf)})" if f.btf else f.src
+
+
+def stash_name(ev: Event) -> str:
+    return f"kvmtrace_stash_{ev.name}"
+
+
+def entry_fn(ev: Event) -> str:
+    return f"kvmtrace_kp_{ev.name}"
+
+
+def return_fn(ev: Event) -> str:
+    return f"kvmtrace_kr_{ev.name}"
+
+
+def c_kprobe(ev: Event, index: int, inside: Event | None) -> str:
+    """Entry (and, for events with return fields, return) probe functions.
+
+    Events without return fields are emitted at once. Entry/return events keep
+    their entry half in a per-thread hash and are emitted at return, so a
+    record is one call with its result and both timestamps.
+    """
+    entry = [f for f in ev.fields if not f.at_return]
+    ret = [f for f in ev.fields if f.at_return]
+    guard = ""
+    if inside is not None:
+        guard = (f"    {{ u32 __tid = (u32)bpf_get_current_pid_tgid();\n"
+                 f"      if (!{stash_name(inside)}.lookup(&__tid)) return 0; }}\n")
+    reads = "".join(f"    {f.ctype} v_{f.name} = {_src(f)};\n" for f in entry)
+    if not ret:
+        assigns = "".join(f"    e->{f.name} = v_{f.name};\n" for f in entry)
+        return (f"int {entry_fn(ev)}(struct pt_regs *ctx) {{\n{guard}"
+                f"    if (!kvmtrace_wanted()) return 0;\n{reads}"
+                f"{c_emit(ev, index, assigns)}    return 0;\n}}\n")
+    s = struct_name(ev)
+    stash = stash_name(ev)
+    assigns = "".join(f"    st.{f.name} = v_{f.name};\n" for f in entry)
+    rets = "".join(f"    e->{f.name} = {_src(f)};\n" for f in ret)
+    return (
+        f"BPF_TABLE(\"lru_hash\", u32, struct {s}, {stash}, 4096);\n"
+        f"int {entry_fn(ev)}(struct pt_regs *ctx) {{\n{guard}"
+        f"    if (!kvmtrace_wanted()) return 0;\n{reads}"
+        f"    struct {s} st = {{}};\n    KVMTRACE_HEADER(&st);\n{assigns}"
+        f"    u32 tid = (u32)bpf_get_current_pid_tgid();\n"
+        f"    {stash}.update(&tid, &st);\n    return 0;\n}}\n"
+        f"int {return_fn(ev)}(struct pt_regs *ctx) {{\n"
+        f"    u32 tid = (u32)bpf_get_current_pid_tgid();\n"
+        f"    struct {s} *st = {stash}.lookup(&tid);\n    if (!st) return 0;\n"
+        f"    struct {s} *e = {ring_name(ev)}.ringbuf_reserve(sizeof(struct {s}));\n"
+        f"    if (!e) {{ kvmtrace_lost({index}); {stash}.delete(&tid); return 0; }}\n"
+        f"    __builtin_memcpy(e, st, sizeof(struct {s}));\n{rets}"
+        f"    {ring_name(ev)}.ringbuf_submit(e, {'0' if ev.wakeup else 'BPF_RB_NO_WAKEUP'});\n"
+        f"    {stash}.delete(&tid);\n    return 0;\n}}\n"
+    )

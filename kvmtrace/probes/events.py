@@ -31,6 +31,10 @@ class Field:
     ctype: str
     doc: str
     src: str | None = None  # C expression that fills it in a generated probe
+    # Read a kernel struct member: ``src`` is then the struct's address and the
+    # offset of (struct, member path) comes from the running kernel's BTF.
+    btf: tuple[str, str] | None = None
+    at_return: bool = False  # filled in the return probe (entry/return pairs)
 
     def __post_init__(self):
         if self.ctype not in CTYPES:
@@ -45,6 +49,11 @@ class Event:
     doc: str
     fields: tuple[Field, ...]
     tracepoint: str | None = None  # "category:name" when a generated probe copies it
+    kprobe: str | None = None  # kernel function a generated kprobe reads
+    # Emit only while this other event's entry/return pair is in flight on the
+    # same thread (e.g. VMA lookups made by kvm_arch_prepare_memory_region).
+    inside: str | None = None
+    on_return: bool = False  # a return probe alone fills it (e.g. a returned pointer)
     ring_pages: int = 16  # BPF ring buffer size in pages (power of two)
     # Wake the collector at once (rare events that trigger work such as a
     # smaps snapshot); others are polled, which is cheaper per event.
@@ -53,6 +62,14 @@ class Event:
     @property
     def all_fields(self) -> tuple[Field, ...]:
         return HEADER + self.fields
+
+    @property
+    def has_return(self) -> bool:
+        return any(f.at_return for f in self.fields)
+
+    @property
+    def btf_members(self) -> list[tuple[str, str]]:
+        return [f.btf for f in self.fields if f.btf]
 
 
 # Filled for every event by KVMTRACE_HEADER(e) in the BPF program.
@@ -203,10 +220,64 @@ USERSPACE_EXIT = _tp(
     ring_pages=256,
 )
 
+def _slot(name, member, doc, ctype="u64", arg="PT_REGS_PARM3(ctx)"):
+    """A field read from the struct kvm_memory_slot a probe's argument points to."""
+    return Field(name, ctype, doc, arg, btf=("kvm_memory_slot", member))
+
+
+def _vma(name, member, doc):
+    """A field of the struct vm_area_struct a function returned."""
+    return Field(name, "u64", doc, "PT_REGS_RC(ctx)", btf=("vm_area_struct", member))
+
+
+RET = Field("ret", "s64", "return value (-errno on failure)", "PT_REGS_RC(ctx)", at_return=True)
+EXIT_TS = Field("exit_ts", "u64", "CLOCK_MONOTONIC ns at return", "bpf_ktime_get_ns()",
+                at_return=True)
+
+PREPARE_REGION = Event(
+    "prepare_region",
+    "kvm_arch_prepare_memory_region (5.17+ signature: kvm, old, new, change): the new "
+    "slot KVM is about to install, the change, and the arch's verdict",
+    (
+        Field("change", "u32", "enum kvm_mr_change: 0 create, 1 delete, 2 move, 3 flags-only",
+              "PT_REGS_PARM4(ctx)"),
+        _slot("base_gfn", "base_gfn", "first guest frame of the new slot"),
+        _slot("npages", "npages", "pages in the new slot"),
+        _slot("hva", "userspace_addr", "userspace address of the new slot"),
+        _slot("flags", "flags", "KVM_MEM_* flags of the new slot", ctype="u32"),
+        _slot("slot_id", "id", "slot id", ctype="s16"),
+        _slot("as_id", "as_id", "address space id", ctype="u16"),
+        RET, EXIT_TS,
+    ),
+    kprobe="kvm_arch_prepare_memory_region", wakeup=True,
+)
+
+PREPARE_VMA = Event(
+    "prepare_vma",
+    "each VMA kvm_arch_prepare_memory_region looked up (find_vma_intersection's "
+    "result): flags and page protection as the kernel holds them",
+    (
+        _vma("vm_start", "vm_start", "VMA start"),
+        _vma("vm_end", "vm_end", "VMA end"),
+        _vma("vm_flags", "vm_flags", "vm_flags (VM_PFNMAP, VM_IO, ... per kernel version)"),
+        _vma("vm_page_prot", "vm_page_prot", "pgprot bits (arm64 AttrIndx in [4:2]; x86 PAT)"),
+    ),
+    kprobe="find_vma_intersection", inside="prepare_region", on_return=True,
+)
+
+FAULT_HANDLER_X86 = Event(
+    "fault_handler",
+    "the arch's page-fault handler, entry to return: service time and result",
+    (Field("addr", "u64", "faulting address (x86: cr2_or_gpa)", "PT_REGS_PARM2(ctx)"),
+     Field("error_code", "u64", "x86 error code", "PT_REGS_PARM3(ctx)"),
+     RET, EXIT_TS),
+    kprobe="kvm_mmu_page_fault", ring_pages=1024,
+)
+
 EVENTS: dict[str, Event] = {e.name: e for e in (
     MEMSLOT, VM_IOCTL, PT_WALK, SPTE_REQUESTED, SET_SPTE, TDP_SPTE_CHANGED,
     FAST_PAGE_FAULT, PAGE_FAULT, MMIO_PAGE_FAULT, UNMAP_HVA_RANGE, MMIO,
-    USERSPACE_EXIT,
+    USERSPACE_EXIT, PREPARE_REGION, PREPARE_VMA, FAULT_HANDLER_X86,
 )}
 
 # ioctl numbers the BPF side filters on (include/uapi/linux/kvm.h).
