@@ -315,7 +315,7 @@ def _totals(model: Model, side: str) -> pd.DataFrame:
                      "faults": len(f), "huge_share": float((f["level"] > 1).mean()) if len(f)
                      else np.nan, "p50_us": float(f["service_ns"].median() / 1e3) if len(f)
                      else np.nan, "userspace_exits": len(e),
-                     "exits": e["reason"].map(lambda x: int(x)).value_counts().to_dict(),
+                     "exits": e["reason"].astype(int).value_counts().to_dict(),
                      "errors": int((model.errors["pid"] == r.pid).sum()),
                      "recorded_s": elapsed})
     return pd.DataFrame(rows)
@@ -325,6 +325,9 @@ def _method(base: Model, new: Model) -> str:
     kinds = set(base.faults.get("start_kind", pd.Series(dtype=str)).dropna()) | \
         set(new.faults.get("start_kind", pd.Series(dtype=str)).dropna())
     kinds.discard("")
+    if any("entry/return" in k for k in kinds):
+        return ("fault service time from the fault handler's entry and return (kprobes): "
+                + " / ".join(sorted(kinds)))
     start = " / ".join(sorted(kinds)) or "the fault's first tracepoint"
     return ("fault service time from tracepoint pairing on the vCPU thread: "
             f"{start} -> the spte install (kvm_mmu_set_spte / kvm_tdp_mmu_spte_changed); "

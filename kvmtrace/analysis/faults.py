@@ -12,6 +12,8 @@ x86 tracepoint-only pairing (shadow paging, TDP MMU):
   Other set_spte rows are prefetches (KVM filling neighbours ahead of time).
 Service time = install - start: from the first to the last tracepoint of
 the fault on the vCPU thread; the exit into KVM and the re-entry are outside it.
+Where kprobes recorded the fault handler's entry and return (kvm_mmu_page_fault
+on x86), those bound the fault instead and service time is return - entry.
 All joins are merge_asof / vectorised masks, never a loop over faults.
 """
 
@@ -51,8 +53,14 @@ def pair(tables: dict, spte_format: str) -> tuple[pd.DataFrame, pd.DataFrame]:
     req["next_req_ts"] = req.groupby("tid")["ts"].shift(-1).fillna(2**62) \
         .astype("int64")
 
-    # start: kvm_page_fault where it fires, else the shadow page-table walk
-    if len(tables["page_fault"]):
+    # start: the fault handler's entry where kprobes recorded it (its return
+    # then ends the fault), else kvm_page_fault, else the shadow page-table walk
+    handler = tables.get("fault_handler")
+    if handler is not None and len(handler):
+        st = handler[["ts", "tid", "error_code", "exit_ts", "ret"]].rename(
+            columns={"exit_ts": "handler_exit_ts", "ret": "handler_ret"})
+        start_kind = "kvm_mmu_page_fault entry/return"
+    elif len(tables["page_fault"]):
         st = tables["page_fault"][["ts", "tid", "error_code"]].copy()
         start_kind = "kvm_page_fault"
     else:
@@ -61,7 +69,10 @@ def pair(tables: dict, spte_format: str) -> tuple[pd.DataFrame, pd.DataFrame]:
     st = st.astype({"ts": "int64", "error_code": "int64"})
     f = _asof(req, st, "ts", "start_ts", "backward", {"ts": "start_ts"})
     stale = f["start_ts"].isna() | (f["start_ts"] <= f["prev_req_ts"])
-    f.loc[stale, ["start_ts", "error_code"]] = np.nan
+    if "handler_exit_ts" in f:  # the request must lie inside the handler call
+        stale |= f["handler_exit_ts"] < f["ts"]
+    f.loc[stale, [c for c in ("start_ts", "error_code", "handler_exit_ts", "handler_ret")
+                  if c in f]] = np.nan
 
     # install: the first spte write for this gfn after the request
     if spte_format != "legacy" and len(tables["tdp_spte_changed"]):
@@ -92,7 +103,10 @@ def pair(tables: dict, spte_format: str) -> tuple[pd.DataFrame, pd.DataFrame]:
     access = np.where(no_start, np.where(spte_w, "write", "read"), access)
     f["access"] = access
     f["start_kind"] = np.where(no_start, "", start_kind)
-    f["service_ns"] = f["install_ts"] - f["start_ts"]
+    if "handler_exit_ts" in f:
+        f["service_ns"] = f["handler_exit_ts"] - f["start_ts"]
+    else:
+        f["service_ns"] = f["install_ts"] - f["start_ts"]
     return f.sort_values("fault_id").reset_index(drop=True), prefetch
 
 

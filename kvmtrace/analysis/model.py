@@ -131,7 +131,7 @@ def build(path_or_recording) -> Model:
     inv["slot_row"] = faults_mod.attribute(inv, slots, "hva")
 
     ex = t["userspace_exit"].copy()
-    ex["reason_name"] = ex["reason"].map(lambda r: EXIT_REASONS.get(int(r), str(r)))
+    ex["reason_name"] = ex["reason"].map(EXIT_REASONS).fillna(ex["reason"].astype(str))
     exits = t["mmio"].copy()
     exits["vm_fd"] = faults_mod.attach_vm(exits, vcpus, slots)
     exits["gfn"] = exits["gpa"] // 4096
