@@ -7,6 +7,7 @@ CACHEABLE = {
     "WB": True, "WT": True, "WP": True, "Normal": True, "Normal-Tagged": True,
     "UC": False, "UC-": False, "WC": False, "Normal-NC": False, "Device": False,
     "Device-nGnRE": False, "Device-nGnRnE": False,
+    "Normal-WT": True, "Device-GRE": False,  # arm64 before 5.14
 }
 
 

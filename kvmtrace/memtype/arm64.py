@@ -72,7 +72,6 @@ PTE_UXN = 1 << 54
 
 # Names the shared CACHEABLE table doesn't carry (only pre-5.14 kernels use
 # them): Normal write-through is cacheable, Device-GRE is not.
-ARM64_EXTRA_CACHEABLE = {"Normal-WT": True, "Device-GRE": False}
 
 
 @dataclass(frozen=True)
@@ -127,8 +126,7 @@ def attrindx_memtype(pgprot_values, kernel_version) -> np.ndarray:
 
 def memtype_cacheable(name):
     """True / False, or None for a name no table knows."""
-    c = CACHEABLE.get(name)
-    return ARM64_EXTRA_CACHEABLE.get(name) if c is None else c
+    return CACHEABLE.get(name)
 
 
 def kvm_vma_is_cacheable(vma_memtype) -> bool:
