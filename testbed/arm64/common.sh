@@ -1,5 +1,5 @@
 # Shared settings for testbed/arm64/{build,run,smoke}. Sourced, not executed.
-# shellcheck shell=bash
+# shellcheck shell=bash disable=SC2034
 
 KT_CACHE=${KVMTRACE_TESTBED_CACHE:-/var/cache/kvmtrace-testbed}
 KT_HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)

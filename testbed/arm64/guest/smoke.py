@@ -284,7 +284,11 @@ if bpf is not None:
         names_by_val = {v: k.replace("KVM_PGTABLE_PROT_", "") for k, v in (prot or {}).items()}
 
         def decode(p):
-            return "|".join(n for v, n in sorted(names_by_val.items()) if v and p & v == v) or "0"
+            hit = {v: n for v, n in names_by_val.items() if v and p & v == v}
+            # drop single bits that a matched composite (7.x: X = PX|UX) covers
+            keep = [n for v, n in sorted(hit.items())
+                    if not any(w != v and w & v == v for w in hit)]
+            return "|".join(keep) or "0"
         summary = {}
         for addr, size, phys, p in maps:
             region = kvm_tiny.region_of(addr)
