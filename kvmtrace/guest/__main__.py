@@ -9,9 +9,15 @@ Examples:
   python -m kvmtrace.guest --scenario huge-base       # one of the `kvmtrace diff` pairs
   python -m kvmtrace.guest --scenario demo --hold 5   # keep mappings for a tracer
   python -m kvmtrace.guest --list                     # built-in scenarios as JSON
+  python -m kvmtrace.guest --scenario bar             # arm64: a PCI BAR (resource2, _wc)
+  python -m kvmtrace.guest --slot bar-uc:8:r --access 1:4:1:x:0:refused
 
-Exit status: 0 when the guest ran as described, 1 when it ran but something
-differed (see "errors" in the report), 2 when it could not run at all.
+The architecture comes from platform.machine(): x86_64 (x86.py) or aarch64
+(arm64.py, e.g. in testbed/arm64/run).
+
+Exit status: 0 when the guest ran as described (accesses KVM refused count
+as described when their step says expect "refused"), 1 when it ran but
+something differed (see "errors" in the report), 2 when it could not run at all.
 """
 
 import argparse
@@ -78,7 +84,7 @@ def main(argv=None):
         description="Run a small KVM guest that touches chosen pages of chosen memslot "
                     "backings, and report exactly what it did.",
         epilog="slot backings: %s; accesses: r w rw x; changes: %s"
-               % (", ".join(sc_mod.KINDS), ", ".join(sc_mod.CHANGE_KINDS)))
+               % (", ".join(sc_mod.ALL_KINDS), ", ".join(sc_mod.CHANGE_KINDS)))
     ap.add_argument("--scenario", choices=sorted(sc_mod.BUILTIN),
                     help="built-in scenario (default demo unless --slot is given)")
     ap.add_argument("--scenario-file", metavar="FILE.json",
@@ -87,8 +93,10 @@ def main(argv=None):
                     help="add a slot, e.g. anon:64:rw, memfd:32:r+w:region2, anon:16:r:ro,dirty, "
                          "thp:1024:w:gpage2m (FLAGS: ro, dirty, region2, gpage2m = the guest "
                          "maps the slot with 2 MiB pages; NPAGES a multiple of 512)")
-    ap.add_argument("--access", action="append", metavar="SLOT:FIRST:NPAGES:ACCESS[:VCPU]",
-                    help="add an access step")
+    ap.add_argument("--access", action="append",
+                    metavar="SLOT:FIRST:NPAGES:ACCESS[:VCPU[:EXPECT]]",
+                    help="add an access step; EXPECT refused: KVM must refuse it (arm64: "
+                         "e.g. x on a bar-* slot), the guest goes on after it")
     ap.add_argument("--change", action="append", metavar="KIND[:SLOT[:METHOD]]",
                     help="add a memslot change after the run, e.g. flags:1, move:2:recreate, "
                          "delete:3, fail-overlap:1, fail-misaligned")

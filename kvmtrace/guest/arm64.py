@@ -22,11 +22,17 @@ syndrome is valid and KVM can emulate it).
                       the counterpart of x86's `out` to the done port;
   EXIT_GPA + 0x100 + 8*i   the guest took exception vector i (VBAR_EL1 = 0,
                       the vectors live in page 0 of the system slot); the
-                      stored value is ESR_EL1. If the VMM resumes the vCPU,
-                      the vector returns with `br x30`, which is right only
-                      for an exception taken in an execute stub (x30 is then
-                      the return address of the step's `blr`): the VMM
-                      resumes only for a step marked expect="refused".
+                      stored value is ESR_EL1. The VMM resumes the vCPU only
+                      for an abort on a step marked expect="refused" (e.g.
+                      the instruction abort 6.1 injects for an execute from
+                      a PCI BAR), after setting x9 to where the step goes on;
+                      the vector then returns with `br x9`.
+
+Refusals that fail KVM_RUN instead (e.g. EFAULT for a guest write to the
+read-only [vvar]) are moved past the same way: `refusal()` works out which
+access it was from the registers (pc == x3: the fetch of an execute stub,
+go on at x30, the return address of the step's `blr`; else the data access
+at x0, go on after the faulting instruction).
 
 Execute steps: `add x3, x0, #EXEC_STUB_OFFSET; blr x3` into the page, whose
 stub is `ret`.
@@ -262,19 +268,28 @@ def gen_program(steps, done_value=0):
 
 
 def gen_vectors():
-    """The exception vector table (16 entries of 0x80 bytes) for VBAR_EL1 = 0."""
+    """The exception vector table (16 entries of 0x80 bytes) for VBAR_EL1 = 0.
+
+    Each entry reports ESR_EL1 by a store to EXCEPTION_GPA + 8 * index, then
+    branches to x9, which the VMM sets before resuming (if it does).
+    """
     table = bytearray()
     for i in range(16):
-        entry = [mrs_esr_el1(9)] + mov_imm(10, EXCEPTION_GPA + 8 * i) + [str_(9, 10), br(30)]
+        entry = [mrs_esr_el1(9)] + mov_imm(10, EXCEPTION_GPA + 8 * i) + [str_(9, 10), br(9)]
         table += words(entry + [b(0)] * (32 - len(entry)))
     assert len(table) == 0x800
     return bytes(table)
 
 
 def decode_esr(esr):
-    ec = esr >> 26 & 0x3F
-    return {"esr": esr, "ec": ec, "ec_name": ESR_EC_NAMES.get(ec, "ec %#x" % ec),
-            "iss": esr & 0x1FFFFFF, "fsc": esr & 0x3F}
+    """ESR_EL1 as the guest stored it. Only bits [31:0] are decoded: the
+    injected aborts arrived sign-extended (0xffffffff86000010) on 6.1 under
+    nested TCG, and ISS2 in [55:32] means nothing for these aborts."""
+    low = esr & 0xFFFFFFFF
+    ec = low >> 26 & 0x3F
+    return {"esr": low, "esr_raw": esr, "ec": ec,
+            "ec_name": ESR_EC_NAMES.get(ec, "ec %#x" % ec), "iss": low & 0x1FFFFFF,
+            "fsc": low & 0x3F}
 
 
 # --------------------------------------------------------------------------
@@ -368,14 +383,29 @@ class Arm64Arch:
         d.update(decode_esr(data))
         return d
 
-    def exception_state(self, vcpu_fd):
-        """Where the exception was taken: ELR_EL1 (the faulting pc) and FAR_EL1."""
-        return {"elr": get_reg(vcpu_fd, REG_ELR_EL1), "far": get_reg(vcpu_fd, REG_FAR_EL1)}
+    def refusal(self, vcpu_fd, how, exc=None):
+        """What KVM refused and where the guest can go on.
 
-    def refused_exec_return(self, vcpu_fd):
-        """(pc, return address) of a vCPU whose execute stub fetch KVM refused:
-        pc is the stub, x30 the instruction after the step's `blr`."""
-        return get_reg(vcpu_fd, REG_PC), get_reg(vcpu_fd, REG_X[30])
+        how "kvm_run" (KVM_RUN failed; pc is the faulting instruction) or
+        "guest_exception" (exc: exception_exit()'s dict; ELR_EL1 / FAR_EL1
+        say where). Returns {"access": "x" or "data", "gpa", "pc", "resume"}
+        (addresses are GPAs: the MMU is off), or None when it is neither.
+        """
+        x30 = get_reg(vcpu_fd, REG_X[30])
+        if how == "kvm_run":
+            pc, x3 = get_reg(vcpu_fd, REG_PC), get_reg(vcpu_fd, REG_X[3])
+            if pc == x3:  # the fetch of an execute stub
+                return {"access": "x", "gpa": pc, "pc": pc, "resume": x30}
+            return {"access": "data", "gpa": get_reg(vcpu_fd, REG_X[0]) + DATA_OFFSET,
+                    "pc": pc, "resume": pc + 4}
+        elr, far = get_reg(vcpu_fd, REG_ELR_EL1), get_reg(vcpu_fd, REG_FAR_EL1)
+        exc.update(elr=elr, far=far)
+        if exc["ec"] in (0x20, 0x21):  # instruction abort: in the stub at elr
+            return {"access": "x", "gpa": elr, "pc": elr, "resume": x30}
+        if exc["ec"] in (0x24, 0x25):  # data abort at far
+            return {"access": "data", "gpa": far, "pc": elr, "resume": elr + 4}
+        return None
 
-    def resume_at(self, vcpu_fd, pc):
-        set_reg(vcpu_fd, REG_PC, pc)
+    def resume(self, vcpu_fd, how, target):
+        """Go on at `target` after a refusal (see refusal())."""
+        set_reg(vcpu_fd, REG_PC if how == "kvm_run" else REG_X[9], target)

@@ -17,6 +17,20 @@ Kinds:
   thp          private anonymous, 2 MiB aligned, MADV_HUGEPAGE
   pfnmap       the process's own [vvar] VMA (VM_PFNMAP|VM_IO in every Linux
                process); read-only, not ours to write or unmap
+  bar-uc       a PCI memory BAR through sysfs resourceN (mmap: uncached,
+               VM_PFNMAP|VM_IO); read-write
+  bar-wc       the same BAR through resourceN_wc (write-combine mmap)
+               The BAR kinds need the ivshmem-plain device (1af4:1110, BAR 2)
+               the arm64 testbed gives its host, or the device named by
+               KVMTRACE_GUEST_BAR=<sysfs device dir>[:<bar>]; elsewhere they
+               are "unavailable" with the reason, like hugetlb. Each BAR slot
+               of a process maps its own part of the BAR (mmap offset, in slot
+               order; smaps shows it as the VMA's offset), so two slots never
+               alias a page. The first qword of every page mapped is zeroed
+               (the BAR keeps its contents across runs).
+
+KINDS are the kinds every Linux host can make (the demo covers them all);
+BAR_KINDS need a PCI device; ALL_KINDS is both.
 
 Every mapping the module creates is 2 MiB aligned (so hva and gpa agree
 modulo 2 MiB, as KVM needs for huge mappings) and sits between PROT_NONE guard
@@ -34,8 +48,17 @@ PAGE_SIZE = 4096
 HUGE_SIZE = 2 << 20
 
 KINDS = ("anon", "anon-shared", "memfd", "file", "hugetlb", "thp", "pfnmap")
+BAR_KINDS = ("bar-uc", "bar-wc")
+ALL_KINDS = KINDS + BAR_KINDS
+# VM_PFNMAP backings: no struct pages behind them
+PFNMAP_KINDS = ("pfnmap",) + BAR_KINDS
 # kinds whose host memory the VMM may write (guest code stubs, checks)
-WRITABLE_KINDS = ("anon", "anon-shared", "memfd", "file", "hugetlb", "thp")
+WRITABLE_KINDS = ("anon", "anon-shared", "memfd", "file", "hugetlb", "thp") + BAR_KINDS
+
+# the PCI BAR behind the bar-* kinds: QEMU's ivshmem-plain device, BAR 2
+BAR_PCI_ID = (0x1AF4, 0x1110)
+BAR_INDEX = 2
+BAR_ENV = "KVMTRACE_GUEST_BAR"
 
 PROT_NONE = 0
 PROT_RW = mmap.PROT_READ | mmap.PROT_WRITE
@@ -93,14 +116,19 @@ class Backing:
         self.status = "unavailable"
         self.reason = ""
         self.path = None  # backing file, for kinds that have one
+        self.fs = None  # filesystem of the file kind ("tmpfs", "ramfs", or a magic in hex)
         self.vma = None  # filled by describe()
         self.readable_pages = None  # None: all (only pfnmap has holes)
         self._fd = -1
         self._reservation = None  # (addr, length) to munmap, guard pages included
         self._owns_file = False
+        self._bar_range = None  # (BAR key, offset, size) held in _BAR_IN_USE
 
     # -- release ----------------------------------------------------------
     def close(self):
+        if self._bar_range:
+            _BAR_IN_USE.discard(self._bar_range)
+            self._bar_range = None
         if self._reservation:
             _libc.munmap(*self._reservation)
             self._reservation = None
@@ -123,6 +151,20 @@ class Backing:
         """A ctypes byte array over the mapping (host view of guest memory)."""
         return (ctypes.c_char * self.size).from_address(self.hva)
 
+    def write_bytes(self, offset, data):
+        """Write `data` at `offset` into the mapping.
+
+        A BAR mapping may be Device memory, where unaligned or DC ZVA stores
+        (which memcpy may use) fault: write it with aligned 32-bit stores.
+        """
+        addr = self.hva + offset
+        if self.kind in BAR_KINDS and addr % 4 == 0 and len(data) % 4 == 0:
+            for i in range(0, len(data), 4):
+                ctypes.c_uint32.from_address(addr + i).value = int.from_bytes(
+                    data[i:i + 4], "little")
+        else:
+            ctypes.memmove(addr, bytes(data), len(data))
+
     def describe(self):
         """Look the VMA up in /proc/self/maps (+ smaps VmFlags); cache it."""
         if self.status == "ok":
@@ -137,6 +179,7 @@ class Backing:
             "hva": self.hva,
             "size": self.size,
             "path": self.path,
+            "fs": self.fs,
             "vma": self.vma,
             "readable_pages": self.readable_pages,
         }
@@ -146,13 +189,13 @@ class Backing:
 # allocation
 
 
-def _reserve_and_map(b, size, prot, flags, fd=-1, align=HUGE_SIZE):
+def _reserve_and_map(b, size, prot, flags, fd=-1, align=HUGE_SIZE, offset=0):
     """Map `size` bytes at an `align`ed address between PROT_NONE guards."""
     total = size + 2 * align
     base = _mmap(None, total, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE)
     b._reservation = (base, total)
     target = round_up(base + PAGE_SIZE, align)
-    b.hva = _mmap(target, size, prot, flags | MAP_FIXED, fd, 0)
+    b.hva = _mmap(target, size, prot, flags | MAP_FIXED, fd, offset)
     b.size = size
 
 
@@ -186,12 +229,13 @@ def allocate(kind, size, slot):
     """Host memory of `kind` for memslot `slot`, at least `size` bytes.
 
     Returns a Backing whose status is "ok", or "unavailable" with a reason
-    (hugetlb without reserved pages, no [vvar]); other failures raise OSError.
-    hugetlb and thp round the size up to 2 MiB; pfnmap's size is the [vvar]
-    VMA's (the request is only an upper bound there).
+    (hugetlb without reserved pages, no [vvar], no PCI BAR); other failures
+    raise OSError. hugetlb and thp round the size up to 2 MiB; pfnmap's size
+    is the [vvar] VMA's, a BAR kind's at most the BAR's (the request is only
+    an upper bound there).
     """
-    if kind not in KINDS:
-        raise ValueError("unknown backing %r (one of %s)" % (kind, ", ".join(KINDS)))
+    if kind not in ALL_KINDS:
+        raise ValueError("unknown backing %r (one of %s)" % (kind, ", ".join(ALL_KINDS)))
     b = Backing(kind, slot)
     try:
         _allocate(b, kind, size, slot)
@@ -223,6 +267,7 @@ def _allocate(b, kind, size, slot):
     elif kind == "file":
         b._fd, b.path = tempfile.mkstemp(prefix="kvmtrace-guest-slot%d-" % slot)
         b._owns_file = True
+        b.fs = fs_type(b.path)
         os.ftruncate(b._fd, size)
         _reserve_and_map(b, size, PROT_RW, MAP_SHARED, b._fd)
     elif kind == "hugetlb":
@@ -249,6 +294,105 @@ def _allocate(b, kind, size, slot):
         b.size = min(size, vvar[1] - vvar[0]) if size else vvar[1] - vvar[0]
         b.path = "[vvar]"
         b.readable_pages = probe_readable(b.hva, b.size // PAGE_SIZE)
+    elif kind in BAR_KINDS:
+        _map_bar(b, kind, size)
+
+
+def find_bar(environ=None):
+    """(sysfs device dir, BAR index) of the PCI BAR behind the bar-* kinds, or
+    (None, reason). KVMTRACE_GUEST_BAR=<device dir>[:<bar>] names another
+    device; by default the first ivshmem-plain (1af4:1110), BAR 2."""
+    env = (os.environ if environ is None else environ).get(BAR_ENV)
+    if env:
+        dev, index = env, ""
+        head, _, tail = env.rpartition(":")
+        if tail.isdigit():  # "...:2" (a PCI address ends "...:02.0", not digits only)
+            dev, index = head, tail
+        if not os.path.isdir(dev):
+            return None, "%s=%s: no such device directory" % (BAR_ENV, env)
+        return dev, int(index) if index else BAR_INDEX
+    root = "/sys/bus/pci/devices"
+    try:
+        devices = sorted(os.listdir(root))
+    except OSError:
+        return None, "no %s (no PCI bus)" % root
+    for name in devices:
+        dev = os.path.join(root, name)
+        try:
+            with open(os.path.join(dev, "vendor")) as f:
+                vendor = int(f.read(), 16)
+            with open(os.path.join(dev, "device")) as f:
+                device = int(f.read(), 16)
+        except (OSError, ValueError):
+            continue
+        if (vendor, device) == BAR_PCI_ID:
+            return dev, BAR_INDEX
+    return None, ("no ivshmem-plain PCI device (%04x:%04x) in %s (QEMU: -device "
+                  "ivshmem-plain,memdev=...; or set %s)" % (BAR_PCI_ID + (root, BAR_ENV)))
+
+
+_BAR_IN_USE = set()  # (BAR key, offset, size) mapped by open Backings of this process
+
+
+def _bar_offset(key, size, bar_size):
+    """The lowest page offset in the BAR where `size` bytes are not in use."""
+    used = sorted((off, off + n) for k, off, n in _BAR_IN_USE if k == key)
+    offset = 0
+    for start, end in used:
+        if offset + size <= start:
+            break
+        offset = max(offset, end)
+    return offset if offset + size <= bar_size else None
+
+
+def _map_bar(b, kind, size):
+    dev, index = find_bar()
+    if dev is None:
+        raise Unavailable("%s: %s" % (kind, index))
+    path = os.path.join(dev, "resource%d%s" % (index, "_wc" if kind == "bar-wc" else ""))
+    if not os.path.exists(path):
+        raise Unavailable("%s: no %s (%s)" % (
+            kind, path, "the BAR is not prefetchable, so no write-combine mapping"
+            if kind == "bar-wc" else "BAR %d is not a memory BAR" % index))
+    try:
+        with open(os.path.join(dev, "enable"), "w") as f:
+            f.write("1")
+    except OSError as e:
+        raise Unavailable("%s: cannot enable %s: %s" % (kind, dev, e.strerror)) from None
+    bar_size = os.path.getsize(path)
+    if bar_size < PAGE_SIZE:
+        raise Unavailable("%s: %s is %d bytes" % (kind, path, bar_size))
+    key = (os.path.realpath(dev), index)
+    size = min(size or bar_size, bar_size)
+    offset = _bar_offset(key, size, bar_size)
+    if offset is None:
+        raise Unavailable("%s: no %d KiB of the %d KiB BAR left (other BAR slots hold the "
+                          "rest)" % (kind, size >> 10, bar_size >> 10))
+    try:
+        b._fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except OSError as e:
+        raise Unavailable("%s: open %s: %s" % (kind, path, e.strerror)) from None
+    _reserve_and_map(b, size, PROT_RW, MAP_SHARED, b._fd, offset=offset)
+    b._bar_range = (key, offset, size)
+    _BAR_IN_USE.add(b._bar_range)
+    b.path = path
+    for page in range(size // PAGE_SIZE):  # aligned 64-bit stores (Device memory)
+        ctypes.c_uint64.from_address(b.hva + page * PAGE_SIZE).value = 0
+
+
+_FS_MAGIC = {0x01021994: "tmpfs", 0x858458F6: "ramfs", 0xEF53: "ext4", 0x58465342: "xfs",
+             0x9123683E: "btrfs", 0x794C7630: "overlayfs"}
+
+
+def fs_type(path):
+    """The filesystem `path` is on, by statfs f_type: a name from _FS_MAGIC or
+    the magic in hex; None if statfs fails. A file on tmpfs is shmem (no
+    write-notify: read faults map it writable), elsewhere page cache."""
+    buf = ctypes.create_string_buffer(256)  # struct statfs; f_type is its first long
+    if _libc.statfs(os.fsencode(path), buf) != 0:
+        return None
+    magic = ctypes.c_long.from_buffer(buf).value & 0xFFFFFFFF
+    return _FS_MAGIC.get(magic, "%#x" % magic)
 
 
 def probe_readable(hva, npages):

@@ -8,9 +8,10 @@ down where it was measured. On any other MMU expected_faults() says None
 """
 
 import os
+import platform
 
-# where the rule was measured
-MEASURED_MMUS = ("pvm-shadow",)
+# where the rule was measured (arm64: see arm64_rule() for the kernels)
+MEASURED_MMUS = ("pvm-shadow", "arm64-stage2")
 WRITE_ACCESSES = ("w", "rw")
 
 
@@ -20,8 +21,11 @@ def host_mmu():
     "pvm-shadow"  KVM-PVM (kvm_pvm module): shadow paging, the measured case
     "tdp"         VMX with EPT / SVM with NPT
     "shadow"      VMX/SVM with EPT/NPT disabled
+    "arm64-stage2" an arm64 host (KVM's stage-2 tables; see arm64_rule())
     "none"        no KVM module loaded; "unknown" otherwise
     """
+    if platform.machine() in ("aarch64", "arm64"):
+        return "arm64-stage2" if os.path.exists("/dev/kvm") else "none"
     if os.path.isdir("/sys/module/kvm_pvm"):
         return "pvm-shadow"
     for module, param in (("kvm_intel", "ept"), ("kvm_amd", "npt")):
@@ -37,7 +41,9 @@ def writes_land(kind, flags):
     """Whether a guest write reaches host memory (else it exits as MMIO).
 
     READONLY slots (KVM_MEM_READONLY = 2) and the pfnmap [vvar] slot (a
-    read-only VMA) turn every guest write into a KVM_EXIT_MMIO.
+    read-only VMA) turn every guest write into a KVM_EXIT_MMIO (on arm64 a
+    write to [vvar] fails KVM_RUN with EFAULT instead; host memory is
+    unchanged either way).
     """
     return not (flags & 2) and kind != "pfnmap"
 
@@ -48,7 +54,7 @@ PREFETCH_GROUP = 8  # KVM's PTE_PREFETCH_NUM: direct prefetch looks at 8-aligned
 
 
 def expected_faults(kind, flags, touched, mmu, status="ok", role="data", extra=None,
-                    gpage2m=False, host_written=None):
+                    gpage2m=False, host_written=None, kernel=None, fs=None):
     """Shadow page faults expected for one slot, with the sptes they install.
 
     kind: backing kind; flags: the slot's memslot flags during the run;
@@ -56,7 +62,10 @@ def expected_faults(kind, flags, touched, mmu, status="ok", role="data", extra=N
     system slot lists its code pages as "x"); mmu: host_mmu(); gpage2m: the
     guest maps the slot with 2 MiB pages; host_written: pages the VMM wrote
     before the run (default: the pages with an "x" access, which get an
-    execute stub).
+    execute stub); kernel: the host's release, fs: the file kind's
+    filesystem (arm64 only; kernel defaults to this one's). For arm64
+    ("arm64-stage2") see arm64_expected_faults() for what the counts mean
+    there.
     Returns {"total", "faults", "levels", "set_spte", "set_spte_levels",
     "prefetched", "read_sptes", "write_sptes", "mmio_exits", "level",
     "dirty_pages", "rule"}: total == faults is the number of faults
@@ -162,6 +171,11 @@ def expected_faults(kind, flags, touched, mmu, status="ok", role="data", extra=N
               "set_spte_levels": {}, "prefetched": 0, "read_sptes": 0, "write_sptes": 0,
               "mmio_exits": 0, "level": 1, "dirty_pages": [],
               "rule": mmu if mmu in MEASURED_MMUS else "not measured"}
+    if mmu == "arm64-stage2":
+        if role == "system":  # code pages and vectors: written by the VMM
+            host_written = [p for p, _ in touched]
+        return arm64_expected_faults(kind, flags, touched, arm64_rule(kernel), host_written,
+                                     status, fs)
     if status != "ok":
         result.update(total=0, faults=0, set_spte=0, level=None)
         return result
@@ -322,15 +336,377 @@ class _Guest2MSptes4K(_Rule):
                 run = []
 
 
-def expected_dirty_pages(kind, flags, touched, gpage2m=False, host_written=None):
+def expected_dirty_pages(kind, flags, touched, gpage2m=False, host_written=None, mmu=None):
     """Pages KVM_GET_DIRTY_LOG should report for a dirty-logged slot.
 
     4 KiB guest pages: those the guest wrote to memory (measured: the bitmap
     held exactly the w / rw pages, none only read). 2 MiB guest pages: every
     page that got a writable spte, which includes pages only read after the
-    frame was written (see expected_faults).
+    frame was written (see expected_faults). arm64 (mmu "arm64-stage2", no
+    guest page tables): the pages written (measured on 6.1 and 7.3.4, anon
+    and memfd: exactly the w / rw pages; KVM maps read faults read-only
+    while logging).
     """
     if not writes_land(kind, flags):
         return []
+    if mmu == "arm64-stage2":
+        return sorted({p for p, a in touched if a in WRITE_ACCESSES})
     return expected_faults(kind, flags | LOG_DIRTY, touched, "pvm-shadow", gpage2m=gpage2m,
                            host_written=host_written)["dirty_pages"]
+
+
+# --------------------------------------------------------------------------
+# arm64: KVM's stage-2 tables
+
+
+def arm64_rule(release=None):
+    """Which measured arm64 rule applies to kernel `release` (default: this
+    one's): "6.1" (6.1.x), "7.x" (7.*, measured on 7.3.4), None otherwise."""
+    release = release or os.uname().release
+    parts = release.split(".")
+    try:
+        major, minor = int(parts[0]), int(parts[1].split("-")[0].split("+")[0])
+    except (ValueError, IndexError):
+        return None
+    if (major, minor) == (6, 1):
+        return "6.1"
+    if major == 7:
+        return "7.x"
+    return None
+
+
+# enum kvm_pgtable_prot as measured (BTF of each kernel); the rule reports
+# prots by name, these give the raw values kvm_pgtable_stage2_map's prot has
+ARM64_PROT_BITS = {
+    "6.1": {"X": 0x1, "W": 0x2, "R": 0x4, "DEVICE": 0x8},
+    "7.x": {"X": 0x3, "W": 0x4, "R": 0x8, "DEVICE": 0x10, "NORMAL_NC": 0x20},  # X = PX|UX
+}
+ARM64_4K_KINDS = ("anon", "anon-shared", "memfd", "file")
+ARM64_SHMEM_KINDS = ("anon-shared", "memfd")
+READONLY = 2  # KVM_MEM_READONLY
+
+
+def _thp_setting(name):
+    """The selected word of /sys/kernel/mm/transparent_hugepage/<name>, or None."""
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/" + name) as f:
+            text = f.read()
+    except OSError:
+        return None
+    start, end = text.find("["), text.find("]")
+    return text[start + 1:end] if 0 <= start < end else None
+
+
+def arm64_prot_value(names, rule):
+    """Raw kvm_pgtable_prot of a prot name like "R|W|DEVICE" under `rule`."""
+    bits = ARM64_PROT_BITS[rule]
+    return sum(bits[n] for n in names.split("|") if n)
+
+
+def arm64_expected_faults(kind, flags, touched, rule, host_written=None, status="ok", fs=None,
+                          thp=None):
+    """The arm64 rule: stage-2 faults and kvm_pgtable_stage2_map calls of one slot.
+
+    Returns expected_faults()'s dict, where on arm64
+      total == faults  kvm:kvm_guest_fault events with an IPA in the slot:
+                       every stage-2 abort, including writes that exit as
+                       MMIO, refused accesses and faults retried after an
+                       MMU-notifier invalidation
+      set_spte         kvm_pgtable_stage2_map calls (a kprobe at its entry;
+                       6.1 makes one that fails, see below), levels /
+                       set_spte_levels the same calls by size {1: 4 KiB,
+                       2: 2 MiB}, read_sptes / write_sptes by W in prot
+      map_prots        those calls by prot name ("R|W", "R|W|X", "R|W|DEVICE"..;
+                       arm64_prot_value() gives the raw value per kernel)
+      relax_perms      kvm_pgtable_stage2_relax_perms calls (permission
+                       faults on an existing entry of the same size), relax_prots
+      mmio_exits       KVM_EXIT_MMIO (writes to a READONLY slot)
+      refused          accesses KVM refuses: [vvar] writes (KVM_RUN EFAULT),
+                       execute from a PCI BAR (an instruction abort injected
+                       into the guest)
+      retries          faults that map nothing because the host COW'd the
+                       page meanwhile (mmu_invalidate_retry): the guest faults again
+    or None counts where not measured (kind/flags outside the measured set,
+    or a kernel without a measured rule).
+
+    Measured 2026-11-25 in the emulated arm64 host (QEMU 7.2 TCG,
+    virtualization=on, -cpu max, no CTR_EL0.DIC: KVM gives data mappings no
+    X) on Debian 6.1.0-56 (6.1.192) and 7.3.4+deb13: tracefs kprobes
+    `p:kt/s2map kvm_pgtable_stage2_map addr=%x1 size=%x2 phys=%x3 prot=%x4`,
+    `p:kt/relax kvm_pgtable_stage2_relax_perms addr=%x1 prot=%x2`, return
+    probes on kvm_handle_guest_abort (and user_mem_abort, 7.3.4), plus
+    kvm:kvm_guest_fault, kvm:kvm_mmio, kvm:kvm_unmap_hva_range, in a tracefs
+    instance with set_event_pid on the guest process, mapped to slots by
+    the report's GPA ranges. Runs: minimal, demo, smp, bar, huge-base,
+    huge-4k, [vvar] reads/writes, and a matrix of every backing (anon,
+    anon-shared, memfd, file, thp, hugetlb with nr_hugepages=16, anon and
+    memfd READONLY and LOG_DIRTY, bar-uc, bar-wc) x 4 pages (thp/hugetlb:
+    one 2 MiB frame) each of r, w, rw, x, r-then-w, w-then-r, r-then-x,
+    x-then-w, x-then-r. The guest runs with the MMU off (arm64.py), so every
+    stage-2 abort is the guest's own access, one per first touch.
+
+    * Each first access of a page is one fault and one 4 KiB map (2 MiB for
+      thp and hugetlb, one per frame: later accesses in the frame take none).
+      prot = R, plus W when the host page is writable after KVM faulted it
+      in (get_user_pages with FOLL_WRITE succeeds) and the slot allows it,
+      plus X for an instruction fetch, plus DEVICE for a PCI BAR:
+        read       anon: R (the zero page); file (MAP_SHARED, write-notify):
+                   R; anon-shared / memfd: R|W (shmem maps the page writable);
+                   thp: 2M R (the huge zero page); hugetlb (private): 2M R
+        write      R|W (2M R|W for thp / hugetlb)
+        execute    R|W|X: every executed page holds the VMM's stub, so the
+                   host page is already written (the system slot's code pages
+                   likewise: 1 fault, 4K R|W|X each)
+      E.g. demo anon pages 0-15 r: 16 maps R, 16-31 w: 16 maps R|W.
+    * A later access the entry lacks is a permission fault:
+        execute after read: 1 fault, relax_perms(+X)
+        write after read, no copy needed (file: page_mkwrite; hugetlb:
+        private page reused; memfd under dirty logging): 1 fault,
+        relax_perms(R|W)
+        write after read of the anon zero page (the host copies it):
+          6.1: 2 faults: the copy's MMU notifier unmaps the page and
+               change_pte() calls kvm_pgtable_stage2_map(4K, R) for the new
+               page (it succeeds when a 4 KiB table still exists in that
+               2 MiB: another page of the region is mapped); the fault retries
+               and relaxes to R|W. anon rw: 3 faults, maps R + R, 1 relax.
+          7.3.4 (no change_pte since 6.9): the fault retries, the next one
+               finds no entry and maps R|W. anon rw: 3 faults, maps R + R|W.
+        write after read of the huge zero page (thp):
+          6.1: the host splits the frame into 4 KiB zero pages and copies
+               the written one; change_pte's map (4K R) fails (no table: the
+               2 MiB block was just unmapped) but is a call; the retried
+               fault maps 4K R|W. The frame is 4 KiB pages from then on
+               (reads map the zero page R, writes copy as above).
+               thp rw on 4 pages of a frame: 11 faults, maps 2M R, 4K R x7,
+               4K R|W, 3 relax.
+          7.3.4: the host allocates a huge page for the frame; the fault
+               retries and maps 2M R|W. thp rw: 3 faults, maps 2M R, 2M R|W.
+    * READONLY slot: reads R, execute R|X, never W; each write instruction is
+      a fault and a KVM_EXIT_MMIO, nothing mapped (anon and memfd measured).
+    * Dirty logging (KVM_MEM_LOG_DIRTY_PAGES; anon and memfd measured): only
+      write faults map W (reads R even for memfd, execute R|X), 4 KiB only;
+      a write after that is relax_perms(R|W) unless the host copies the page
+      (anon zero page: as above). KVM_GET_DIRTY_LOG held exactly the pages
+      written.
+    * PCI BAR, through resource2 (uncached mmap) and through resource2_wc
+      (write-combine mmap) alike: 1 fault and one 4K map R|W|DEVICE
+      (6.1: 0xe, 7.3.4: 0x1c) per page on the first access, read or write;
+      no 2 MiB maps although hva and GPA are 2 MiB aligned. The
+      write-combine mapping is forced to Device at stage 2 on both kernels
+      (7.3.4 has KVM_PGTABLE_PROT_NORMAL_NC = 0x20, unused here). Execute:
+      1 fault, nothing mapped, refused: user_mem_abort returns -ENOEXEC
+      (probed on 7.3.4; inlined on 6.1) and kvm_handle_guest_abort injects
+      an instruction abort (ESR 0x86000010) into the guest on both kernels;
+      KVM_RUN does not fail. The abort's vector fetch adds one fault and
+      one 4K R|W|X map in the system slot (page 0; the VMM adds it to the
+      system slot's pages when the guest took an exception).
+    * [vvar] (pfnmap): 6.1: 2 pages, VM_PFNMAP (no VM_IO), page 1 has
+      nothing behind it (skipped); 7.3.4: 4 pages, VM_MIXEDMAP, all
+      readable. A read maps 4K R (Normal memory: kernel pages); a write is
+      one fault and KVM_RUN fails with EFAULT (user_mem_abort -14) on both,
+      nothing mapped (x86 exits as MMIO instead).
+    * The host: THP enabled=always (thp slots are MADV_HUGEPAGE, anon ones
+      MADV_NOHUGEPAGE), shmem_enabled=never, /tmp (the file kind) on ramfs:
+      page cache with write-notify, so a read maps R. A file on tmpfs is
+      shmem and follows the memfd rule (memfd measured, not tmpfs files).
+    Not measured (None): thp / hugetlb with READONLY or dirty logging,
+    READONLY BAR slots, thp with THP "never", memfd / anon-shared (and tmpfs
+    files) with shmem THP on (shmem_enabled always / within_size / force),
+    hosts with CTR_EL0.DIC (KVM then maps all normal memory executable, so
+    execute after read would take no fault), kernels other than 6.1 and 7.x.
+
+    thp: {"enabled": ..., "shmem_enabled": ...} (the bracketed words of
+    /sys/kernel/mm/transparent_hugepage/*; default: read them).
+    """
+    result = {"total": None, "faults": None, "levels": {}, "set_spte": None,
+              "set_spte_levels": {}, "prefetched": 0, "read_sptes": 0, "write_sptes": 0,
+              "mmio_exits": 0, "level": 1, "dirty_pages": [], "relax_perms": None,
+              "refused": 0, "retries": 0, "map_prots": {}, "relax_prots": {},
+              "rule": ("arm64-stage2 %s" % rule) if rule else
+              "not measured (arm64 kernel %s)" % os.uname().release}
+    if status != "ok":
+        result.update(total=0, faults=0, set_spte=0, relax_perms=0, level=None)
+        return result
+    thp = thp or {name: _thp_setting(name) for name in ("enabled", "shmem_enabled")}
+    if kind == "file" and fs == "tmpfs":
+        kind = "memfd"  # shmem
+    why = None
+    if kind in HUGE_HOST_KINDS + ("bar-uc", "bar-wc") and flags & (READONLY | LOG_DIRTY):
+        why = "%s with flags %#x" % (kind, flags)
+    elif kind == "thp" and thp.get("enabled") == "never":
+        why = "thp with transparent_hugepage/enabled=never"
+    elif kind in ARM64_SHMEM_KINDS and thp.get("shmem_enabled") in ("always", "within_size",
+                                                                        "force"):
+        why = "shmem with transparent_hugepage/shmem_enabled=%s" % thp["shmem_enabled"]
+    if rule is None or why:
+        if why and rule is not None:
+            result["rule"] += " (not measured: %s)" % why
+        result["level"] = None
+        return result
+    if host_written is None:
+        host_written = [p for p, a in touched if a == "x"]
+    sim = _Arm64Stage2(kind, flags, rule, host_written, result)
+    for page, access in touched:
+        for a in (("r", "w") if access == "rw" else (access,)):
+            sim.access(page, a)
+    result["dirty_pages"] = sorted(set(result["dirty_pages"]))
+    levels = result["levels"]
+    result["faults"] = result["total"]
+    result["set_spte"] = sum(levels.values())
+    result["set_spte_levels"] = dict(levels)
+    result["level"] = next(iter(levels)) if len(levels) == 1 else (None if levels else 1)
+    return result
+
+
+class _Arm64Stage2:
+    """Host page state + stage-2 entries of one slot, access by access (see
+    arm64_expected_faults)."""
+
+    def __init__(self, kind, flags, rule, host_written, result):
+        self.kind, self.rule, self.r = kind, rule, result
+        self.readonly = bool(flags & READONLY)
+        self.logging = bool(flags & LOG_DIRTY)
+        self.huge = kind in HUGE_HOST_KINDS
+        self.host = {}  # page (4K kinds, split thp frames) or ("f", frame) -> state
+        self.split = set()  # thp frames the host split into 4 KiB pages (6.1)
+        self.s2 = {}  # page -> set of prot names (4 KiB entries)
+        self.blocks = {}  # frame -> set of prot names (2 MiB entries)
+        result.update(total=0, relax_perms=0)
+        for p in host_written:  # the VMM's execute stubs: written, so writable
+            key = self._hkey(p)
+            self.host[key] = "huge" if key[0] == "f" and kind == "thp" else "rw"
+
+    # -- host side
+    def _hkey(self, page):
+        frame = page // PAGES_PER_2M
+        if self.huge and frame not in self.split:
+            return ("f", frame)
+        return ("p", page)
+
+    def _host_state(self, page):
+        return self.host.get(self._hkey(page), "none")
+
+    # -- stage-2 side
+    def _entry(self, page):
+        frame = page // PAGES_PER_2M
+        if frame in self.blocks:
+            return self.blocks[frame]
+        return self.s2.get(page)
+
+    def _table_exists(self, page):
+        frame = page // PAGES_PER_2M
+        return any(q // PAGES_PER_2M == frame for q in self.s2)
+
+    def _zap(self, page, whole_frame):
+        frame = page // PAGES_PER_2M
+        if whole_frame:
+            self.blocks.pop(frame, None)
+            for q in [q for q in self.s2 if q // PAGES_PER_2M == frame]:
+                del self.s2[q]
+        else:
+            self.s2.pop(page, None)
+
+    def _map(self, page, prot, size2m, installs=True):
+        r = self.r
+        level = 2 if size2m else 1
+        r["levels"][level] = r["levels"].get(level, 0) + 1
+        name = "|".join(prot)
+        r["map_prots"][name] = r["map_prots"].get(name, 0) + 1
+        r["write_sptes" if "W" in prot else "read_sptes"] += 1
+        if installs:
+            if size2m:
+                self.blocks[page // PAGES_PER_2M] = set(prot)
+            else:
+                self.s2[page] = set(prot)
+
+    def _relax(self, page, prot):
+        r = self.r
+        r["relax_perms"] += 1
+        name = "|".join(prot)
+        r["relax_prots"][name] = r["relax_prots"].get(name, 0) + 1
+        self._entry(page).update(prot)
+
+    @staticmethod
+    def _prot(writable, execute, device=False):
+        prot = ["R"] + (["W"] if writable else []) + (["X"] if execute else [])
+        return prot + (["DEVICE"] if device else [])
+
+    # -- one guest access
+    def access(self, page, a):
+        r = self.r
+        need = {"r": "R", "w": "W", "x": "X"}[a]
+        for _ in range(4):  # a fault, and the refaults after a retry
+            entry = self._entry(page)
+            if entry is not None and need in entry:
+                return
+            r["total"] += 1
+            if self._fault(page, a, entry):
+                return
+            r["retries"] += 1
+
+    def _fault(self, page, a, entry):
+        """One stage-2 abort; False when KVM retried (the guest faults again)."""
+        r, kind = self.r, self.kind
+        write, execute = a == "w", a == "x"
+        if write and self.readonly:
+            r["mmio_exits"] += 1
+            return True
+        if kind == "pfnmap" and write:  # read-only VMA: KVM_RUN EFAULT
+            r["refused"] += 1
+            return True
+        if kind in ("bar-uc", "bar-wc"):
+            if execute:  # -ENOEXEC: an instruction abort for the guest
+                r["refused"] += 1
+                return True
+            self._map(page, self._prot(not self.readonly, False, device=True), False)
+            return True
+        if kind == "pfnmap":
+            self._map(page, self._prot(False, execute), False)
+            return True
+        # RAM: fault the host page in (KVM's get_user_pages)
+        state = self._host_state(page)
+        if write and state == "zero":  # the host copies the anon zero page
+            self._zap(page, False)
+            self.host[self._hkey(page)] = "rw"
+            if self.rule == "6.1":  # change_pte: map the copy R, if a table is there
+                self._map(page, ["R"], False, installs=self._table_exists(page))
+            return False
+        if write and state == "hzero":  # the huge zero page of a thp frame
+            frame = page // PAGES_PER_2M
+            self._zap(page, True)
+            if self.rule == "6.1":  # split into 4K zero pages, copy this one
+                del self.host[("f", frame)]
+                self.split.add(frame)
+                for q in range(frame * PAGES_PER_2M, (frame + 1) * PAGES_PER_2M):
+                    self.host[("p", q)] = "zero"
+                self.host[("p", page)] = "rw"
+                self._map(page, ["R"], False, installs=False)  # no table: the call fails
+            else:  # 7.x: a new huge page
+                self.host[("f", frame)] = "huge"
+            return False
+        key = self._hkey(page)
+        if state == "none":
+            if write:
+                state = "huge" if key[0] == "f" and kind == "thp" else "rw"
+            elif kind in ARM64_SHMEM_KINDS:
+                state = "rw"
+            elif kind == "file" or kind == "hugetlb":
+                state = "ro"
+            elif key[0] == "f":
+                state = "hzero"
+            else:
+                state = "zero"
+        elif write and state == "ro":  # page_mkwrite / private hugetlb page reused
+            state = "rw"
+        self.host[key] = state
+        host_writable = state in ("rw", "huge")
+        writable = host_writable and not self.readonly and (write or not self.logging)
+        prot = self._prot(writable, execute)
+        block = key[0] == "f" and not self.logging
+        if entry is not None:  # permission fault on an entry of the same size
+            self._relax(page, prot)
+        else:
+            self._map(page, prot, block)
+        if self.logging and writable:
+            r["dirty_pages"].append(page)
+        return True

@@ -5,7 +5,8 @@ tracer decodes the very same ioctl numbers and structs from its captures, so
 they live in one place that both can import. Values are those of
 include/uapi/linux/kvm.h (Linux 6.8+ for the MEMORY2/guest_memfd parts); sizes
 are asserted at import so a layout slip fails loudly instead of corrupting an
-ioctl. Architecture-specific structs (x86 regs/sregs) live in x86.py.
+ioctl. Architecture-specific structs live in x86.py (regs/sregs) and arm64.py
+(vcpu_init, one_reg).
 """
 
 import ctypes

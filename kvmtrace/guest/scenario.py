@@ -1,8 +1,8 @@
 """What the guest does: memslots, guest accesses, memslot changes over time.
 
 Why a separate, architecture-neutral description: tests and benchmarks of the
-tracer need to know exactly what the guest did, and the arm64 VMM will run the
-same scenarios. A Scenario is plain data (dataclasses, JSON round-trip); the
+tracer need to know exactly what the guest did, and the x86 and arm64 guests
+(x86.py, arm64.py) run the same scenarios. A Scenario is plain data (dataclasses, JSON round-trip); the
 VMM (vmm.py) executes it and the report repeats it with the addresses filled
 in, next to `expected_faults`, the host's fault rule applied to it.
 
@@ -12,12 +12,14 @@ is not part of `slots`; scenario slots are numbered from 1.
 
 import dataclasses
 import json
+import platform
 from dataclasses import dataclass, field
 from typing import List, Optional
 
-from .backings import HUGE_SIZE, KINDS, PAGE_SIZE, round_up
+from .backings import ALL_KINDS, BAR_KINDS, HUGE_SIZE, KINDS, PAGE_SIZE, round_up  # noqa: F401
 
 ACCESSES = ("r", "w", "rw", "x")
+EXPECTS = ("ok", "refused")
 CHANGE_KINDS = ("flags", "move", "delete", "fail-overlap", "fail-misaligned")
 SYSTEM_SLOT = 0
 SYSTEM_GPA = 0
@@ -57,6 +59,13 @@ class Step:
 
     r: 8-byte load; w: 8-byte store; rw: load then store; x: jump to a stub
     placed in the page (executes from it).
+
+    expect: "ok", or "refused" for a step whose accesses KVM must refuse:
+    KVM_RUN fails (the errno is reported), or KVM injects an abort into the
+    guest (the syndrome is reported), depending on the kernel. E.g. on arm64
+    an execute from a PCI BAR, or a write to the read-only [vvar]. The VMM
+    records each refusal and moves the vCPU past the refused access (arm64
+    only); an expected refusal is not an error, a missing one is.
     """
 
     slot: int
@@ -64,6 +73,7 @@ class Step:
     npages: int
     access: str
     vcpu: int = 0
+    expect: str = "ok"
 
 
 @dataclass
@@ -138,9 +148,9 @@ class Scenario:
             raise ScenarioError("slot ids must be unique and not %d (the system slot)"
                                 % SYSTEM_SLOT)
         for s in self.slots:
-            if s.backing not in KINDS:
+            if s.backing not in ALL_KINDS:
                 raise ScenarioError("slot %d: unknown backing %r (one of %s)"
-                                    % (s.slot, s.backing, ", ".join(KINDS)))
+                                    % (s.slot, s.backing, ", ".join(ALL_KINDS)))
             if s.npages <= 0:
                 raise ScenarioError("slot %d: npages must be > 0" % s.slot)
             if s.gpa is not None and s.gpa % HUGE_SIZE:
@@ -151,6 +161,9 @@ class Scenario:
             if s.gpage2m and s.backing == "pfnmap":
                 raise ScenarioError("slot %d: gpage2m needs 2 MiB of memory; the pfnmap "
                                     "([vvar]) VMA is a few pages" % s.slot)
+            if s.gpage2m and s.backing in BAR_KINDS:
+                raise ScenarioError("slot %d: gpage2m is for RAM backings, not a PCI BAR"
+                                    % s.slot)
         owner = {}  # (slot, page) -> vcpu: pages are not shared between vCPUs
         for st in self.steps:
             s = self.slot(st.slot)
@@ -164,6 +177,9 @@ class Scenario:
             if s.backing == "pfnmap" and st.access == "x":
                 raise ScenarioError("slot %d: pfnmap ([vvar]) pages cannot hold an execute stub"
                                     % st.slot)
+            if st.expect not in EXPECTS:
+                raise ScenarioError("step on slot %d: expect %r not in %s"
+                                    % (st.slot, st.expect, EXPECTS))
             if not 0 <= st.vcpu < self.vcpus:
                 raise ScenarioError("step on slot %d: vcpu %d of %d" % (st.slot, st.vcpu,
                                                                          self.vcpus))
@@ -219,8 +235,14 @@ class Scenario:
 # built-in scenarios
 
 
-def demo():
-    """Every backing kind, every access kind, and each kind of memslot change."""
+def demo(machine=None):
+    """Every backing kind, every access kind, and each kind of memslot change.
+
+    On arm64 (machine aarch64, default: this one's) also the PCI BAR through
+    resource2 and resource2_wc, read and written ("unavailable" without the
+    ivshmem device), and the [vvar] write is a refusal there.
+    """
+    arm = (machine or platform.machine()) == "aarch64"
     sc = Scenario("demo")
     anon = sc.add_slot("anon", 64)
     sc.steps += [Step(anon.slot, 0, 16, "r"), Step(anon.slot, 16, 16, "w"),
@@ -232,7 +254,10 @@ def demo():
     sc.steps += [Step(filed.slot, 0, 8, "r"), Step(filed.slot, 8, 8, "w"),
                  Step(filed.slot, 16, 2, "x")]
     vvar = sc.add_slot("pfnmap", 4)
-    sc.steps += [Step(vvar.slot, 0, 4, "r"), Step(vvar.slot, 0, 1, "w")]
+    # arm64: a guest write to the read-only [vvar] fails KVM_RUN with EFAULT
+    # (x86 turns it into an MMIO exit)
+    sc.steps += [Step(vvar.slot, 0, 4, "r"),
+                 Step(vvar.slot, 0, 1, "w", expect="refused" if arm else "ok")]
     ro = sc.add_slot("anon", 16, readonly=True)
     sc.steps += [Step(ro.slot, 0, 8, "r"), Step(ro.slot, 8, 2, "w"),
                  Step(ro.slot, 10, 2, "rw"), Step(ro.slot, 12, 2, "x")]
@@ -250,6 +275,11 @@ def demo():
         Change("fail-overlap", anon.slot),  # EEXIST
         Change("fail-misaligned"),  # EINVAL
     ]
+    if arm:
+        for kind in BAR_KINDS:
+            bar_slot = sc.add_slot(kind, 8)
+            sc.steps += [Step(bar_slot.slot, 0, 2, "r"), Step(bar_slot.slot, 2, 2, "w"),
+                         Step(bar_slot.slot, 4, 2, "rw")]
     return sc
 
 
@@ -258,6 +288,29 @@ def minimal():
     sc = Scenario("minimal")
     ram = sc.add_slot("anon", 16)
     sc.steps += [Step(ram.slot, 0, 8, "w"), Step(ram.slot, 8, 8, "r")]
+    return sc
+
+
+def bar():
+    """arm64: RAM slots next to a PCI memory BAR mapped through sysfs.
+
+    The ivshmem BAR (2 MiB in the testbed) as two slots: through resource2
+    (uncached mmap) and resource2_wc (write-combine mmap), each over its own
+    part of the BAR. In each, pages read, written, read then written, and
+    one page executed: KVM refuses to execute from device memory
+    (expect="refused"), after which the guest goes on.
+    """
+    sc = Scenario("bar")
+    anon = sc.add_slot("anon", 16)
+    sc.steps += [Step(anon.slot, 0, 8, "r"), Step(anon.slot, 8, 8, "w")]
+    memfd = sc.add_slot("memfd", 16)
+    sc.steps += [Step(memfd.slot, 0, 8, "rw"), Step(memfd.slot, 8, 8, "r")]
+    for kind in BAR_KINDS:
+        s = sc.add_slot(kind, 32)
+        sc.steps += [Step(s.slot, 0, 8, "r"), Step(s.slot, 8, 8, "w"), Step(s.slot, 16, 8, "rw"),
+                     Step(s.slot, 24, 1, "x", expect="refused")]
+    # after the refusals: RAM still works
+    sc.steps += [Step(anon.slot, 0, 1, "w")]
     return sc
 
 
@@ -353,7 +406,7 @@ def pages_2x():
 DIFF_PAIRS = (("huge-base", "huge-4k"), ("dirty-off", "dirty-on"), ("ram", "pfnmap"),
               ("pages-1x", "pages-2x"))
 
-BUILTIN = {"demo": demo, "minimal": minimal, "smp": smp,
+BUILTIN = {"demo": demo, "minimal": minimal, "smp": smp, "bar": bar,
            "huge-base": huge_base, "huge-4k": huge_4k, "dirty-off": dirty_off,
            "dirty-on": dirty_on, "ram": ram, "pfnmap": pfnmap, "pages-1x": pages_1x,
            "pages-2x": pages_2x}
@@ -407,13 +460,15 @@ def add_slot_spec(sc, spec):
 
 
 def add_access_spec(sc, spec):
-    """--access SLOT:FIRST:NPAGES:ACCESS[:VCPU]"""
+    """--access SLOT:FIRST:NPAGES:ACCESS[:VCPU[:EXPECT]]  (EXPECT: ok, refused)"""
     parts = spec.split(":")
-    if len(parts) not in (4, 5):
-        raise ScenarioError("--access %r: expected SLOT:FIRST:NPAGES:ACCESS[:VCPU]" % spec)
-    vcpu = _int(parts[4], "--access") if len(parts) == 5 else 0
+    if len(parts) not in (4, 5, 6):
+        raise ScenarioError("--access %r: expected SLOT:FIRST:NPAGES:ACCESS[:VCPU[:EXPECT]]"
+                            % spec)
+    vcpu = _int(parts[4], "--access") if len(parts) >= 5 and parts[4] else 0
+    expect = parts[5] if len(parts) == 6 else "ok"
     sc.steps.append(Step(_int(parts[0], "--access"), _int(parts[1], "--access"),
-                         _int(parts[2], "--access"), parts[3], vcpu))
+                         _int(parts[2], "--access"), parts[3], vcpu, expect))
 
 
 def add_change_spec(sc, spec):

@@ -12,7 +12,10 @@ Order of a run:
      tables, one code page run per vCPU and a stack page per vCPU
   3. memslots, in slot order (slot 0 first)
   4. vCPUs, one thread each (comm "kvmtrace-vcpuN"), KVM_RUN until the guest
-     signals done; MMIO exits are serviced (reads return 0)
+     signals done; MMIO exits are serviced (reads return 0). Where KVM
+     refuses an access (KVM_RUN fails, or on arm64 the guest takes an abort
+     KVM injected), the refusal is recorded with its errno / syndrome; a
+     step marked expect="refused" then goes on with its next page
   5. host-side checks of guest writes and of 2 MiB host pages,
      KVM_GET_DIRTY_LOG on dirty-logged slots, then the scenario's memslot
      changes
@@ -57,7 +60,23 @@ def _default_arch():
         from .x86 import X86Arch
 
         return X86Arch()
+    if machine in ("aarch64", "arm64"):
+        from .arm64 import Arm64Arch
+
+        return Arm64Arch()
     raise VmmError("no guest support for %s yet" % machine)
+
+
+# The architecture interface (x86.X86Arch, arm64.Arm64Arch): name, page_size,
+# exec_stub, exec_stub_offset, data_offset, page_table_pages(),
+# build_page_tables(), setup_vcpu(), get_pc(), written_value(), gen_program(),
+# is_done(). Optional, used when present (arm64):
+#   vm_created(kvm_fd, vm_fd)       after KVM_CREATE_VM
+#   page0()                         contents of system-slot page 0 (exception vectors)
+#   exception_exit(gpa, write, data) -> dict: an MMIO exit reporting a guest exception
+#   refusal(vcpu_fd, how, exc)      -> {"access": "x"/"data", "gpa", "pc", "resume"}:
+#                                   what KVM refused (how: "kvm_run" / "guest_exception")
+#   resume(vcpu_fd, how, target)    move the vCPU past it
 
 
 def _sum_levels(dicts):
@@ -138,6 +157,9 @@ class Vcpu:
         self.run_start_ns = self.run_end_ns = 0
         self.final_pc = None
         self.thread = None
+        self.expect_refused = set()  # (slot, page, "x"/"data") its steps expect KVM to refuse
+        self.refusals = []  # what KVM refused, expected or not
+        self.run_errno = 0  # errno of a KVM_RUN that ended the run
 
 
 class Vmm:
@@ -158,6 +180,7 @@ class Vmm:
         self.mmap_size = 0
         self.cr3 = 0
         self.vcpu_layout = []  # per vCPU: (code gpa, code pages, stack gpa)
+        self.expect_refused = {}  # vCPU -> {(slot, page, "x"/"data")} its steps expect refused
 
     # ------------------------------------------------------------------ setup
     def open(self):
@@ -174,6 +197,11 @@ class Vmm:
             self.vm_fd = ioctl(self.kvm_fd, kvmapi.KVM_CREATE_VM, 0)
         except OSError as e:
             raise VmmError("KVM_CREATE_VM failed: %s" % e.strerror) from None
+        if hasattr(self.arch, "vm_created"):
+            try:
+                self.arch.vm_created(self.kvm_fd, self.vm_fd)
+            except OSError as e:
+                raise VmmError("%s VM set-up failed: %s" % (self.arch.name, e.strerror)) from None
         self.caps = {name: kvmapi.check_extension(self.vm_fd, cap)
                      for name, cap in kvmapi.CAPS.items()}
         self.mmap_size = ioctl(self.kvm_fd, kvmapi.KVM_GET_VCPU_MMAP_SIZE, 0)
@@ -209,6 +237,10 @@ class Vmm:
             for run in _runs(usable):
                 out.append((s.page_gpa(run[0]), len(run), st.access))
                 s.touched += [(p, st.access) for p in run]
+            if st.expect == "refused":
+                kind = "x" if st.access == "x" else "data"
+                self.expect_refused.setdefault(vcpu, set()).update(
+                    (s.slot, p, kind) for p in usable)
         return out
 
     def _build_system_slot(self):
@@ -242,6 +274,8 @@ class Vmm:
         sys_slot = SlotState(SYSTEM_SLOT, b, role="system")
         self.slots[SYSTEM_SLOT] = sys_slot
         mem = memoryview(b.buffer()).cast("B")
+        page0 = arch.page0() if hasattr(arch, "page0") else b""
+        mem[:len(page0)] = page0
 
         cursor = iter(range(PAGE_SIZE, size, PAGE_SIZE))
         self.cr3, tables = arch.build_page_tables(mem, SYSTEM_GPA, cursor, mapped, huge_frames)
@@ -257,13 +291,14 @@ class Vmm:
             stack_list.append(stack // PAGE_SIZE)
         sys_slot.extra = {"page_tables": [t // PAGE_SIZE for t in tables],
                           "code": code_list, "stack": stack_list}
+        if page0:
+            sys_slot.extra["vectors"] = [0]
         sys_slot.touched = [(p, "x") for p in code_list]
         # execute stubs in every page a step jumps into
         for s in self.slots.values():
             pages = sorted({p for p, a in s.touched if a == "x"}) if s.role == "data" else []
             for p in pages:
-                off = p * PAGE_SIZE + arch.exec_stub_offset
-                ctypes.memmove(s.backing.hva + off, arch.exec_stub, len(arch.exec_stub))
+                s.backing.write_bytes(p * PAGE_SIZE + arch.exec_stub_offset, arch.exec_stub)
             s.host_written = pages
 
     # -------------------------------------------------------------- memslots
@@ -322,6 +357,7 @@ class Vmm:
                             mmap.PROT_READ | mmap.PROT_WRITE)
             vc = Vcpu(v, fd, run)
             vc.code_gpa, vc.code_pages, vc.stack_gpa = code_gpa, code_pages, stack_gpa
+            vc.expect_refused = self.expect_refused.get(v, set())
             self.arch.setup_vcpu(fd, self.cr3, code_gpa, stack_gpa + PAGE_SIZE)
             self.vcpus.append(vc)
 
@@ -330,6 +366,47 @@ class Vmm:
             if s.present and s.gpa <= gpa < s.gpa + s.size:
                 return s.slot
         return None
+
+    def _page_at(self, gpa):
+        """(slot, page) of a guest physical address, (None, None) outside every slot."""
+        slot = self._slot_of(gpa) if gpa is not None else None
+        if slot is None:
+            return None, None
+        return slot, (gpa - self.slots[slot].gpa) // PAGE_SIZE
+
+    def _refused(self, vc, how, rec):
+        """KVM refused a guest access: KVM_RUN failed (how "kvm_run", rec has
+        the errno) or the guest took an abort KVM injected (how
+        "guest_exception", rec has the syndrome). Records it in vc.refusals;
+        returns True when a step expected it and the vCPU was moved past it.
+        """
+        rec.update(how=how, access=None, gpa=None, slot=None, page=None, expected=False)
+        site = None
+        if hasattr(self.arch, "refusal"):
+            try:
+                site = self.arch.refusal(vc.fd, how, rec)
+            except OSError:
+                site = None
+        if site:
+            slot, page = self._page_at(site["gpa"])
+            rec.update(access=site["access"], gpa=site["gpa"], pc=site["pc"], slot=slot,
+                       page=page, expected=(slot, page, site["access"]) in vc.expect_refused)
+        vc.refusals.append(rec)
+        if rec["expected"]:
+            try:
+                self.arch.resume(vc.fd, how, site["resume"])
+                return True
+            except OSError as e:
+                vc.error = "could not move past a refused access: %s" % e.strerror
+                return False
+        if how == "kvm_run":
+            vc.run_errno = rec["errno"]
+            vc.error = "KVM_RUN failed: %s (%s)" % (rec["strerror"], rec["errno_name"])
+        else:
+            vc.error = "guest took exception (%s): %s, ESR %#x, pc %s" % (
+                rec.get("vector_name"), rec.get("ec_name"), rec.get("esr", 0),
+                hex(rec["pc"]) if rec.get("pc") is not None else "?")
+        return False
 
     def _vcpu_loop(self, vc):
         _set_comm(vc.comm.encode())
@@ -345,8 +422,11 @@ class Vmm:
                     if e.errno == errno.EINTR and run[kvmapi.RUN_IMMEDIATE_EXIT]:
                         vc.error = "timed out after %.1f s (guest still running)" % self.timeout
                     else:
-                        vc.error = "KVM_RUN failed: %s (%s)" % (
-                            e.strerror, kvmapi.errno_name(e.errno))
+                        err = e.errno or errno.EIO
+                        if self._refused(vc, "kvm_run", {
+                                "errno": err, "errno_name": kvmapi.errno_name(err),
+                                "strerror": os.strerror(err), "pc": None}):
+                            continue
                     return
                 reason = struct.unpack_from("<I", run, kvmapi.RUN_EXIT_REASON)[0]
                 name = kvmapi.exit_reason_name(reason)
@@ -373,6 +453,13 @@ class Vmm:
                             "slot": self._slot_of(gpa)})
                     if self.arch.is_done("mmio", gpa, bool(is_write)):
                         vc.done = True
+                        return
+                    exc = (self.arch.exception_exit(gpa, bool(is_write),
+                                                    int.from_bytes(data[:8], "little"))
+                           if hasattr(self.arch, "exception_exit") else None)
+                    if exc is not None:
+                        if self._refused(vc, "guest_exception", exc):
+                            continue
                         return
                     if not is_write:
                         off = kvmapi.RUN_MMIO_DATA
@@ -423,7 +510,20 @@ class Vmm:
                 self.errors.append("vcpu %d: %s (pc %s)" % (
                     vc.index, vc.error, hex(vc.final_pc) if vc.final_pc is not None else "?"))
             elif not vc.done:
-                self.errors.append("vcpu %d: did not reach the done port" % vc.index)
+                self.errors.append("vcpu %d: did not reach the done %s" % (
+                    vc.index, "port" if hasattr(self.arch, "done_port") else "exit"))
+            refused = {(r["slot"], r["page"], r["access"]) for r in vc.refusals
+                       if r["expected"]}
+            missing = sorted(vc.expect_refused - refused)
+            if vc.done and missing:
+                self.errors.append("vcpu %d: KVM was expected to refuse %s, but did not" % (
+                    vc.index, ", ".join("slot %d page %d (%s)" % (
+                        slot, page, "execute" if kind == "x" else "data access")
+                        for slot, page, kind in missing)))
+            if any(r["how"] == "guest_exception" for r in vc.refusals):
+                sys_slot = self.slots[SYSTEM_SLOT]
+                if (0, "x") not in sys_slot.touched:  # the vectors ran
+                    sys_slot.touched.insert(0, (0, "x"))
 
     # -------------------------------------------------------------- after run
     def check_writes(self):
@@ -582,14 +682,15 @@ class Vmm:
             expected = faults.expected_faults(
                 s.backing.kind, s.initial_flags, s.touched, mmu,
                 status=s.backing.status, role=s.role, extra=s.extra, gpage2m=s.gpage2m,
-                host_written=s.host_written)
+                host_written=s.host_written, fs=s.backing.fs)
             d = {
                 "slot": sid, "as_id": 0, "role": s.role, "backing": s.backing.kind,
                 "status": s.backing.status, "unavailable_reason": s.backing.reason or None,
                 "hva": s.backing.hva, "gpa": s.initial_gpa, "size": s.size,
                 "npages": s.npages, "flags": s.initial_flags,
                 "flag_names": kvmapi.mem_flag_names(s.initial_flags),
-                "ioctl": s.ioctl_name, "path": s.backing.path, "vma": s.backing.vma,
+                "ioctl": s.ioctl_name, "path": s.backing.path, "fs": s.backing.fs,
+                "vma": s.backing.vma,
                 "touched": touched,
                 "touched_counts": {a: len(p) for a, p in touched.items()},
                 "skipped": s.skipped,
@@ -603,7 +704,7 @@ class Vmm:
                 "dirty_pages": s.dirty_pages,
                 "expected_dirty_pages": (
                     faults.expected_dirty_pages(s.backing.kind, s.initial_flags, s.touched,
-                                                s.gpage2m, s.host_written)
+                                                s.gpage2m, s.host_written, mmu=mmu)
                     if s.dirty_pages is not None else None),
                 "write_check": s.write_check,
                 "final": {"present": s.present, "gpa": s.gpa, "flags": s.flags,
@@ -637,6 +738,8 @@ class Vmm:
             "vcpus": [{
                 "index": vc.index, "fd": vc.fd, "tid": vc.tid, "comm": vc.comm,
                 "done": vc.done, "error": vc.error, "kvm_run_calls": vc.kvm_runs,
+                "run_errno": vc.run_errno, "run_errno_name": kvmapi.errno_name(vc.run_errno),
+                "refusals": vc.refusals,
                 "exits": vc.exits, "run_ns": vc.run_end_ns - vc.run_start_ns,
                 "code_gpa": vc.code_gpa, "stack_gpa": vc.stack_gpa, "final_pc": vc.final_pc,
             } for vc in self.vcpus],
@@ -645,6 +748,7 @@ class Vmm:
             "skipped_changes": self.skipped_changes,
             "slots": slots,
             "exits": {"counts": counts, "mmio": mmio, "io": io},
+            "refusals": [dict(r, vcpu=vc.index) for vc in self.vcpus for r in vc.refusals],
             "run_start_ns": min(starts) if starts else None,
             "run_end_ns": max(ends) if ends else None,
             "run_ns": (max(ends) - min(starts)) if starts and ends else None,

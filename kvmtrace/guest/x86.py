@@ -15,9 +15,9 @@ segment state comes from KVM_SET_SREGS, and nothing may raise an exception
 On a VMX/SVM host the same guest also runs (natively or under EPT/NPT); only
 the number of faults differs, which scenario.expected_faults describes.
 
-The arm64 port replaces this module; everything else (scenario, backings,
+arm64.py is the arm64 counterpart; everything else (scenario, backings,
 VMM loop, report) is shared through the small interface at the bottom
-(`X86Arch`).
+(`X86Arch`, `arm64.Arm64Arch`).
 """
 
 import ctypes
