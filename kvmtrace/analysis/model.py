@@ -21,11 +21,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from ..memtype import is_cacheable
 from ..memtype import x86 as x86mt
 from ..recording.reader import Recording, read
 from . import faults as faults_mod
-from . import memslots, vmas as vmas_mod
+from . import memslots, stage2, vmas as vmas_mod
 
 EXIT_REASONS = {0: "UNKNOWN", 1: "EXCEPTION", 2: "IO", 3: "HYPERCALL", 4: "DEBUG", 5: "HLT",
                 6: "MMIO", 7: "IRQ_WINDOW_OPEN", 8: "SHUTDOWN", 9: "FAIL_ENTRY", 10: "INTR",
@@ -85,16 +84,54 @@ def _vma_memtypes(f: pd.DataFrame, slots: pd.DataFrame, meta: dict):
     return mt, src
 
 
+# How relaxed a memory type is: cacheable > write-combining / Normal-NC >
+# uncached / Device. Mapping a VMA at a lower rank loses performance.
+RANK = {"WB": 3, "WT": 3, "WP": 3, "Normal": 3, "Normal-Tagged": 3, "Normal-WT": 3,
+        "WC": 2, "Normal-NC": 2, "UC-": 1, "UC": 1, "Device": 1, "Device-nGnRE": 1,
+        "Device-nGnRnE": 1, "Device-GRE": 1}
+
+
 def _verdict(vma_mt: np.ndarray, spte_mt: np.ndarray) -> np.ndarray:
-    vc = np.array([is_cacheable(x) for x in vma_mt], dtype=object)
-    sc = np.array([is_cacheable(x) for x in spte_mt], dtype=object)
+    """consistent / downgraded / upgraded / unknown, one column operation each."""
+    vr = pd.Series(vma_mt, dtype=object).map(RANK).to_numpy(dtype=float)
+    sr = pd.Series(spte_mt, dtype=object).map(RANK).to_numpy(dtype=float)
+    known = ~np.isnan(vr) & ~np.isnan(sr)
     out = np.full(len(vma_mt), "unknown", dtype=object)
-    known = np.array([a is not None and b is not None for a, b in zip(vc, sc)], dtype=bool)
-    same = known & (vc == sc)
-    out[same] = "consistent"
-    out[known & (vc == True) & (sc == False)] = "downgraded"  # noqa: E712
-    out[known & (vc == False) & (sc == True)] = "upgraded"  # noqa: E712
+    out[known] = "consistent"
+    out[known & (vr > sr)] = "downgraded"
+    out[known & (vr < 3) & (sr == 3)] = "upgraded"
     return out
+
+
+def _arm64_slot_types(slots, prepare_vma, kernel):
+    """The VMA memory type KVM saw (kprobe on its VMA lookup), else smaps: an
+    ordinary VMA (not pf / mm) has the default Normal pgprot on arm64."""
+    if not len(slots):
+        return slots.assign(kvm_vma_memtype=[], kvm_vm_flags=[], kvm_pgprot=[],
+                            vma_memtype_arm64=[])
+    slots = pd.concat([slots, stage2.slot_vma_types(slots, prepare_vma, kernel)], axis=1)
+    ordinary = (slots["vma_count"] > 0) & ~slots["pfnmap"].astype(bool)
+    slots["vma_memtype_arm64"] = slots["kvm_vma_memtype"].where(
+        slots["kvm_vma_memtype"].notna(), np.where(ordinary, "Normal", None))
+    return slots
+
+
+def _arm64_vma_memtypes(f, slots):
+    n = len(f)
+    mt = np.full(n, "unknown", dtype=object)
+    src = np.full(n, "the fault is outside every recorded memslot", dtype=object)
+    row = f["slot_row"].to_numpy()
+    ins = row >= 0
+    if ins.any():
+        s = slots.iloc[row[ins]]
+        kv = s["kvm_vma_memtype"].to_numpy()
+        fallback = s["vma_memtype_arm64"].to_numpy()
+        mt[ins] = [x if x is not None else "unknown" for x in fallback]
+        src[ins] = np.where(pd.notna(kv), "vm_page_prot AttrIndx as KVM looked it up",
+                            np.where(pd.notna(fallback), "ordinary memory (default pgprot)",
+                                     "VMA page protection not observed (no kprobe on the "
+                                     "VMA lookup, and smaps has no pgprot)"))
+    return mt, src
 
 
 def build(path_or_recording) -> Model:
@@ -112,13 +149,26 @@ def build(path_or_recording) -> Model:
         slots.assign(**{c: [] for c in sv.columns if c != "slot_row"})
 
     vcpus = memslots.vcpu_to_vm(t["vm_ioctl"])
-    f, prefetch = faults_mod.pair(t, spte_format)
+    arm = stage2.has_stage2(t)
+    f, prefetch = stage2.pair(t, meta) if arm else faults_mod.pair(t, spte_format)
     f["vm_fd"] = faults_mod.attach_vm(f, vcpus, slots)
     f["slot_row"] = faults_mod.attribute(f, slots, "gfn")
-    f["spte_memtype"] = faults_mod.spte_memtypes(f, spte_format, pat)
-    f["vma_memtype"], f["vma_memtype_source"] = _vma_memtypes(f, slots, meta)
+    if arm:
+        slots = _arm64_slot_types(slots, t["prepare_vma"], meta.get("kernel"))
+        f["spte_memtype"] = stage2.spte_memtypes(f, meta)
+        f["vma_memtype"], f["vma_memtype_source"] = _arm64_vma_memtypes(f, slots)
+        f["expected_memtype"], f["rule"] = stage2.expected(f, slots, meta)
+    else:
+        f["spte_memtype"] = faults_mod.spte_memtypes(f, spte_format, pat)
+        f["vma_memtype"], f["vma_memtype_source"] = _vma_memtypes(f, slots, meta)
+        f["expected_memtype"], f["rule"] = None, ""
     f["verdict"] = _verdict(f["vma_memtype"].to_numpy(), f["spte_memtype"].to_numpy())
-    f.loc[f["spte_memtype"] == "", "verdict"] = "unknown"
+    none = (f["spte_memtype"] == "").to_numpy()
+    refused = none & f["rule"].astype(str).str.contains(r"\[E").to_numpy()
+    # nothing installed and nothing refused: a retried or spurious fault (e.g. a
+    # COW break makes 7.x retry); it says nothing about memory types
+    f.loc[none, "verdict"] = ""
+    f.loc[refused, "verdict"] = "rejected"
     f["size"] = f["level"].map(faults_mod.LEVEL_SIZE)
 
     prefetch = prefetch.reset_index(drop=True)
@@ -150,6 +200,12 @@ def _errors(ops, ex, f, slots, vcpus) -> pd.DataFrame:
     for r in ops[ops["ret"] < 0].itertuples(index=False):
         rows.append({"ts": int(r.ts), "pid": int(r.pid), "vm_fd": int(r.vm_fd), "what": r.ioctl_name,
                      "slot": int(r.slot_id), "errno": r.errno, "detail": r.reason})
+    if "verdict" in f:
+        for r in f[f["verdict"] == "rejected"].itertuples(index=False):
+            rows.append({"ts": int(r.ts), "pid": int(r.pid), "vm_fd": int(r.vm_fd),
+                         "what": f"{r.access} fault at IPA {int(r.gfn) * 4096:#x}",
+                         "slot": int(slots.loc[r.slot_row, "slot"]) if r.slot_row >= 0 else -1,
+                         "errno": r.rule.rsplit("[", 1)[-1].rstrip("]"), "detail": r.rule})
     bad = ex[ex["errno"] < 0]
     if len(bad):
         bad = bad.assign(vm_fd=faults_mod.attach_vm(bad, vcpus, slots))
@@ -175,7 +231,8 @@ def _reason(vma_mt, vma_src, spte_mts, verdict) -> str:
     if verdict == "consistent":
         return base
     if verdict == "downgraded":
-        return base + ": cacheable memory mapped non-cacheable in the guest (slow)"
+        return base + ": the guest gets a stricter type than the VMA (slower: loses " + (
+            "caching)" if vma_mt in ("WB", "Normal", "Normal-Tagged") else "write-combining)")
     if verdict == "upgraded":
         return base + ": non-cacheable memory mapped cacheable in the guest (mismatched attributes)"
     return base
@@ -194,13 +251,20 @@ def _verdicts(slots, f, ops):
                              reason="no faults observed in this slot during the recording: "
                                     "nothing was mapped, so no memory type to compare"))
             continue
-        counts = g["verdict"].value_counts()
+        counts = g.loc[g["verdict"] != "", "verdict"].value_counts()
+        if not len(counts):
+            counts = pd.Series({"unknown": len(g)})
         verdict = next(v for v in VERDICT_ORDER if v in counts.index)
         worst = g[g["verdict"] == verdict].iloc[0]
         spte_mts = set(g.loc[g["spte_memtype"] != "", "spte_memtype"])
         reason = _reason(worst.vma_memtype, worst.vma_memtype_source, spte_mts, verdict)
+        rules = [r for r in dict.fromkeys(g["rule"].dropna().astype(str)) if r]
+        if rules:
+            reason += "; kernel rule: " + " / ".join(rules)
         if verdict == "unknown" and worst.vma_memtype == "unknown":
             reason = f"host memory type not observable: {worst.vma_memtype_source}"
+        if verdict == "rejected":
+            reason = "KVM refused the fault: " + worst.rule
         if len(counts) > 1:
             reason += " [" + ", ".join(f"{v}: {n}" for v, n in counts.items()) + " faults]"
         rows.append(dict(base, verdict=verdict, faults=len(g),

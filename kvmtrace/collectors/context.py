@@ -12,7 +12,7 @@ import subprocess
 import time
 
 from .. import __version__
-from ..host import kvm, procfs
+from ..host import arm64, kvm, procfs
 from ..memtype import x86 as x86mt
 
 
@@ -47,16 +47,19 @@ def host_context() -> dict:
         "kvm": kvm.flavour(),
         "clock": clock_base(),
     }
+    iomem = procfs.read_text("/proc/iomem")
+    ctx["ram"] = procfs.parse_iomem_ram(iomem) if iomem else None
     if machine == "x86_64":
         pat = procfs.read_text("/sys/kernel/debug/x86/pat_memtype_list")
-        iomem = procfs.read_text("/proc/iomem")
         ctx["x86"] = {
             "pat": pat_config(),
             "pat_memtype_list": procfs.parse_pat_memtype_list(pat) if pat else None,
             "pat_memtype_list_source": "debugfs" if pat else
             "unavailable (mount debugfs: mount -t debugfs debugfs /sys/kernel/debug)",
-            "ram": procfs.parse_iomem_ram(iomem) if iomem else None,
+            "ram": ctx["ram"],
         }
+    elif machine == "aarch64":
+        ctx["arm64"] = arm64.cpu_facts()
     return ctx
 
 

@@ -274,10 +274,61 @@ FAULT_HANDLER_X86 = Event(
     kprobe="kvm_mmu_page_fault", ring_pages=1024,
 )
 
+# -- arm64 stage 2 (kprobes; docs/arm64-probe-points.md has the signatures) --
+
+S2_MAP = Event(
+    "s2_map",
+    "kvm_pgtable_stage2_map(pgt, addr, size, phys, prot, ...): a stage-2 mapping "
+    "installed, with its kvm_pgtable_prot (decoded with the running kernel's enum)",
+    (Field("ipa", "u64", "guest physical address", "PT_REGS_PARM2(ctx)"),
+     Field("size", "u64", "mapping size (4K, 2M block, ...)", "PT_REGS_PARM3(ctx)"),
+     Field("phys", "u64", "host physical address", "PT_REGS_PARM4(ctx)"),
+     Field("prot", "u64", "enum kvm_pgtable_prot bits", "PT_REGS_PARM5(ctx)"),
+     RET, EXIT_TS),
+    kprobe="kvm_pgtable_stage2_map", ring_pages=1024,
+)
+
+S2_RELAX = Event(
+    "s2_relax",
+    "kvm_pgtable_stage2_relax_perms(pgt, addr, prot[, flags]): permissions of an "
+    "existing mapping widened (memory type unchanged)",
+    (Field("ipa", "u64", "guest physical address", "PT_REGS_PARM2(ctx)"),
+     Field("prot", "u64", "enum kvm_pgtable_prot bits", "PT_REGS_PARM3(ctx)"),
+     RET, EXIT_TS),
+    kprobe="kvm_pgtable_stage2_relax_perms", ring_pages=256,
+)
+
+GUEST_ABORT = Event(
+    "guest_abort",
+    "kvm_handle_guest_abort(vcpu), entry to return: the whole stage-2 abort's "
+    "service time and result (1 = resume the guest, < 0 = KVM_RUN fails)",
+    (RET, EXIT_TS),
+    kprobe="kvm_handle_guest_abort", ring_pages=1024,
+)
+
+USER_MEM_ABORT = Event(
+    "user_mem_abort",
+    "user_mem_abort, entry to return (an out-of-line symbol from 7.1): its errno "
+    "names the rule that refused a fault (-EFAULT, -ENOEXEC)",
+    (RET, EXIT_TS),
+    kprobe="user_mem_abort", ring_pages=256,
+)
+
+GUEST_FAULT = _tp(
+    "guest_fault", "kvm:kvm_guest_fault",
+    "arm64 stage-2 abort taken: the guest PC, ESR_EL2, FAR_EL2 and IPA",
+    [("vcpu_pc", "u64", "guest PC", None),
+     ("esr", "u64", "ESR_EL2 (syndrome)", "args->hsr"),
+     ("far", "u64", "FAR_EL2", "args->hxfar"),
+     ("ipa", "u64", "faulting IPA", None)],
+    ring_pages=1024,
+)
+
 EVENTS: dict[str, Event] = {e.name: e for e in (
     MEMSLOT, VM_IOCTL, PT_WALK, SPTE_REQUESTED, SET_SPTE, TDP_SPTE_CHANGED,
     FAST_PAGE_FAULT, PAGE_FAULT, MMIO_PAGE_FAULT, UNMAP_HVA_RANGE, MMIO,
     USERSPACE_EXIT, PREPARE_REGION, PREPARE_VMA, FAULT_HANDLER_X86,
+    S2_MAP, S2_RELAX, GUEST_ABORT, USER_MEM_ABORT, GUEST_FAULT,
 )}
 
 # ioctl numbers the BPF side filters on (include/uapi/linux/kvm.h).
