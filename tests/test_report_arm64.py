@@ -27,10 +27,12 @@ def slot_rows(model, slot):
     return s.index[(s["slot"] == slot) & (s["version"] == 0)][0]
 
 
-@pytest.mark.parametrize("k", KERNELS)
-@pytest.mark.parametrize("sc", ["bar", "demo"])
-def test_slots_and_faults_match_the_guest(sc, k):
-    m, g = load(sc, k)
+WC_RULE = {"6.1": "PFNMAP forced to Device: kernel before the cacheable-PFNMAP rules",
+           "7.x": "s2_force_noncacheable"}
+
+
+def check_slots_and_faults(m, g):
+    """The slot table equals the guest's ioctls; faults per slot its measured rule."""
     got = [(int(r.slot_id), int(r.gpa), int(r.size), int(r.hva)) for r in m.ops.itertuples()]
     want = [(x["slot"], x["gpa"], x["size"], x["hva"]) for x in g["memslot_ioctls"]]
     assert got == want
@@ -38,6 +40,32 @@ def test_slots_and_faults_match_the_guest(sc, k):
     for s in g["slots"]:
         if s["status"] == "ok":
             assert per.get(slot_rows(m, s["slot"]), 0) == s["expected_faults"], s["slot"]
+
+
+def check_bar_verdicts(m, g, k):
+    """RAM consistent; the write-combine BAR downgraded to Device by the kernel's
+    rule; execution from the BAR refused with ENOEXEC."""
+    v = m.verdicts.set_index("slot")
+    kinds = {s["slot"]: s["backing"] for s in g["slots"]}
+    for slot, kind in kinds.items():
+        if kind in ("anon", "memfd"):
+            assert v.loc[slot, "verdict"] == "consistent"
+            assert "Normal" in v.loc[slot, "reason"]
+    wc = next(s for s, kd in kinds.items() if kd == "bar-wc")
+    uc = next(s for s, kd in kinds.items() if kd == "bar-uc")
+    assert v.loc[wc, "verdict"] == "downgraded"
+    assert "host VMA Normal-NC" in v.loc[wc, "reason"] and WC_RULE[k] in v.loc[wc, "reason"]
+    uc_faults = m.faults[m.faults["slot_row"] == slot_rows(m, uc)]
+    assert set(uc_faults["vma_memtype"]) == {"Device-nGnRE"}
+    assert set(m.errors["errno"]) == {"ENOEXEC"}
+    assert set(m.errors["slot"]) == {uc, wc}
+    assert v.loc[uc, "verdict"] == "rejected"
+
+
+@pytest.mark.parametrize("k", KERNELS)
+@pytest.mark.parametrize("sc", ["bar", "demo"])
+def test_slots_and_faults_match_the_guest(sc, k):
+    check_slots_and_faults(*load(sc, k))
 
 
 @pytest.mark.parametrize("k", KERNELS)
@@ -50,29 +78,9 @@ def test_prot_enum_comes_from_the_recording(k):
     assert set(bar["spte_memtype"]) - {""} == {"Device"}
 
 
-@pytest.mark.parametrize("k,wc_rule", [
-    ("6.1", "PFNMAP forced to Device: kernel before the cacheable-PFNMAP rules"),
-    ("7.x", "s2_force_noncacheable"),
-])
-def test_verdicts_follow_each_kernels_rules(k, wc_rule):
-    m, g = load("bar", k)
-    v = m.verdicts.set_index("slot")
-    kinds = {s["slot"]: s["backing"] for s in g["slots"]}
-    for slot, kind in kinds.items():
-        if kind in ("anon", "memfd"):
-            assert v.loc[slot, "verdict"] == "consistent"
-            assert "Normal" in v.loc[slot, "reason"]
-    wc = next(s for s, kd in kinds.items() if kd == "bar-wc")
-    uc = next(s for s, kd in kinds.items() if kd == "bar-uc")
-    # the write-combine BAR (Normal-NC VMA) is mapped Device: downgraded, and why
-    assert v.loc[wc, "verdict"] == "downgraded"
-    assert "host VMA Normal-NC" in v.loc[wc, "reason"] and wc_rule in v.loc[wc, "reason"]
-    uc_faults = m.faults[m.faults["slot_row"] == slot_rows(m, uc)]
-    assert set(uc_faults["vma_memtype"]) == {"Device-nGnRE"}
-    # executing from the BAR: refused with ENOEXEC (an abort injected into the guest)
-    assert set(m.errors["errno"]) == {"ENOEXEC"}
-    assert set(m.errors["slot"]) == {uc, wc}
-    assert v.loc[uc, "verdict"] == "rejected"
+@pytest.mark.parametrize("k", KERNELS)
+def test_verdicts_follow_each_kernels_rules(k):
+    check_bar_verdicts(*load("bar", k), k)
 
 
 def test_vma_types_come_from_the_kernels_own_lookup():

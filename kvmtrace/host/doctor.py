@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from . import bccload
 from . import headers as bcc_headers
-from . import btf, kprobes, kvm, tracefs
+from . import arm64, btf, kprobes, kvm, tracefs
 
 
 @dataclass
@@ -85,6 +85,17 @@ def run() -> list[Check]:
     flav = kvm.flavour()
     add(Check("/dev/kvm", flav["dev_kvm"], "present" if flav["dev_kvm"] else "absent",
               "" if flav["dev_kvm"] else "load kvm (modprobe kvm_intel / kvm_amd) to trace VMs"))
+    if machine == "aarch64":
+        cpu = arm64.cpu_facts()
+        cap = cpu["cap_cacheable_pfnmap"]
+        yn = {True: "yes", False: "no", None: "unknown"}
+        add(Check("arm64 CPU", None,
+                  f"S2FWB {yn[cpu['fwb']]} (boot log), CTR_EL0.DIC {yn[cpu['dic']]}; "
+                  f"KVM_CAP_ARM_CACHEABLE_PFNMAP_SUPPORTED: VM fd {cap['vm']}, /dev/kvm "
+                  f"{cap['dev_kvm']} -> cacheable VM_PFNMAP memslots "
+                  + ("allowed" if cap["vm"] == 1 else
+                     "refused on kernels with the 6.17 rules (needs S2FWB and DIC), mapped "
+                     "Device on older ones")))
     add(Check("KVM flavour", None, f"{flav.get('vendor')}: {flav.get('mmu')} MMU, "
                                    f"{flav.get('spte_format')} sptes, tdp_mmu={flav.get('tdp_mmu')}"))
     try:
@@ -94,7 +105,7 @@ def run() -> list[Check]:
         troot = None
         add(Check("tracefs", False, str(e), "mount -t tracefs tracefs /sys/kernel/tracing",
                   blocks_record=True))
-    for cat in ("kvm", "kvmmmu"):
+    for cat in ("kvm", "kvmmmu") if machine == "x86_64" else ("kvm",):
         evs = tracefs.category_events(cat, troot)
         add(Check(f"{cat} tracepoints", bool(evs), f"{len(evs)} present" if evs else "none",
                   "" if evs else "load the kvm module"))
@@ -120,7 +131,7 @@ def run() -> list[Check]:
         syms = kprobes.kallsyms()
         for kind in ("tracepoint", "raw_tp", "kprobe", "fentry"):
             ok, detail = _try_attach(cflags, kind, syms)
-            if kind in ("kprobe", "fentry") and not ok:
+            if kind == "kprobe" and not ok:
                 detail += ("; without it, kvm_arch_prepare_memory_region and the fault "
                            "handler's entry/return are not traced (tracepoints cover the rest)")
             add(Check(f"attach {kind}", ok, detail,

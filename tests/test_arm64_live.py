@@ -1,0 +1,44 @@
+"""arm64 end to end on a real arm64 KVM host: record the built-in guest's
+'bar' scenario with real kprobes and check the report against what the guest
+did and against the running kernel's rules. Runs inside the emulated arm64
+host (testbed/arm64/e2e runs it on 6.1 and 7.x; CI runs that through
+tests/test_testbed_arm64.py). Skipped on other architectures."""
+
+import platform
+
+import pytest
+
+import kvmtrace
+
+from conftest import guest_cmd, kvmtrace as run, load_json
+from test_report_arm64 import check_bar_verdicts, check_slots_and_faults
+
+pytestmark = pytest.mark.skipif(platform.machine() != "aarch64",
+                                reason="needs an arm64 KVM host (see testbed/arm64)")
+
+
+def kernel_label():
+    major, minor = (int(x) for x in platform.release().split(".")[:2])
+    return "7.x" if (major, minor) >= (6, 17) else "6.1"
+
+
+def test_bar_end_to_end(tmp_path, live):
+    out, rep = tmp_path / "bar.kvt", tmp_path / "bar.json"
+    p = run("record", "-o", out, "--", *guest_cmd("--scenario", "bar", "-q", "--report", rep),
+            timeout=600)
+    assert p.returncode == 0, p.stderr
+    m, g = kvmtrace.load(str(out)), load_json(rep)
+    attached = m.meta["probes"]["attached"]
+    for probe in ("kvm_pgtable_stage2_map", "kvm_handle_guest_abort",
+                  "kvm_arch_prepare_memory_region", "prepare-vma", "kvm:kvm_guest_fault"):
+        assert probe in attached
+    check_slots_and_faults(m, g)
+    check_bar_verdicts(m, g, kernel_label())
+
+
+def test_doctor_reports_cpu_and_kprobes(live):
+    import json
+    body = json.loads(run("doctor", "--format", "json").stdout)
+    checks = {c["name"]: c for c in body["checks"]}
+    assert checks["attach kprobe"]["ok"] is True
+    assert "DIC" in checks["arm64 CPU"]["detail"]
