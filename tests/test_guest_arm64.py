@@ -15,6 +15,7 @@ kvm:kvm_guest_fault events are counted per slot as an independent witness.
     testbed/arm64/run --kernel 6.1 -- python3 -m pytest -q tests/test_guest_arm64.py
 """
 
+import errno
 import json
 import os
 import platform
@@ -265,10 +266,25 @@ def test_arm64_scenarios():
     assert Scenario.from_dict(json.loads(json.dumps(bar.to_dict()))) == bar
 
     demo = scenario.demo(machine="aarch64").validate().layout()
-    assert {s.backing for s in demo.slots} == set(backings.ALL_KINDS)
+    assert {s.backing for s in demo.slots} == set(backings.KINDS + backings.BAR_KINDS)
     vvar = [s for s in demo.slots if s.backing == "pfnmap"][0]
     assert [(st.access, st.expect) for st in demo.steps if st.slot == vvar.slot] == [
         ("r", "ok"), ("w", "refused")]
+    # cbar: the cacheable BAR slot, per kernel (faults.arm64_memslot_errno)
+    cb61 = scenario.cbar("6.1").validate().layout()
+    assert [(s.backing, s.expect_errno) for s in cb61.slots] == [
+        ("anon", 0), ("bar-cacheable", 0)]
+    assert any(st.slot == 2 for st in cb61.steps)
+    cb7 = scenario.cbar("7.x", dic=False).validate().layout()
+    assert [(s.backing, s.expect_errno) for s in cb7.slots] == [
+        ("anon", 0), ("bar-cacheable", errno.EINVAL)]
+    assert not any(st.slot == 2 for st in cb7.steps)
+    assert Scenario.from_dict(json.loads(json.dumps(cb7.to_dict()))) == cb7
+    assert faults.arm64_memslot_errno("bar-cacheable", rule="7.x", dic=True) is None
+    assert faults.arm64_memslot_errno("bar-uc", rule="7.x", dic=False) == 0
+    cb_rule = faults.arm64_expected_faults("bar-cacheable", 0, [(0, "r"), (1, "w")], "6.1",
+                                           thp=TESTBED_THP)
+    assert cb_rule["total"] == 2 and cb_rule["map_prots"] == {"R|W|DEVICE": 2}
     x86_demo = scenario.demo(machine="x86_64")
     assert {s.backing for s in x86_demo.slots} == set(backings.KINDS)
     assert all(st.expect == "ok" for st in x86_demo.steps)

@@ -104,3 +104,22 @@ def test_text_report_and_diff_across_kernels(k):
     assert p.returncode == 1 and "downgraded" in p.stdout and "ENOEXEC" in p.stdout
     p = run("diff", D / "bar-6.1.kvt", D / "bar-7.x.kvt", "--format", "json")
     assert p.returncode == 0
+
+
+@pytest.mark.parametrize("k,verdict,words", [
+    # the seed's case: a cacheable VM_PFNMAP region that is not RAM (a test
+    # module remap_pfn_range()s the BAR with the default, cacheable pgprot)
+    ("6.1", "downgraded", "PFNMAP forced to Device: kernel before the cacheable-PFNMAP rules"),
+    ("7.x", "rejected", "kvm_arch_prepare_memory_region refused"),
+])
+def test_cacheable_pfnmap_per_kernel(k, verdict, words):
+    m, g = load("cbar", k)
+    slot = next(s["slot"] for s in g["slots"] if s["backing"] == "bar-cacheable")
+    v = m.verdicts.set_index("slot")
+    assert v.loc[slot, "verdict"] == verdict
+    assert words in v.loc[slot, "reason"]
+    if k == "7.x":
+        assert "S2FWB" in v.loc[slot, "reason"] or "DIC" in v.loc[slot, "reason"]
+        assert list(m.errors["errno"]) == ["EINVAL"]
+    else:
+        assert "host VMA Normal " in v.loc[slot, "reason"]

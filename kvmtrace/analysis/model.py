@@ -154,6 +154,7 @@ def build(path_or_recording) -> Model:
     f["vm_fd"] = faults_mod.attach_vm(f, vcpus, slots)
     f["slot_row"] = faults_mod.attribute(f, slots, "gfn")
     if arm:
+        ops["reason"] = stage2.memslot_reasons(ops, t, meta)
         slots = _arm64_slot_types(slots, t["prepare_vma"], meta.get("kernel"))
         f["spte_memtype"] = stage2.spte_memtypes(f, meta)
         f["vma_memtype"], f["vma_memtype_source"] = _arm64_vma_memtypes(f, slots)

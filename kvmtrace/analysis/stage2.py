@@ -179,3 +179,31 @@ def expected(f: pd.DataFrame, slots: pd.DataFrame, meta: dict) -> tuple[np.ndarr
         exp[pos] = mt
         words[pos] = w + (f" [{errno_mod.errorcode.get(err, err)}]" if err else "")
     return exp, words
+
+
+def memslot_reasons(ops: pd.DataFrame, tables, meta: dict) -> pd.Series:
+    """For refused memslot ioctls, the arm64 rule that refused it, from the
+    VMAs kvm_arch_prepare_memory_region looked up during that very ioctl
+    (same thread, between syscall entry and exit). Memslot ioctls are rare:
+    a loop over the refused ones."""
+    reasons = ops["reason"].copy()
+    pv, pr = tables["prepare_vma"], tables["prepare_region"]
+    cpu = meta.get("arm64") or {}
+    kernel = meta.get("kernel")
+    for i, r in ops[ops["ret"] < 0].iterrows():
+        win = lambda df: df[(df["tid"] == r.tid) & (df["ts"] >= r.enter_ts) & (df["ts"] <= r.ts)]  # noqa: E731
+        prep = win(pr)
+        if not len(prep) or int(prep["ret"].iloc[-1]) >= 0:
+            continue  # refused before the arch hook, by generic KVM code
+        vmas = win(pv).sort_values("vm_start")
+        types = a64.attrindx_memtype(vmas["vm_page_prot"].to_numpy(dtype="uint64"), kernel) \
+            if len(vmas) else []
+        err, words = a64.expected_memslot(
+            kernel, list(zip(types, vmas["vm_flags"].astype("int64"))), cpu.get("fwb"),
+            cpu.get("dic"), dirty_logging=bool(int(r["flags"]) & 1))
+        name = errno_mod.errorcode.get(-int(r.ret), str(-int(r.ret)))
+        if err == -int(r.ret):
+            reasons[i] = f"{name}: kvm_arch_prepare_memory_region refused: {words}"
+        else:
+            reasons[i] = f"{name}: kvm_arch_prepare_memory_region refused it (no known rule)"
+    return reasons

@@ -28,6 +28,15 @@ Kinds:
                order; smaps shows it as the VMA's offset), so two slots never
                alias a page. The first qword of every page mapped is zeroed
                (the BAR keeps its contents across runs).
+  bar-cacheable
+               the same BAR through /dev/kvmtrace_cbar, the arm64 testbed's
+               test module (testbed/arm64/module): remap_pfn_range() with the
+               VMA's default, Normal *cacheable* pgprot, so a cacheable
+               VM_PFNMAP|VM_IO region that is not RAM (KVM's cacheable-PFNMAP
+               rules). Without /dev/kvmtrace_cbar the module is built (make
+               against /lib/modules/$(uname -r)/build, in a temporary copy)
+               and insmod'ed, or the kind is "unavailable" with the reason.
+               Shares the BAR with bar-uc / bar-wc slots (its own part).
 
 KINDS are the kinds every Linux host can make (the demo covers them all);
 BAR_KINDS need a PCI device; ALL_KINDS is both.
@@ -49,16 +58,24 @@ HUGE_SIZE = 2 << 20
 
 KINDS = ("anon", "anon-shared", "memfd", "file", "hugetlb", "thp", "pfnmap")
 BAR_KINDS = ("bar-uc", "bar-wc")
-ALL_KINDS = KINDS + BAR_KINDS
+# kinds that need the arm64 testbed's test module (not in the demo)
+MODULE_KINDS = ("bar-cacheable",)
+ALL_KINDS = KINDS + BAR_KINDS + MODULE_KINDS
+# every kind over a PCI BAR
+ANY_BAR_KINDS = BAR_KINDS + MODULE_KINDS
 # VM_PFNMAP backings: no struct pages behind them
-PFNMAP_KINDS = ("pfnmap",) + BAR_KINDS
+PFNMAP_KINDS = ("pfnmap",) + ANY_BAR_KINDS
 # kinds whose host memory the VMM may write (guest code stubs, checks)
-WRITABLE_KINDS = ("anon", "anon-shared", "memfd", "file", "hugetlb", "thp") + BAR_KINDS
+WRITABLE_KINDS = ("anon", "anon-shared", "memfd", "file", "hugetlb", "thp") + ANY_BAR_KINDS
 
 # the PCI BAR behind the bar-* kinds: QEMU's ivshmem-plain device, BAR 2
 BAR_PCI_ID = (0x1AF4, 0x1110)
 BAR_INDEX = 2
 BAR_ENV = "KVMTRACE_GUEST_BAR"
+# bar-cacheable: the test module's device, module name and source directory
+CBAR_DEV = "/dev/kvmtrace_cbar"
+CBAR_MODULE = "kvmtrace_cbar"
+CBAR_SRC = os.path.join("testbed", "arm64", "module")  # relative to the checkout
 
 PROT_NONE = 0
 PROT_RW = mmap.PROT_READ | mmap.PROT_WRITE
@@ -158,7 +175,7 @@ class Backing:
         (which memcpy may use) fault: write it with aligned 32-bit stores.
         """
         addr = self.hva + offset
-        if self.kind in BAR_KINDS and addr % 4 == 0 and len(data) % 4 == 0:
+        if self.kind in ANY_BAR_KINDS and addr % 4 == 0 and len(data) % 4 == 0:
             for i in range(0, len(data), 4):
                 ctypes.c_uint32.from_address(addr + i).value = int.from_bytes(
                     data[i:i + 4], "little")
@@ -296,6 +313,8 @@ def _allocate(b, kind, size, slot):
         b.readable_pages = probe_readable(b.hva, b.size // PAGE_SIZE)
     elif kind in BAR_KINDS:
         _map_bar(b, kind, size)
+    elif kind == "bar-cacheable":
+        _map_cacheable_bar(b, kind, size)
 
 
 def find_bar(environ=None):
@@ -362,7 +381,12 @@ def _map_bar(b, kind, size):
     bar_size = os.path.getsize(path)
     if bar_size < PAGE_SIZE:
         raise Unavailable("%s: %s is %d bytes" % (kind, path, bar_size))
-    key = (os.path.realpath(dev), index)
+    _map_bar_range(b, kind, (os.path.realpath(dev), index), path, size, bar_size)
+
+
+def _map_bar_range(b, kind, key, path, size, bar_size):
+    """Map a part of the BAR no other slot of this run holds, through ``path``
+    (a sysfs resource file, or the test module's device over the same BAR)."""
     size = min(size or bar_size, bar_size)
     offset = _bar_offset(key, size, bar_size)
     if offset is None:
@@ -378,6 +402,64 @@ def _map_bar(b, kind, size):
     b.path = path
     for page in range(size // PAGE_SIZE):  # aligned 64-bit stores (Device memory)
         ctypes.c_uint64.from_address(b.hva + page * PAGE_SIZE).value = 0
+
+
+def checkout_dir():
+    """The kvmtrace checkout this module runs from ($KVMTRACE_SRC if set)."""
+    return os.environ.get("KVMTRACE_SRC") or os.path.dirname(
+        os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def load_cbar_module(timeout=600):
+    """Make /dev/kvmtrace_cbar exist: build the test module from the checkout's
+    testbed/arm64/module in a temporary copy and insmod it. Raises Unavailable
+    with the reason (no source, no kernel build dir, make or insmod failed)."""
+    import shutil
+    import subprocess
+    import time
+    src = os.path.join(checkout_dir(), CBAR_SRC)
+    if not os.path.exists(os.path.join(src, CBAR_MODULE + ".c")):
+        raise Unavailable("bar-cacheable: no %s and no module source in %s" % (CBAR_DEV, src))
+    kdir = "/lib/modules/%s/build" % os.uname().release
+    if not os.path.isdir(kdir):
+        raise Unavailable("bar-cacheable: no %s and no %s (linux-headers) to build %s"
+                          % (CBAR_DEV, kdir, CBAR_MODULE))
+    work = tempfile.mkdtemp(prefix="kvmtrace-cbar-")
+    try:
+        for name in (CBAR_MODULE + ".c", "Makefile"):
+            shutil.copy(os.path.join(src, name), work)
+        for cmd in (["make", "-C", kdir, "M=" + work, "modules"],
+                    ["insmod", os.path.join(work, CBAR_MODULE + ".ko")]):
+            try:
+                p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                   timeout=timeout, text=True)
+            except (OSError, subprocess.TimeoutExpired) as e:
+                raise Unavailable("bar-cacheable: %s: %s" % (cmd[0], e)) from None
+            if p.returncode:
+                tail = " | ".join(p.stdout.strip().splitlines()[-3:])
+                raise Unavailable("bar-cacheable: %s failed (exit %d): %s"
+                                  % (cmd[0], p.returncode, tail))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    for _ in range(50):  # devtmpfs creates the node asynchronously
+        if os.path.exists(CBAR_DEV):
+            return
+        time.sleep(0.1)
+    raise Unavailable("bar-cacheable: %s loaded but no %s" % (CBAR_MODULE, CBAR_DEV))
+
+
+def _map_cacheable_bar(b, kind, size):
+    dev, index = find_bar()
+    if dev is None:
+        raise Unavailable("%s: %s" % (kind, index))
+    path = os.path.join(dev, "resource%d" % index)
+    if not os.path.exists(path):
+        raise Unavailable("%s: no %s (BAR %d is not a memory BAR)" % (kind, path, index))
+    if not os.path.exists(CBAR_DEV):
+        load_cbar_module()
+    bar_size = os.path.getsize(path)
+    # the module maps this same BAR: share the range bookkeeping
+    _map_bar_range(b, kind, (os.path.realpath(dev), index), CBAR_DEV, size, bar_size)
 
 
 _FS_MAGIC = {0x01021994: "tmpfs", 0x858458F6: "ramfs", 0xEF53: "ext4", 0x58465342: "xfs",

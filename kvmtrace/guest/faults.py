@@ -7,6 +7,7 @@ down where it was measured. On any other MMU expected_faults() says None
 ("not measured") rather than guess.
 """
 
+import errno
 import os
 import platform
 
@@ -382,6 +383,9 @@ ARM64_PROT_BITS = {
     "7.x": {"X": 0x3, "W": 0x4, "R": 0x8, "DEVICE": 0x10, "NORMAL_NC": 0x20},  # X = PX|UX
 }
 ARM64_4K_KINDS = ("anon", "anon-shared", "memfd", "file")
+# PCI BAR backings: bar-uc / bar-wc (sysfs resourceN / resourceN_wc) and
+# bar-cacheable (the kvmtrace_cbar test module: the BAR mapped Normal cacheable)
+ARM64_BAR_KINDS = ("bar-uc", "bar-wc", "bar-cacheable")
 ARM64_SHMEM_KINDS = ("anon-shared", "memfd")
 READONLY = 2  # KVM_MEM_READONLY
 
@@ -395,6 +399,44 @@ def _thp_setting(name):
         return None
     start, end = text.find("["), text.find("]")
     return text[start + 1:end] if 0 <= start < end else None
+
+
+def arm64_ctr_el0():
+    """CTR_EL0 as EL0 reads it, or None off arm64 (kvmtrace.host.arm64 reads it)."""
+    from ..host.arm64 import read_ctr_el0
+
+    return read_ctr_el0()
+
+
+def arm64_memslot_errno(kind, flags=0, rule=None, dic=None):
+    """errno KVM_SET_USER_MEMORY_REGION should return for a new slot of `kind`
+    on arm64 (0: accepted), or None where not measured.
+
+    Measured 2026-11-26 in the emulated arm64 host (QEMU 7.2 -cpu max: S2FWB
+    yes, CTR_EL0.DIC no) with the bar-cacheable backing (the kvmtrace_cbar
+    test module: the ivshmem BAR remap_pfn_range()d with the VMA's default,
+    Normal cacheable, pgprot; a VM_PFNMAP VMA over a pfn that is not RAM):
+      6.1    accepted; the pages are mapped DEVICE|R|W at stage 2 ("PFNMAP
+             forced to Device", like bar-uc / bar-wc)
+      7.x    refused with EINVAL by kvm_arch_prepare_memory_region: a
+             cacheable VM_PFNMAP VMA needs kvm_supports_cacheable_pfnmap()
+             (S2FWB and CTR_EL0.DIC; the kernel has the rule from 6.17).
+             With DIC (dic=True): accepted is what the source says, but it
+             was not measured (None).
+    rule: arm64_rule() (default: this kernel's); dic: CTR_EL0.DIC (default:
+    read it). Other kinds: 0 (the measured runs all created their slots).
+    """
+    if kind != "bar-cacheable":
+        return 0
+    rule = rule or arm64_rule()
+    if rule == "6.1":
+        return 0
+    if rule != "7.x":
+        return None
+    if dic is None:
+        ctr = arm64_ctr_el0()
+        dic = None if ctr is None else bool(ctr >> 29 & 1)
+    return errno.EINVAL if dic is False else None
 
 
 def arm64_prot_value(names, rule):
@@ -531,8 +573,10 @@ def arm64_expected_faults(kind, flags, touched, rule, host_written=None, status=
     if kind == "file" and fs == "tmpfs":
         kind = "memfd"  # shmem
     why = None
-    if kind in HUGE_HOST_KINDS + ("bar-uc", "bar-wc") and flags & (READONLY | LOG_DIRTY):
+    if kind in HUGE_HOST_KINDS + ARM64_BAR_KINDS and flags & (READONLY | LOG_DIRTY):
         why = "%s with flags %#x" % (kind, flags)
+    elif kind == "bar-cacheable" and rule != "6.1" and touched:  # 7.x: refused, untouched
+        why = "bar-cacheable accepted as a memslot (a CPU with CTR_EL0.DIC)"
     elif kind == "thp" and thp.get("enabled") == "never":
         why = "thp with transparent_hugepage/enabled=never"
     elif kind in ARM64_SHMEM_KINDS and thp.get("shmem_enabled") in ("always", "within_size",
@@ -654,7 +698,7 @@ class _Arm64Stage2:
         if kind == "pfnmap" and write:  # read-only VMA: KVM_RUN EFAULT
             r["refused"] += 1
             return True
-        if kind in ("bar-uc", "bar-wc"):
+        if kind in ARM64_BAR_KINDS:
             if execute:  # -ENOEXEC: an instruction abort for the guest
                 r["refused"] += 1
                 return True

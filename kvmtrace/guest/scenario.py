@@ -16,7 +16,9 @@ import platform
 from dataclasses import dataclass, field
 from typing import List, Optional
 
-from .backings import ALL_KINDS, BAR_KINDS, HUGE_SIZE, KINDS, PAGE_SIZE, round_up  # noqa: F401
+from . import faults
+from .backings import (ALL_KINDS, ANY_BAR_KINDS, BAR_KINDS, HUGE_SIZE, KINDS,  # noqa: F401
+                       PAGE_SIZE, round_up)
 
 ACCESSES = ("r", "w", "rw", "x")
 EXPECTS = ("ok", "refused")
@@ -46,6 +48,10 @@ class Slot:
     # the guest's page tables map the slot with 2 MiB pages (PDE PS=1)
     # instead of 4 KiB PTEs: only then can a shadow MMU install 2 MiB sptes
     gpage2m: bool = False
+    # errno the setup KVM_SET_USER_MEMORY_REGION(2) is expected to fail with
+    # (0: it succeeds). A slot expected to be refused has no steps; the VMM
+    # records the refusal and goes on without the slot.
+    expect_errno: int = 0
 
     def size(self):
         """Bytes of guest memory asked for (hugetlb/thp: whole 2 MiB pages)."""
@@ -161,7 +167,7 @@ class Scenario:
             if s.gpage2m and s.backing == "pfnmap":
                 raise ScenarioError("slot %d: gpage2m needs 2 MiB of memory; the pfnmap "
                                     "([vvar]) VMA is a few pages" % s.slot)
-            if s.gpage2m and s.backing in BAR_KINDS:
+            if s.gpage2m and s.backing in ANY_BAR_KINDS:
                 raise ScenarioError("slot %d: gpage2m is for RAM backings, not a PCI BAR"
                                     % s.slot)
         owner = {}  # (slot, page) -> vcpu: pages are not shared between vCPUs
@@ -177,6 +183,10 @@ class Scenario:
             if s.backing == "pfnmap" and st.access == "x":
                 raise ScenarioError("slot %d: pfnmap ([vvar]) pages cannot hold an execute stub"
                                     % st.slot)
+            if s.expect_errno:
+                raise ScenarioError("step on slot %d: the slot is expected to be refused "
+                                    "(errno %d), nothing can touch it" % (st.slot,
+                                                                         s.expect_errno))
             if st.expect not in EXPECTS:
                 raise ScenarioError("step on slot %d: expect %r not in %s"
                                     % (st.slot, st.expect, EXPECTS))
@@ -314,6 +324,31 @@ def bar():
     return sc
 
 
+def cbar(rule=None, dic=None):
+    """arm64: a RAM slot next to a *cacheable* mapping of the PCI BAR.
+
+    The bar-cacheable backing (the testbed's kvmtrace_cbar module: the BAR
+    remap_pfn_range()d with Normal cacheable attributes, VM_PFNMAP, not RAM):
+    the seed case of KVM's cacheable-PFNMAP rules. What KVM does depends on
+    the kernel and CPU (faults.arm64_memslot_errno, measured): 6.1 accepts
+    the slot and maps its pages Device (PFNMAP forced to Device): the guest
+    reads, writes and read-writes a few pages; 7.x on a CPU without
+    CTR_EL0.DIC refuses the memslot with EINVAL (kvm_arch_prepare_memory_region):
+    the slot is created with expect_errno=EINVAL and nothing touches it.
+    rule / dic: faults.arm64_memslot_errno's (default: this host's).
+    """
+    sc = Scenario("cbar")
+    anon = sc.add_slot("anon", 16)
+    sc.steps += [Step(anon.slot, 0, 4, "w"), Step(anon.slot, 4, 4, "r")]
+    err = faults.arm64_memslot_errno("bar-cacheable", rule=rule, dic=dic) or 0
+    s = sc.add_slot("bar-cacheable", 8, expect_errno=err)
+    if not err:
+        sc.steps += [Step(s.slot, 0, 2, "r"), Step(s.slot, 2, 2, "w"), Step(s.slot, 4, 2, "rw")]
+    # RAM after the BAR slot
+    sc.steps += [Step(anon.slot, 8, 4, "rw")]
+    return sc
+
+
 def smp():
     """Two vCPUs, each writing its own slot (one vCPU thread each)."""
     sc = Scenario("smp", vcpus=2)
@@ -406,7 +441,7 @@ def pages_2x():
 DIFF_PAIRS = (("huge-base", "huge-4k"), ("dirty-off", "dirty-on"), ("ram", "pfnmap"),
               ("pages-1x", "pages-2x"))
 
-BUILTIN = {"demo": demo, "minimal": minimal, "smp": smp, "bar": bar,
+BUILTIN = {"demo": demo, "minimal": minimal, "smp": smp, "bar": bar, "cbar": cbar,
            "huge-base": huge_base, "huge-4k": huge_4k, "dirty-off": dirty_off,
            "dirty-on": dirty_on, "ram": ram, "pfnmap": pfnmap, "pages-1x": pages_1x,
            "pages-2x": pages_2x}

@@ -230,7 +230,10 @@ def _vma(name, member, doc):
     return Field(name, "u64", doc, "PT_REGS_RC(ctx)", btf=("vm_area_struct", member))
 
 
-RET = Field("ret", "s64", "return value (-errno on failure)", "PT_REGS_RC(ctx)", at_return=True)
+# Every function kvmtrace return-probes returns int: the upper half of the
+# return register is not part of the value, so sign-extend the low 32 bits.
+RET = Field("ret", "s64", "return value (-errno on failure)", "(s64)(s32)PT_REGS_RC(ctx)",
+            at_return=True)
 EXIT_TS = Field("exit_ts", "u64", "CLOCK_MONOTONIC ns at return", "bpf_ktime_get_ns()",
                 at_return=True)
 
