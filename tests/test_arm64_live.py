@@ -42,3 +42,22 @@ def test_doctor_reports_cpu_and_kprobes(live):
     checks = {c["name"]: c for c in body["checks"]}
     assert checks["attach kprobe"]["ok"] is True
     assert "DIC" in checks["arm64 CPU"]["detail"]
+
+
+def test_cacheable_pfnmap_end_to_end(tmp_path, live):
+    """The seed's case live: forced Device before 6.17, refused after (this CPU
+    has no CTR_EL0.DIC)."""
+    out, rep = tmp_path / "cbar.kvt", tmp_path / "cbar.json"
+    p = run("record", "-o", out, "--", *guest_cmd("--scenario", "cbar", "-q", "--report", rep),
+            timeout=900)
+    assert p.returncode == 0, p.stderr
+    m, g = kvmtrace.load(str(out)), load_json(rep)
+    check_slots_and_faults(m, g)
+    slot = next(s["slot"] for s in g["slots"] if s["backing"] == "bar-cacheable")
+    v = m.verdicts.set_index("slot")
+    if kernel_label() == "6.1":
+        assert v.loc[slot, "verdict"] == "downgraded"
+        assert "PFNMAP forced to Device" in v.loc[slot, "reason"]
+    else:
+        assert v.loc[slot, "verdict"] == "rejected"
+        assert "kvm_arch_prepare_memory_region refused" in v.loc[slot, "reason"]
