@@ -66,6 +66,7 @@ class Session:
         self.proc: child.Child | None = None
         self.snapshotted_pids: set[int] = set()
         self.write_error: OSError | None = None
+        self._last_stats: dict | None = None
         self.btf = None
 
     # -- setup --------------------------------------------------------------
@@ -138,10 +139,17 @@ class Session:
         for i, ev in enumerate(events):
             self.stats.lost[ev.name] = int(sum(table[ctypes.c_int(i)]))
 
-    def _stats_rows(self, events):
+    def _stats_rows(self, events, always=False):
+        """Cumulative counts per event kind, when they moved since the last rows
+        (an idle recording then writes no batch: each costs ~10 KB of Arrow
+        metadata for the empty tables)."""
+        now = {ev.name: (self.stats.events.get(ev.name, 0), self.stats.lost.get(ev.name, 0))
+               for ev in events}
+        if not always and now == self._last_stats:
+            return []
+        self._last_stats = now
         ts = time.monotonic_ns()
-        return [{"ts": ts, "kind": ev.name, "events": self.stats.events.get(ev.name, 0),
-                 "lost": self.stats.lost.get(ev.name, 0)} for ev in events]
+        return [{"ts": ts, "kind": k, "events": e, "lost": n} for k, (e, n) in now.items()]
 
     def run(self, live=None) -> Stats:
         opts = self.opts
@@ -237,7 +245,7 @@ class Session:
             if os.path.exists(f"/proc/{pid}"):
                 self._snapshot(writer, pid, "end")
         self._lost(b, prog.events)
-        writer.add_rows("stats", self._stats_rows(prog.events))
+        writer.add_rows("stats", self._stats_rows(prog.events, always=True))
         writer.note("end", {
             "stopped_by": self.stats.stopped_by or "unknown",
             "command_status": self.stats.command_status,
