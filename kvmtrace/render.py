@@ -19,7 +19,6 @@ from .probes.events import EVENTS
 
 VERDICT_STYLE = {"consistent": "green", "downgraded": "yellow", "upgraded": "bold red",
                  "rejected": "red", "unknown": "dim"}
-TABLES = ("slots", "ops", "faults", "ranges", "verdicts", "errors", "vmas")
 
 
 def _size(n) -> str:

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from ..memtype import is_cacheable
+from ..memtype import CACHEABLE
 from . import stats
 from .model import Model
 
@@ -90,7 +90,7 @@ def slot_profile(model: Model) -> pd.DataFrame:
         faults = fg.get(key, f.iloc[0:0])
         n = len(faults)
         mts = faults["spte_memtype"][faults["spte_memtype"] != ""]
-        cache = np.array([bool(is_cacheable(m)) for m in mts]) if len(mts) else np.array([])
+        cache = mts.map(CACHEABLE).fillna(False).to_numpy(dtype=bool)
         rows.append({
             **dict(zip(KEY, key)),
             "slot": "/".join(str(x) for x in sorted(set(g["slot"]))),

@@ -80,7 +80,7 @@ def _vma_memtypes(f: pd.DataFrame, slots: pd.DataFrame, meta: dict):
     if pm.any():
         _, pat_list, ram = _x86_context(meta)
         t, s = x86mt.pfn_memtype(f.loc[pm, "pfn"].to_numpy(), pat_list, ram)
-        mt[pm], src[pm] = t, ["VM_PFNMAP VMA: " + x for x in s]
+        mt[pm], src[pm] = t, ("VM_PFNMAP VMA: " + pd.Series(s, dtype=object)).to_numpy()
     return mt, src
 
 
@@ -126,7 +126,7 @@ def _arm64_vma_memtypes(f, slots):
         s = slots.iloc[row[ins]]
         kv = s["kvm_vma_memtype"].to_numpy()
         fallback = s["vma_memtype_arm64"].to_numpy()
-        mt[ins] = [x if x is not None else "unknown" for x in fallback]
+        mt[ins] = pd.Series(fallback, dtype=object).fillna("unknown").to_numpy()
         src[ins] = np.where(pd.notna(kv), "vm_page_prot AttrIndx as KVM looked it up",
                             np.where(pd.notna(fallback), "ordinary memory (default pgprot)",
                                      "VMA page protection not observed (no kprobe on the "

@@ -132,12 +132,6 @@ class BTF:
     def has_struct(self, name: str) -> bool:
         return bool(self._find(name, KIND_STRUCT))
 
-    def struct_size(self, name: str) -> int:
-        tid = self._find(name, KIND_STRUCT)
-        if not tid:
-            raise BTFError(f"struct {name} not in {self.source}")
-        return self._type(tid).contents.size_or_type
-
     def member_offset(self, struct: str, path: str) -> int:
         """Byte offset of ``a.b.c`` inside ``struct``, looking through anonymous
         unions and structs (e.g. vm_flags moved into one in 6.3)."""
