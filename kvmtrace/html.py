@@ -1,5 +1,11 @@
 """Self-contained HTML for `report --format html` and `diff --format html`:
-inline SVG plots and plain tables, so one file can be mailed or archived."""
+inline SVG plots and plain tables, so one file can be mailed or archived.
+
+Every value from a recording or the command line (paths, host and kernel
+names, VMA names, reasons, table cells and headers) is HTML-escaped where it
+is put into the page (``_e``, and pandas ``to_html(escape=True)``): a
+recording cannot put markup or a script into the report.
+"""
 
 from __future__ import annotations
 
@@ -21,14 +27,20 @@ th{background:#f0f0f0} .reg{color:#b00;font-weight:bold} .ok{color:#080}
 """
 
 
+def _e(x) -> str:
+    """Any value as HTML text (quotes too: safe in attributes as well)."""
+    return html.escape(str(x), quote=True)
+
+
 def _page(title: str, body: list[str]) -> str:
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
-            f"</title><style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>"
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{_e(title)}"
+            f"</title><style>{STYLE}</style></head><body><h1>{_e(title)}</h1>"
             + "\n".join(body) + "</body></html>\n")
 
 
 def _table(df: pd.DataFrame) -> str:
-    return df.to_html(index=False, na_rep="", float_format=lambda x: f"{x:.3g}", border=0)
+    return df.to_html(index=False, na_rep="", float_format=lambda x: f"{x:.3g}", border=0,
+                      escape=True, render_links=False)
 
 
 def _slot_labels(model: Model) -> pd.Series:
@@ -43,8 +55,9 @@ def _level_shares(f: pd.DataFrame, by: str, order: list) -> dict:
 
 
 def report_html(model: Model, tables: dict) -> str:
-    body = [f"<p>{html.escape(model.recording.path)}: {model.meta.get('kernel')} "
-            f"{model.meta.get('arch')}, KVM {html.escape(str(model.meta.get('kvm')))}</p>"]
+    m = model.meta
+    body = [f"<p>{_e(model.recording.path)}: host {_e(m.get('host'))}, {_e(m.get('kernel'))} "
+            f"{_e(m.get('arch'))}, KVM {_e(m.get('kvm'))}</p>"]
     f = model.faults[model.faults["slot_row"] >= 0]
     plots_html = []
     if len(f):
@@ -57,15 +70,18 @@ def report_html(model: Model, tables: dict) -> str:
         plots_html.append(plots.level_mix(order, _level_shares(f, "label", order),
                                           "mapping levels per slot"))
     body.append("<div class='plots'>" + "".join(plots_html) + "</div>")
-    for name in ("slots", "verdicts", "ops", "ranges", "errors"):
-        body.append(f"<h2>{name}</h2>" + _table(tables[name]))
+    for note in model.notes:
+        body.append(f"<p class='reg'>note: {_e(note)}</p>")
+    for name in ("slots", "verdicts", "ops", "ranges", "errors", "lost"):
+        body.append(f"<h2>{_e(name)}</h2>" + _table(tables[name]))
     return _page("kvmtrace report", body)
 
 
 def diff_html(base: Model, new: Model, c: Comparison) -> str:
     regs = c.regressions
-    body = [f"<p>BASE {html.escape(base.recording.path)}<br>NEW {html.escape(new.recording.path)}"
-            f"</p><p>{html.escape(c.method)}</p>",
+    body = [f"<p>BASE {_e(base.recording.path)}<br>NEW {_e(new.recording.path)}"
+            f"</p><p>{_e(c.method)}</p>",
+            *(f"<p class='reg'>note: {_e(n)}</p>" for n in c.notes),
             f"<p class='{'reg' if regs else 'ok'}'>"
             + (f"{len(regs)} regression(s)" if regs else "no regression") + "</p>"]
     if c.findings:

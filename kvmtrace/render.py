@@ -1,24 +1,67 @@
 """Views of a model for people (rich text) and for programs (JSON, CSV).
 
 Only presentation lives here; every number comes from kvmtrace.analysis.
+
+Every string that comes from a recording or from the user (paths, host and
+kernel names, VMA names, notes, reasons) reaches the terminal as a rich
+``Text`` (table cells, via ``_c``) or through ``_m`` (inside markup), never as
+markup: a VMA named ``[/]`` prints as itself instead of crashing the report,
+and control characters (terminal escape sequences, bidi overrides) are shown
+as ``\\xNN`` / ``\\uNNNN`` instead of being sent to the terminal. The console
+should be made with ``emoji=False`` so ``:name:`` stays literal (``make_console``).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 
 import pandas as pd
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
-from .analysis import summary
+from .analysis import identity, summary
 from .analysis.model import EXIT_REASONS, Model
 from .probes.events import EVENTS
 
 VERDICT_STYLE = {"consistent": "green", "downgraded": "yellow", "upgraded": "bold red",
                  "rejected": "red", "unknown": "dim"}
+
+# C0 / DEL / C1 controls, the bidi / zero-width format characters that can
+# make text display as something else, and lone surrogates (undecodable bytes
+# of a file name, or "\\ud800" in a recording's JSON), which cannot be encoded
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u200b-\u200f\u202a-\u202e\u2066-\u2069\ufeff"
+                     "\ud800-\udfff]")
+
+
+def plain(x) -> str:
+    """``x`` as a string safe to show on a terminal: unprintable characters
+    as Python-style escapes."""
+    s = str(x)
+    return _UNSAFE.sub(lambda m: (f"\\x{ord(m.group()):02x}" if ord(m.group()) < 0x100
+                                  else f"\\u{ord(m.group()):04x}"), s)
+
+
+def _m(x) -> str:
+    """A recorded or user-given value to put inside rich markup."""
+    return escape(plain(x))
+
+
+def _c(x, style: str = "") -> Text:
+    """A table cell from any value: literal text, never markup."""
+    return Text(plain(x), style=style)
+
+
+def make_console(**kw) -> Console:
+    """The console every text view prints to: no emoji codes; 200 columns when
+    writing to a file or pipe (no wrapping at 80)."""
+    c = Console(emoji=False, **kw)
+    if not c.is_terminal and "width" not in kw:
+        c = Console(emoji=False, width=200, **kw)
+    return c
 
 
 def _size(n) -> str:
@@ -60,7 +103,13 @@ def tables(model: Model, pid=None, slot=None) -> dict[str, pd.DataFrame]:
         "verdicts": summary.filter_rows(model.verdicts, pid, slot),
         "errors": summary.filter_rows(model.errors, pid, slot),
         "vmas": summary.filter_rows(model.recording["vmas"], pid, None),
+        "lost": model.lost.assign(lost_pct=_lost_pct(model.lost)),
     }
+
+
+def _lost_pct(lost: pd.DataFrame) -> pd.Series:
+    seen = lost["events"] + lost["lost"]
+    return (100.0 * lost["lost"] / seen.where(seen > 0)).round(3).fillna(0.0)
 
 
 def to_json(model: Model, pid=None, slot=None, table=None) -> str:
@@ -85,29 +134,36 @@ def _header(model: Model, console: Console):
     end = rec["notes"][rec["notes"]["key"] == "end"]
     endv = json.loads(end["value"].iloc[-1]) if len(end) else {}
     probes = m.get("probes") or {}
-    console.print(f"[bold]kvmtrace report[/] {escape(rec.path)}")
-    console.print(f"  host {m.get('host')}  kernel {m.get('kernel')}  {m.get('arch')}  "
-                  f"KVM {kvm.get('vendor')} ({kvm.get('mmu')}, {kvm.get('spte_format')} sptes)")
+    console.print(f"[bold]kvmtrace report[/] {_m(rec.path)}")
+    console.print(f"  host {_m(m.get('host'))}  kernel {_m(m.get('kernel'))}  {_m(m.get('arch'))}  "
+                  f"KVM {_m(kvm.get('vendor'))} ({_m(kvm.get('mmu'))}, "
+                  f"{_m(kvm.get('spte_format'))} sptes)")
     n_events = sum(len(rec[name]) for name in EVENTS)
     if endv:
-        lost = f"{sum((endv.get('lost') or {}).values()):,} lost"
+        try:
+            lost = f"{sum((endv.get('lost') or {}).values()):,} lost"
+        except (TypeError, ValueError, AttributeError):
+            lost = "lost events unknown"
     else:
         st = rec["stats"]
         lost = (f"{int(st.groupby('kind')['lost'].max().sum()):,} lost by the last flush"
                 if len(st) else "lost events unknown")
-    console.print(f"  recorded {endv.get('elapsed_s', '?')} s, stopped by "
-                  f"{endv.get('stopped_by', 'unknown (not closed)')}; "
+    console.print(f"  recorded {_m(endv.get('elapsed_s', '?'))} s, stopped by "
+                  f"{_m(endv.get('stopped_by', 'unknown (not closed)'))}; "
                   f"{n_events:,} events, {lost}")
-    console.print(f"  probes attached: {', '.join(probes.get('attached', []))}")
+    console.print(f"  probes attached: {_m(', '.join(map(str, probes.get('attached', []))))}")
     for name, why in (probes.get("unavailable") or {}).items():
-        console.print(f"  [dim]not attached: {name}: {why}[/]")
+        console.print(f"  [dim]not attached: {_m(name)}: {_m(why)}[/]")
     for p in model.notes:  # the recording's own problems come first in it
-        console.print(f"  [yellow]note:[/] {p}")
+        console.print(f"  [yellow]note:[/] {_m(p)}")
 
 
 def _memslot_table(s: pd.DataFrame, console: Console):
-    for (pid, vm), g in s.groupby(["pid", "vm_fd"]):
-        t = Table(title=f"memslots of VM pid {pid} vm fd {vm}", title_justify="left")
+    for (pid, proc, vm), g in s.groupby(["pid", "proc", "vm_fd"]):
+        who = identity.label(pid, proc)
+        if proc:
+            who += f" (process {proc + 1} with pid {pid} in this recording)"
+        t = Table(title=_c(f"memslots of VM pid {who} vm fd {vm}"), title_justify="left")
         for c in ("slot", "as", "GPA range", "size", "flags", "HVA", "VMA", "VmFlags",
                   "VMA type", "ioctl", "history"):
             t.add_column(c, overflow="fold")
@@ -115,24 +171,29 @@ def _memslot_table(s: pd.DataFrame, console: Console):
             hist = f"{r.created_by} {_t(r.t_start_s)}"
             if r.ended_by:
                 hist += f"; {r.ended_by} {_t(r.t_end_s)}"
-            t.add_row(_slot(r.slot, r.version), str(r.as_id),
-                      f"{_hex(r.gpa)}-{_hex(r.gpa_end)}", _size(r.size), r.flag_names,
-                      _hex(r.hva), escape(str(r.vma)), r.vm_flags, r.slot_vma_memtype,
-                      r.ioctl_name.replace("KVM_SET_USER_MEMORY_", ""), hist)
+            t.add_row(*map(_c, (_slot(r.slot, r.version), r.as_id,
+                                f"{_hex(r.gpa)}-{_hex(r.gpa_end)}", _size(r.size), r.flag_names,
+                                _hex(r.hva), r.vma, r.vm_flags, r.slot_vma_memtype,
+                                str(r.ioctl_name).replace("KVM_SET_USER_MEMORY_", ""), hist)))
         console.print(t)
 
 
 def _activity_table(s: pd.DataFrame, console: Console):
     t = Table(title="faults per slot", title_justify="left")
-    for c in ("slot", "faults", "read", "write", "exec", "4K", "2M", "1G", "spte type",
-              "prefetched", "invalidations", "MMIO exits", "p50 service"):
+    lost = bool(s["lost"].any() or s["unpaired_installs"].any())
+    cols = ["slot", "faults", "read", "write", "exec", "4K", "2M", "1G", "spte type",
+            "prefetched", "invalidations", "MMIO exits", "p50 service"]
+    cols += ["lost", "unpaired installs"] if lost else []
+    for c in cols:
         t.add_column(c, justify="left" if c in ("slot", "spte type") else "right")
     for r in s.to_dict("records"):
         p50 = r["service_p50_us"]
-        t.add_row(_slot(r["slot"], r["version"]),
-                  *(str(r[c]) for c in ("faults", "read", "write", "exec", "4K", "2M", "1G")),
-                  r["spte_memtype"], str(r["prefetched"]), str(r["invalidations"]),
-                  str(r["mmio_exits"]), "" if pd.isna(p50) else f"{p50:.1f} us")
+        row = [_slot(r["slot"], r["version"]),
+               *(r[c] for c in ("faults", "read", "write", "exec", "4K", "2M", "1G")),
+               r["spte_memtype"], r["prefetched"], r["invalidations"],
+               r["mmio_exits"], "" if pd.isna(p50) else f"{p50:.1f} us"]
+        row += [r["lost"], r["unpaired_installs"]] if lost else []
+        t.add_row(*(_c(x, "red" if i >= 13 and x else "") for i, x in enumerate(row)))
     console.print(t)
 
 
@@ -142,8 +203,8 @@ def _verdict_table(v: pd.DataFrame, console: Console):
         t.add_column(c, overflow="fold")
     for r in v.itertuples(index=False):
         style = VERDICT_STYLE.get(r.verdict, "")
-        t.add_row(_slot(r.slot, max(r.version, 0)), _hex(r.gpa), str(r.faults),
-                  f"[{style}]{r.verdict}[/]", escape(r.reason))
+        t.add_row(_c(_slot(r.slot, max(r.version, 0))), _c(_hex(r.gpa)), _c(r.faults),
+                  _c(r.verdict, style), _c(r.reason))
     console.print(t)
 
 
@@ -154,9 +215,9 @@ def _ranges_table(r: pd.DataFrame, console: Console):
         t.add_column(c)
     for x in r.itertuples(index=False):
         style = VERDICT_STYLE.get(x.verdict, "")
-        t.add_row(str(x.slot), f"{_hex(x.gfn_first * 4096)}-{_hex((x.gfn_last + 1) * 4096)}",
-                  str(x.pages), str(x.size), x.vma_memtype, x.spte_memtype,
-                  f"[{style}]{x.verdict}[/]")
+        t.add_row(*map(_c, (x.slot, f"{_hex(x.gfn_first * 4096)}-{_hex((x.gfn_last + 1) * 4096)}",
+                            x.pages, x.size, x.vma_memtype, x.spte_memtype)),
+                  _c(x.verdict, style))
     console.print(t)
 
 
@@ -165,10 +226,28 @@ def _ops_table(o: pd.DataFrame, console: Console):
     for c in ("time", "pid", "vm", "ioctl", "slot", "op", "flags", "GPA", "size", "result"):
         t.add_column(c, overflow="fold")
     for r in o.itertuples(index=False):
-        res = "ok" if r.ret >= 0 else f"[red]{r.errno}[/]: {escape(r.reason.split(': ', 1)[-1])}"
-        t.add_row(_t(r.t_s), str(r.pid), str(r.vm_fd), r.ioctl_name.replace(
-            "KVM_SET_USER_MEMORY_", ""), f"{r.as_id}:{r.slot_id}" if r.as_id else str(r.slot_id),
-            r.op, r.flag_names, _hex(r.gpa), _size(r.size), res)
+        res = _c("ok") if r.ret >= 0 else Text.assemble(
+            _c(r.errno, "red"), ": ", _c(str(r.reason).split(": ", 1)[-1]))
+        t.add_row(*map(_c, (_t(r.t_s), identity.label(r.pid, r.proc), r.vm_fd,
+                            str(r.ioctl_name).replace("KVM_SET_USER_MEMORY_", ""),
+                            f"{r.as_id}:{r.slot_id}" if r.as_id else r.slot_id,
+                            r.op, r.flag_names, _hex(r.gpa), _size(r.size))), res)
+    console.print(t)
+
+
+def _lost_table(lost: pd.DataFrame, console: Console):
+    """Per event kind: always one line; a table as soon as anything was lost."""
+    n = int(lost["lost"].sum()) if len(lost) else 0
+    if not n:
+        console.print("lost events: none" if len(lost) else
+                      "lost events: unknown (the recording has no per-kind counts)")
+        return
+    t = Table(title="lost events (ring buffer full), per kind", title_justify="left")
+    for c in ("kind", "recorded", "lost", "lost %"):
+        t.add_column(c, justify="left" if c == "kind" else "right")
+    for r in lost.itertuples(index=False):
+        t.add_row(_c(r.kind), _c(f"{r.events:,}"), _c(f"{r.lost:,}", "red" if r.lost else ""),
+                  _c(f"{r.lost_pct:g}"))
     console.print(t)
 
 
@@ -180,8 +259,8 @@ def _errors_table(e: pd.DataFrame, console: Console):
     for c in ("pid", "vm", "what", "slot", "errno", "detail"):
         t.add_column(c, overflow="fold")
     for r in e.itertuples(index=False):
-        t.add_row(str(r.pid), str(r.vm_fd), r.what, "" if r.slot < 0 else str(r.slot),
-                  f"[red]{r.errno}[/]", escape(r.detail))
+        t.add_row(_c(identity.label(r.pid, r.proc)), _c(r.vm_fd), _c(r.what), _c("" if r.slot < 0 else r.slot),
+                  _c(r.errno, "red"), _c(r.detail))
     console.print(t)
 
 
@@ -203,6 +282,7 @@ def to_text(model: Model, console: Console, pid=None, slot=None):
     if outside:
         console.print(f"[yellow]{outside} faults outside every recorded memslot[/] "
                       "(slots set before recording started, or of untraced VMs)")
+    _lost_table(t["lost"], console)
     _errors_table(t["errors"], console)
 
 
@@ -224,13 +304,15 @@ def diff_summary_lines(c) -> list[str]:
 
 
 def diff_to_text(base, new, c, console: Console):
-    console.print(f"[bold]kvmtrace diff[/]\n  BASE {escape(base.recording.path)}\n"
-                  f"  NEW  {escape(new.recording.path)}")
-    console.print(f"  [dim]{escape(c.method)}[/]")
+    console.print(f"[bold]kvmtrace diff[/]\n  BASE {_m(base.recording.path)}\n"
+                  f"  NEW  {_m(new.recording.path)}")
+    console.print(f"  [dim]{_m(c.method)}[/]")
     for p in base.recording.problems:
-        console.print(f"  [yellow]BASE note:[/] {escape(p)}")
+        console.print(f"  [yellow]BASE note:[/] {_m(p)}")
     for p in new.recording.problems:
-        console.print(f"  [yellow]NEW note:[/] {escape(p)}")
+        console.print(f"  [yellow]NEW note:[/] {_m(p)}")
+    for p in c.notes:
+        console.print(f"  [yellow]note:[/] {_m(p)}")
     t = Table(title="slots (matched by address space, GPA and size)", title_justify="left")
     for col in ("GPA", "size", "slot", "backing", "faults", "pages", "2M/1G", "p50 us",
                 "invalidations", "MMIO exits"):
@@ -242,14 +324,15 @@ def diff_to_text(base, new, c, console: Console):
         return fa if fa == fb else f"{fa} -> {fb}"
 
     for r in c.slots.to_dict("records"):
-        t.add_row(_hex(r["gpa"]), _size(r["bytes"]), pair(r["slot_base"], r["slot_new"]),
-                  escape(pair(r["backing_base"], r["backing_new"])),
-                  pair(r["faults_base"], r["faults_new"], lambda x: str(int(x))),
-                  pair(r["pages_base"], r["pages_new"], lambda x: str(int(x))),
-                  pair(r["huge_share_base"], r["huge_share_new"], lambda x: f"{x * 100:.0f}%"),
-                  pair(r["p50_us_base"], r["p50_us_new"], lambda x: f"{x:.1f}"),
-                  pair(r["invalidations_base"], r["invalidations_new"], lambda x: str(int(x))),
-                  pair(r["mmio_exits_base"], r["mmio_exits_new"], lambda x: str(int(x))))
+        t.add_row(*map(_c, (
+            _hex(r["gpa"]), _size(r["bytes"]), pair(r["slot_base"], r["slot_new"]),
+            pair(r["backing_base"], r["backing_new"]),
+            pair(r["faults_base"], r["faults_new"], lambda x: str(int(x))),
+            pair(r["pages_base"], r["pages_new"], lambda x: str(int(x))),
+            pair(r["huge_share_base"], r["huge_share_new"], lambda x: f"{x * 100:.0f}%"),
+            pair(r["p50_us_base"], r["p50_us_new"], lambda x: f"{x:.1f}"),
+            pair(r["invalidations_base"], r["invalidations_new"], lambda x: str(int(x))),
+            pair(r["mmio_exits_base"], r["mmio_exits_new"], lambda x: str(int(x))))))
     console.print(t)
     lat = c.latency
     if len(lat):
@@ -258,9 +341,9 @@ def diff_to_text(base, new, c, console: Console):
         for col in ("by", "key", "side", "count", "rate/s", "p50", "p90", "p99", "max"):
             t.add_column(col, justify="left" if col in ("by", "key", "side") else "right")
         for r in lat.sort_values(["by", "key", "side"]).to_dict("records"):
-            t.add_row(r["by"], r["key"], r["side"], str(r["count"]),
-                      "" if pd.isna(r.get("rate")) else f"{r['rate']:.0f}",
-                      *(f"{r[q]:.2f}" for q in ("p50", "p90", "p99", "max")))
+            t.add_row(*map(_c, (r["by"], r["key"], r["side"], r["count"],
+                                "" if pd.isna(r.get("rate")) else f"{r['rate']:.0f}",
+                                *(f"{r[q]:.2f}" for q in ("p50", "p90", "p99", "max")))))
         console.print(t)
     if len(c.totals):
         t = Table(title="VMs", title_justify="left")
@@ -269,15 +352,16 @@ def diff_to_text(base, new, c, console: Console):
             t.add_column(col)
         for r in c.totals.to_dict("records"):
             exits = ", ".join(f"{EXIT_REASONS.get(int(k), k)} {v}" for k, v in r["exits"].items())
-            t.add_row(r["side"], str(r["pid"]), str(r["vm_fd"]), str(r["faults"]),
-                      "" if pd.isna(r["huge_share"]) else f"{r['huge_share'] * 100:.0f}%",
-                      "" if pd.isna(r["p50_us"]) else f"{r['p50_us']:.1f}", exits,
-                      str(r["errors"]), "" if r["recorded_s"] is None else f"{r['recorded_s']} s")
+            t.add_row(*map(_c, (
+                r["side"], r["pid"], r["vm_fd"], r["faults"],
+                "" if pd.isna(r["huge_share"]) else f"{r['huge_share'] * 100:.0f}%",
+                "" if pd.isna(r["p50_us"]) else f"{r['p50_us']:.1f}", exits,
+                r["errors"], "" if r["recorded_s"] is None else f"{r['recorded_s']} s")))
         console.print(t)
     lines = diff_summary_lines(c)
     for line in lines:
         style = "bold red" if line.startswith("REGRESSION") else "yellow"
-        console.print(f"[{style}]{escape(line)}[/]")
+        console.print(_c(line, style))
     n = len(c.regressions)
     console.print("[green]no regression[/]" if not n else f"[bold red]{n} regression(s)[/]")
 
@@ -286,6 +370,7 @@ def diff_to_json(base, new, c) -> str:
     return json.dumps({
         "base": base.recording.path, "new": new.recording.path, "method": c.method,
         "regressions": len(c.regressions),
+        "notes": c.notes,
         "summary": diff_summary_lines(c),
         "findings": [f.__dict__ for f in c.findings],
         "slots": json.loads(c.slots.to_json(orient="records")),

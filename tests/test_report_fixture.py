@@ -114,7 +114,7 @@ def test_json_and_csv():
     assert {"slots", "ops", "faults", "verdicts", "errors", "meta"} <= set(body)
     assert body["meta"]["kvm"]["spte_format"] == "legacy"
     p = run("report", REC, "--format", "csv")
-    assert p.stdout.splitlines()[0].startswith("pid,vm_fd,as_id,slot,version,gpa")
+    assert p.stdout.splitlines()[0].startswith("pid,proc,vm_fd,as_id,slot,version,gpa")
     p = run("report", REC, "--format", "csv", "--table", "errors", "--slot", "10")
     assert len(p.stdout.splitlines()) == 3
 

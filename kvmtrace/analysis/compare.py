@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from ..memtype import CACHEABLE
-from . import stats
+from . import hostload, stats
 from .model import Model
 
 KEY = ["as_id", "gpa", "bytes"]  # a slot as the guest sees it
@@ -128,6 +128,7 @@ class Comparison:
     totals: pd.DataFrame         # per recording and VM
     method: str
     causes: dict                 # slot label -> cause words
+    notes: list[str] = field(default_factory=list)  # host load, loss: context to read it in
 
     @property
     def regressions(self) -> list[Finding]:
@@ -242,7 +243,23 @@ def compare(base: Model, new: Model, thresholds: dict | None = None,
         findings += _error_findings(base, new)
     totals = pd.concat([_totals(base, "base"), _totals(new, "new")], ignore_index=True)
     return Comparison(findings, _side_by_side(m), _latency_table(base, new, pb, pn), totals,
-                      _method(base, new), causes)
+                      _method(base, new), causes, _context_notes(base, new))
+
+
+def _context_notes(base: Model, new: Model) -> list[str]:
+    """What makes the two recordings less comparable than their numbers look:
+    different host load, events lost on either side."""
+    out = []
+    load = hostload.load_difference(hostload.host_load(base.recording),
+                                    hostload.host_load(new.recording))
+    if load:
+        out.append(load)
+    for side, m in (("BASE", base), ("NEW", new)):
+        lost = int(m.lost["lost"].sum()) if len(m.lost) else 0
+        if lost:
+            out.append(f"{side} lost {lost:,} events (ring buffer full): its counts are lower "
+                       "bounds and slots that lost events are compared on what was seen")
+    return out
 
 
 def _mix(d: dict) -> str:
@@ -306,12 +323,13 @@ def _totals(model: Model, side: str) -> pd.DataFrame:
     elapsed = recorded_seconds(model)
     ex = model.recording["userspace_exit"]
     rows = []
-    vms = model.slots[["pid", "vm_fd"]].drop_duplicates() if len(model.slots) else \
-        pd.DataFrame({"pid": [], "vm_fd": []})
+    vms = model.slots[["pid", "proc", "vm_fd"]].drop_duplicates() if len(model.slots) else \
+        pd.DataFrame({"pid": [], "proc": [], "vm_fd": []})
     for r in vms.itertuples(index=False):
-        f = model.faults[(model.faults["pid"] == r.pid) & (model.faults["vm_fd"] == r.vm_fd)]
+        f = model.faults[(model.faults["pid"] == r.pid) & (model.faults["proc"] == r.proc)
+                         & (model.faults["vm_fd"] == r.vm_fd)]
         e = ex[ex["pid"] == r.pid]
-        rows.append({"side": side, "pid": int(r.pid), "vm_fd": int(r.vm_fd),
+        rows.append({"side": side, "pid": int(r.pid), "proc": int(r.proc), "vm_fd": int(r.vm_fd),
                      "faults": len(f), "huge_share": float((f["level"] > 1).mean()) if len(f)
                      else np.nan, "p50_us": float(f["service_ns"].median() / 1e3) if len(f)
                      else np.nan, "userspace_exits": len(e),

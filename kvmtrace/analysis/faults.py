@@ -122,18 +122,22 @@ def spte_memtypes(f: pd.DataFrame, spte_format: str, pat) -> np.ndarray:
 
 def attach_vm(df: pd.DataFrame, vcpus: pd.DataFrame, slots: pd.DataFrame) -> pd.Series:
     """vm_fd of each row: its thread's vCPU fd -> KVM_CREATE_VCPU's VM fd; when the
-    vCPU was created before recording, the pid's only VM if it has one."""
+    vCPU was created before recording, the process's only VM if it has one.
+    Rows and VMs are matched within one process (pid and ``proc``)."""
+    key = ["pid", "proc"]
     vm = pd.Series(-1, index=df.index, dtype="int64")
     if len(df) and len(vcpus):
-        m = df[["pid", "vcpu_fd"]].reset_index().merge(
-            vcpus.drop_duplicates(["pid", "vcpu_fd"], keep="last")[["pid", "vcpu_fd", "vm_fd"]],
-            on=["pid", "vcpu_fd"], how="left").set_index("index")["vm_fd"]
+        m = df[key + ["vcpu_fd"]].reset_index().merge(
+            vcpus.drop_duplicates(key + ["vcpu_fd"], keep="last")[key + ["vcpu_fd", "vm_fd"]],
+            on=key + ["vcpu_fd"], how="left").set_index("index")["vm_fd"]
         vm = m.fillna(-1).astype("int64").reindex(df.index, fill_value=-1)
-    if len(slots):
-        only = slots.groupby("pid")["vm_fd"].nunique()
-        single = slots.drop_duplicates("pid").set_index("pid")["vm_fd"][only == 1]
-        fill = (vm < 0) & df["pid"].isin(single.index)
-        vm[fill] = df.loc[fill, "pid"].map(single).astype("int64")
+    if len(slots) and len(df):
+        per = slots.groupby(key)["vm_fd"].agg(["nunique", "first"])
+        single = per.loc[per["nunique"] == 1, "first"]
+        idx = pd.MultiIndex.from_frame(df[key].astype("int64"))
+        only = pd.Series(single.reindex(idx).to_numpy(), index=df.index)
+        fill = (vm < 0) & only.notna()
+        vm[fill] = only[fill].astype("int64")
     return vm
 
 
@@ -146,12 +150,13 @@ def attribute(df: pd.DataFrame, slots: pd.DataFrame, key: str, ts="ts") -> pd.Se
     if not len(df) or not len(slots):
         return pd.Series(out, index=df.index)
     t = df[ts].to_numpy(dtype=np.int64)
-    pid, vm = df["pid"].to_numpy(), df["vm_fd"].to_numpy()
+    pid, proc, vm = df["pid"].to_numpy(), df["proc"].to_numpy(), df["vm_fd"].to_numpy()
     addr = df[key].to_numpy(dtype=np.uint64)
     for i, s in slots.iterrows():
         lo, hi = (s.gfn_start, s.gfn_end) if key == "gfn" else (s.hva, s.hva + s["size"])
         t_end = s.t_end if s.t_end < np.iinfo(np.int64).max else np.iinfo(np.int64).max
-        hit = ((pid == s.pid) & (vm == s.vm_fd) & (t >= s.t_start) & (t < t_end)
+        hit = ((pid == s.pid) & (proc == s.proc) & (vm == s.vm_fd) & (t >= s.t_start)
+               & (t < t_end)
                & (addr >= np.uint64(lo)) & (addr < np.uint64(hi)))
         out[hit] = i
     return pd.Series(out, index=df.index)

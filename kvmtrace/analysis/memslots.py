@@ -19,7 +19,7 @@ import pandas as pd
 KVM_MEM_FLAGS = {1: "LOG_DIRTY_PAGES", 2: "READONLY", 4: "GUEST_MEMFD"}
 KVM_CREATE_VM, KVM_CREATE_VCPU = 0xAE01, 0xAE41
 INF = np.iinfo(np.uint64).max
-SLOT_INT_COLS = {"pid": "int64", "vm_fd": "int64", "as_id": "int64", "slot": "int64",
+SLOT_INT_COLS = {"pid": "int64", "proc": "int64", "vm_fd": "int64", "as_id": "int64", "slot": "int64",
                  "gpa": "uint64", "size": "uint64", "hva": "uint64", "flags": "int64",
                  "gmem_fd": "int64", "t_start": "uint64", "t_end": "uint64"}
 
@@ -89,9 +89,9 @@ def replay(ops: pd.DataFrame):
     """(ops with 'op' and 'reason' columns, slot versions table)."""
     op_col, reason_col = [], []
     versions = []
-    state: dict = {}  # (pid, vm_fd) -> {(as_id, slot_id): version dict}
+    state: dict = {}  # (pid, proc, vm_fd) -> {(as_id, slot_id): version dict}
     for row in ops.itertuples(index=False):
-        live = state.setdefault((row.pid, row.vm_fd), {})
+        live = state.setdefault((row.pid, row.proc, row.vm_fd), {})
         key = (row.as_id, row.slot_id)
         old = live.get(key)
         if row.size == 0:
@@ -117,7 +117,7 @@ def replay(ops: pd.DataFrame):
         if op == "delete":
             live.pop(key, None)
             continue
-        new = {"pid": row.pid, "vm_fd": row.vm_fd, "as_id": row.as_id, "slot": row.slot_id,
+        new = {"pid": row.pid, "proc": row.proc, "vm_fd": row.vm_fd, "as_id": row.as_id, "slot": row.slot_id,
                "gpa": int(row.gpa), "size": int(row.size), "hva": int(row.hva),
                "flags": int(row.flags), "flag_names": row.flag_names,
                "ioctl_name": row.ioctl_name, "gmem_fd": int(row.gmem_fd) if row.ioctl == 2 else -1,
@@ -125,17 +125,19 @@ def replay(ops: pd.DataFrame):
         live[key] = new
         versions.append(new)
     ops = ops.assign(op=op_col, reason=reason_col)
-    cols = ["pid", "vm_fd", "as_id", "slot", "gpa", "size", "hva", "flags", "flag_names",
+    cols = ["pid", "proc", "vm_fd", "as_id", "slot", "gpa", "size", "hva", "flags", "flag_names",
             "ioctl_name", "gmem_fd", "t_start", "t_end", "created_by", "ended_by"]
     slots = pd.DataFrame(versions, columns=cols).astype(SLOT_INT_COLS)
     slots["gfn_start"] = (slots["gpa"] // 4096).astype("int64")
     slots["gfn_end"] = ((slots["gpa"] + slots["size"]) // 4096).astype("int64")
-    slots["version"] = slots.groupby(["pid", "vm_fd", "as_id", "slot"]).cumcount().astype("int64")
+    slots["version"] = slots.groupby(["pid", "proc", "vm_fd", "as_id", "slot"]).cumcount() \
+        .astype("int64")
     return ops, slots.reset_index(drop=True)
 
 
 def vcpu_to_vm(vm_ioctl: pd.DataFrame) -> pd.DataFrame:
-    """(pid, vcpu_fd) -> vm_fd, from KVM_CREATE_VCPU results."""
+    """(pid, proc, vcpu_fd) -> vm_fd, from KVM_CREATE_VCPU results (``proc``:
+    see identity.py)."""
     v = vm_ioctl[(vm_ioctl["cmd"] == KVM_CREATE_VCPU) & (vm_ioctl["ret"] >= 0)]
     return (v.rename(columns={"fd": "vm_fd"})
-            .assign(vcpu_fd=v["ret"].astype("int32"))[["pid", "vcpu_fd", "vm_fd", "ts"]])
+            .assign(vcpu_fd=v["ret"].astype("int32"))[["pid", "proc", "vcpu_fd", "vm_fd", "ts"]])

@@ -24,7 +24,7 @@ import pandas as pd
 from ..memtype import x86 as x86mt
 from ..recording.reader import Recording, read
 from . import faults as faults_mod
-from . import memslots, stage2, vmas as vmas_mod
+from . import identity, loss, memslots, stage2, vmas as vmas_mod
 
 EXIT_REASONS = {0: "UNKNOWN", 1: "EXCEPTION", 2: "IO", 3: "HYPERCALL", 4: "DEBUG", 5: "HLT",
                 6: "MMIO", 7: "IRQ_WINDOW_OPEN", 8: "SHUTDOWN", 9: "FAIL_ENTRY", 10: "INTR",
@@ -45,6 +45,8 @@ class Model:
     errors: pd.DataFrame
     verdicts: pd.DataFrame
     ranges: pd.DataFrame
+    lost: pd.DataFrame        # per event kind: events, lost (see loss.py)
+    lost_where: pd.DataFrame  # per process, kind and 2 MiB region
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -69,10 +71,16 @@ def _vma_memtypes(f: pd.DataFrame, slots: pd.DataFrame, meta: dict):
     in_slot = row >= 0
     observed = np.zeros(n, bool)
     pfnmap = np.zeros(n, bool)
+    pgprot = np.zeros(n, bool)  # vm_page_prot captured at the ioctl: decoded (vmas.py)
     if len(slots):
         observed[in_slot] = slots["vma_count"].to_numpy()[row[in_slot]] > 0
         pfnmap[in_slot] = slots["pfnmap"].to_numpy()[row[in_slot]].astype(bool)
-    src[in_slot & ~observed] = "the VMA was not observed (no smaps snapshot covered it)"
+        pg = slots["pgprot_memtype"].to_numpy()[row[in_slot]]
+        pgprot[in_slot] = pd.notna(pg)
+        mt[pgprot] = pg[pd.notna(pg)]
+        src[pgprot] = slots["pgprot_memtype_source"].to_numpy()[row[pgprot]]
+        src[in_slot & ~observed] = slots["vma_source"].to_numpy()[row[in_slot & ~observed]]
+    observed &= ~pgprot
     ordinary = in_slot & observed & ~pfnmap
     mt[ordinary] = "WB"
     src[ordinary] = "ordinary memory mapping (struct pages, default pgprot): write-back"
@@ -110,6 +118,13 @@ def _arm64_slot_types(slots, prepare_vma, kernel):
         return slots.assign(kvm_vma_memtype=[], kvm_vm_flags=[], kvm_pgprot=[],
                             vma_memtype_arm64=[])
     slots = pd.concat([slots, stage2.slot_vma_types(slots, prepare_vma, kernel)], axis=1)
+    # without the kprobe on KVM's own lookup: the VMA captured at the ioctl (vmas.py)
+    bpf = slots["kvm_vma_memtype"].isna() & slots["pgprot_memtype"].notna()
+    if bpf.any():
+        slots.loc[bpf, "kvm_vma_memtype"] = slots.loc[bpf, "pgprot_memtype"]
+        for kvm_col, col in (("kvm_vm_flags", "vm_flags"), ("kvm_pgprot", "vm_page_prot")):
+            slots[kvm_col] = slots[kvm_col].astype(object)  # u64 exact, NaN where unknown
+            slots.loc[bpf, kvm_col] = [int(v) for v in slots.loc[bpf, col]]
     ordinary = (slots["vma_count"] > 0) & ~slots["pfnmap"].astype(bool)
     slots["vma_memtype_arm64"] = slots["kvm_vma_memtype"].where(
         slots["kvm_vma_memtype"].notna(), np.where(ordinary, "Normal", None))
@@ -142,15 +157,19 @@ def build(path_or_recording) -> Model:
     pat, _, _ = _x86_context(meta)
     notes = list(rec.problems)
 
+    exits_ = t["proc_exit"]
     ops = memslots.decode_ops(t["memslot"])
+    ops["proc"] = identity.generations(ops, exits_)
     ops, slots = memslots.replay(ops)
-    sv = vmas_mod.slot_vmas(slots, t["vmas"])
+    sv = vmas_mod.slot_vmas(slots, t["vmas"], t["memslot"], meta, t["notes"])
     slots = pd.concat([slots, sv.drop(columns="slot_row")], axis=1) if len(slots) else \
         slots.assign(**{c: [] for c in sv.columns if c != "slot_row"})
 
-    vcpus = memslots.vcpu_to_vm(t["vm_ioctl"])
+    vm_ioctl = t["vm_ioctl"].assign(proc=identity.generations(t["vm_ioctl"], exits_))
+    vcpus = memslots.vcpu_to_vm(vm_ioctl)
     arm = stage2.has_stage2(t)
     f, prefetch = stage2.pair(t, meta) if arm else faults_mod.pair(t, spte_format)
+    f["proc"] = identity.generations(f, exits_)
     f["vm_fd"] = faults_mod.attach_vm(f, vcpus, slots)
     f["slot_row"] = faults_mod.attribute(f, slots, "gfn")
     if arm:
@@ -173,37 +192,68 @@ def build(path_or_recording) -> Model:
     f["size"] = f["level"].map(faults_mod.LEVEL_SIZE)
 
     prefetch = prefetch.reset_index(drop=True)
+    prefetch["proc"] = identity.generations(prefetch, exits_)
     prefetch["vm_fd"] = faults_mod.attach_vm(prefetch, vcpus, slots)
     prefetch["slot_row"] = faults_mod.attribute(prefetch, slots, "gfn")
 
     inv = t["unmap_hva_range"].copy()
+    inv["proc"] = identity.generations(inv, exits_)
     inv["vm_fd"] = faults_mod.attach_vm(inv, vcpus, slots)
     inv["hva"] = inv["start"]
     inv["slot_row"] = faults_mod.attribute(inv, slots, "hva")
 
     ex = t["userspace_exit"].copy()
+    ex["proc"] = identity.generations(ex, exits_)
     ex["reason_name"] = ex["reason"].map(EXIT_REASONS).fillna(ex["reason"].astype(str))
     exits = t["mmio"].copy()
+    exits["proc"] = identity.generations(exits, exits_)
     exits["vm_fd"] = faults_mod.attach_vm(exits, vcpus, slots)
     exits["gfn"] = exits["gpa"] // 4096
     exits["slot_row"] = faults_mod.attribute(exits, slots, "gfn")
 
     errors = _errors(ops, ex, f, slots, vcpus)
-    verdicts, ranges = _verdicts(slots, f, ops)
+    lost_kinds = loss.per_kind(rec)
+    lost_where = loss.where(rec, exits_)
+    slot_lost = loss.per_slot(lost_where, slots)
+    unplaced = loss.unplaced(lost_kinds, lost_where)
+    prefetch["request_lost"] = loss.request_lost(prefetch, lost_where)
+    recorded = set((meta.get("probes") or {}).get("events") or [])
+    installs_recorded = bool(recorded & {"set_spte", "tdp_spte_changed", "s2_map"}) \
+        or not recorded
+    verdicts, ranges = _verdicts(slots, f, ops, slot_lost, unplaced, installs_recorded)
+    notes += _loss_notes(lost_kinds, unplaced)
     if spte_format == "legacy" and kvm.get("vendor") in ("amd", "intel"):
         notes.append("legacy-format sptes: the CPU combines the spte's PAT type with the "
                      "MTRRs (and on NPT with the guest's PAT); kvmtrace shows the spte's part")
-    return Model(rec, ops, slots, f, prefetch, inv, exits, errors, verdicts, ranges, notes)
+    return Model(rec, ops, slots, f, prefetch, inv, exits, errors, verdicts, ranges,
+                 lost_kinds, lost_where, notes)
+
+
+def _loss_notes(kinds: pd.DataFrame, unplaced: int) -> list[str]:
+    out = []
+    lost = kinds[kinds["lost"] > 0]
+    if len(lost):
+        out.append("events lost (ring buffer full): " + ", ".join(
+            f"{r.kind} {r.lost:,} of {r.events + r.lost:,}" for r in lost.itertuples()))
+    if int(kinds.loc[kinds["kind"] == "memslot", "lost"].sum()):
+        out.append("memslot ioctls were lost: the memslot table is incomplete")
+    if unplaced:
+        out.append(f"{unplaced:,} lost fault events cannot be placed in a slot")
+    starts = kinds[kinds["kind"].isin(["pt_walk", "page_fault", "fault_handler"])
+                   & (kinds["lost"] > 0)]
+    if len(starts):
+        out.append("fault starts were lost: some faults have no access kind or service time")
+    return out
 
 
 def _errors(ops, ex, f, slots, vcpus) -> pd.DataFrame:
     rows = []
     for r in ops[ops["ret"] < 0].itertuples(index=False):
-        rows.append({"ts": int(r.ts), "pid": int(r.pid), "vm_fd": int(r.vm_fd), "what": r.ioctl_name,
+        rows.append({"ts": int(r.ts), "pid": int(r.pid), "proc": int(r.proc), "vm_fd": int(r.vm_fd), "what": r.ioctl_name,
                      "slot": int(r.slot_id), "errno": r.errno, "detail": r.reason})
     if "verdict" in f:
         for r in f[f["verdict"] == "rejected"].itertuples(index=False):
-            rows.append({"ts": int(r.ts), "pid": int(r.pid), "vm_fd": int(r.vm_fd),
+            rows.append({"ts": int(r.ts), "pid": int(r.pid), "proc": int(r.proc), "vm_fd": int(r.vm_fd),
                          "what": f"{r.access} fault at IPA {int(r.gfn) * 4096:#x}",
                          "slot": int(slots.loc[r.slot_row, "slot"]) if r.slot_row >= 0 else -1,
                          "errno": r.rule.rsplit("[", 1)[-1].rstrip("]"), "detail": r.rule})
@@ -218,12 +268,13 @@ def _errors(ops, ex, f, slots, vcpus) -> pd.DataFrame:
                 p = prior.iloc[-1]
                 where = f" after a fault at gfn {int(p.gfn):#x}" + (
                     f" (slot {int(slots.loc[p.slot_row, 'slot'])})" if p.slot_row >= 0 else "")
-            rows.append({"ts": int(r.ts), "pid": int(r.pid), "vm_fd": int(r.vm_fd),
+            rows.append({"ts": int(r.ts), "pid": int(r.pid), "proc": int(r.proc), "vm_fd": int(r.vm_fd),
                          "what": "KVM_RUN", "slot": -1,
                          "errno": memslots.errno_name(int(r.errno)),
                          "detail": f"KVM_RUN failed with {memslots.errno_name(int(r.errno))}{where}"})
-    return pd.DataFrame(rows, columns=["ts", "pid", "vm_fd", "what", "slot", "errno", "detail"]) \
-        .astype({"pid": "int64", "vm_fd": "int64", "slot": "int64"})
+    return pd.DataFrame(rows, columns=["ts", "pid", "proc", "vm_fd", "what", "slot", "errno",
+                                       "detail"]) \
+        .astype({"pid": "int64", "proc": "int64", "vm_fd": "int64", "slot": "int64"})
 
 
 def _reason(vma_mt, vma_src, spte_mts, verdict) -> str:
@@ -239,48 +290,77 @@ def _reason(vma_mt, vma_src, spte_mts, verdict) -> str:
     return base
 
 
-def _verdicts(slots, f, ops):
+def _no_install_reason(n: int, lost: int, installs_recorded: bool) -> str:
+    why = (f"{lost} fault events of this slot were lost (ring buffer full)" if lost else
+           "the install tracepoints (kvm_mmu_set_spte / kvm_tdp_mmu_spte_changed / "
+           "kvm_pgtable_stage2_map) were not recorded" if not installs_recorded else
+           "KVM retried them or found them spurious (nothing was installed)")
+    return f"{n} faults seen but no installed entry for them: {why}"
+
+
+def _slot_verdict(g: pd.DataFrame, lost: int, installs_recorded: bool):
+    """(verdict, vma_memtype, spte_memtype, reason) of one slot version's faults."""
+    if g is None or not len(g):
+        if lost:
+            return ("unknown", "", "", f"unknown: {lost} events lost in this slot (ring buffer "
+                    "full); none of its faults was seen, so no memory type to compare")
+        return ("unknown", "", "", "no faults observed in this slot during the recording: "
+                "nothing was mapped, so no memory type to compare")
+    counts = g.loc[g["verdict"] != "", "verdict"].value_counts()
+    spte_mts = set(g.loc[g["spte_memtype"] != "", "spte_memtype"])
+    vma_mts = "/".join(sorted(set(g["vma_memtype"])))
+    if not len(counts):
+        return "unknown", vma_mts, "", _no_install_reason(len(g), lost, installs_recorded)
+    verdict = next(v for v in VERDICT_ORDER if v in counts.index)
+    worst = g[g["verdict"] == verdict].iloc[0]
+    reason = _reason(worst.vma_memtype, worst.vma_memtype_source, spte_mts, verdict)
+    rules = [r for r in dict.fromkeys(g["rule"].dropna().astype(str)) if r]
+    if rules:
+        reason += "; kernel rule: " + " / ".join(rules)
+    if verdict == "unknown" and worst.vma_memtype == "unknown":
+        reason = f"host memory type not observable: {worst.vma_memtype_source}"
+    if verdict == "rejected":
+        reason = "KVM refused the fault: " + worst.rule
+    if len(counts) > 1:
+        reason += " [" + ", ".join(f"{v}: {n}" for v, n in counts.items()) + " faults]"
+    # A mismatch or a refusal seen stays a fact however many events were lost;
+    # "consistent" is only a verdict on what was seen, so loss makes it unknown.
+    if lost and verdict in ("consistent", "unknown"):
+        verdict = "unknown"
+        reason = (f"unknown: {lost} events lost in this slot (ring buffer full); the "
+                  f"{len(g)} faults seen say: {reason}")
+    return verdict, vma_mts, "/".join(sorted(spte_mts)), reason
+
+
+VERDICT_COLS = {"pid": "int64", "proc": "int64", "vm_fd": "int64", "as_id": "int64",
+                "slot": "int64", "version": "int64", "gpa": "uint64", "size": "uint64",
+                "faults": "int64", "lost": "int64", "verdict": "object", "vma_memtype": "object",
+                "spte_memtype": "object", "reason": "object"}
+
+
+def _verdicts(slots, f, ops, slot_lost, unplaced_lost: int, installs_recorded: bool):
     rows = []
     fv = f[f["slot_row"] >= 0]
     groups = {k: g for k, g in fv.groupby("slot_row")}
-    for i, s in slots.iterrows():
+    for i, s in enumerate(slots.itertuples(index=False)):
         g = groups.get(i)
-        base = {"pid": s.pid, "vm_fd": s.vm_fd, "as_id": s.as_id, "slot": s.slot,
-                "version": s.version, "gpa": s.gpa, "size": s["size"], "faults": 0}
-        if g is None or not len(g):
-            rows.append(dict(base, verdict="unknown", vma_memtype="", spte_memtype="",
-                             reason="no faults observed in this slot during the recording: "
-                                    "nothing was mapped, so no memory type to compare"))
-            continue
-        counts = g.loc[g["verdict"] != "", "verdict"].value_counts()
-        if not len(counts):
-            counts = pd.Series({"unknown": len(g)})
-        verdict = next(v for v in VERDICT_ORDER if v in counts.index)
-        worst = g[g["verdict"] == verdict].iloc[0]
-        spte_mts = set(g.loc[g["spte_memtype"] != "", "spte_memtype"])
-        reason = _reason(worst.vma_memtype, worst.vma_memtype_source, spte_mts, verdict)
-        rules = [r for r in dict.fromkeys(g["rule"].dropna().astype(str)) if r]
-        if rules:
-            reason += "; kernel rule: " + " / ".join(rules)
-        if verdict == "unknown" and worst.vma_memtype == "unknown":
-            reason = f"host memory type not observable: {worst.vma_memtype_source}"
-        if verdict == "rejected":
-            reason = "KVM refused the fault: " + worst.rule
-        if len(counts) > 1:
-            reason += " [" + ", ".join(f"{v}: {n}" for v, n in counts.items()) + " faults]"
-        rows.append(dict(base, verdict=verdict, faults=len(g),
-                         vma_memtype="/".join(sorted(set(g["vma_memtype"]))),
-                         spte_memtype="/".join(sorted(spte_mts)), reason=reason))
+        verdict, vma_mt, spte_mt, reason = _slot_verdict(g, int(slot_lost[i]),
+                                                         installs_recorded)
+        if unplaced_lost and verdict in ("consistent", "unknown") and not slot_lost[i]:
+            verdict = "unknown"
+            reason += (f" (and {unplaced_lost} fault events were lost that cannot be placed "
+                       "in a slot, so this slot's picture may be incomplete)")
+        rows.append({"pid": s.pid, "proc": s.proc, "vm_fd": s.vm_fd, "as_id": s.as_id,
+                     "slot": s.slot, "version": s.version, "gpa": s.gpa, "size": s.size,
+                     "faults": 0 if g is None else len(g), "lost": int(slot_lost[i]),
+                     "verdict": verdict, "vma_memtype": vma_mt, "spte_memtype": spte_mt,
+                     "reason": reason})
     for r in ops[ops["ret"] < 0].itertuples(index=False):
-        rows.append({"pid": r.pid, "vm_fd": r.vm_fd, "as_id": r.as_id, "slot": r.slot_id,
-                     "version": -1, "gpa": r.gpa, "size": r.size, "faults": 0,
-                     "verdict": "rejected", "vma_memtype": "", "spte_memtype": "",
-                     "reason": f"{r.ioctl_name} refused: {r.reason}"})
-    cols = ["pid", "vm_fd", "as_id", "slot", "version", "gpa", "size", "faults", "verdict",
-            "vma_memtype", "spte_memtype", "reason"]
-    v = pd.DataFrame(rows, columns=cols).astype(
-        {"pid": "int64", "vm_fd": "int64", "as_id": "int64", "slot": "int64", "version": "int64",
-         "faults": "int64"})
+        rows.append({"pid": r.pid, "proc": r.proc, "vm_fd": r.vm_fd, "as_id": r.as_id,
+                     "slot": r.slot_id, "version": -1, "gpa": r.gpa, "size": r.size,
+                     "faults": 0, "lost": 0, "verdict": "rejected", "vma_memtype": "",
+                     "spte_memtype": "", "reason": f"{r.ioctl_name} refused: {r.reason}"})
+    v = pd.DataFrame(rows, columns=list(VERDICT_COLS)).astype(VERDICT_COLS)
     return v, _ranges(fv, slots)
 
 

@@ -1,22 +1,61 @@
-"""The host VMA behind each memslot, from the recorded smaps snapshots, and
-the memory type it gives on x86.
+"""The host VMA behind each memslot, and the memory type it gives.
 
-smaps shows VmFlags but not vm_page_prot, so on x86 the VMA's memory type is
-derived: a VMA that is neither VM_PFNMAP ('pf') nor VM_MIXEDMAP ('mm') maps
-struct pages with the default protection, which is write-back (PAT entry 0)
-for anonymous, file, shmem/memfd and hugetlb memory. For 'pf' / 'mm' VMAs the
-driver chose the protection; kvmtrace then looks up the physical frames KVM
-mapped in the PAT memtype list and System RAM ranges recorded at start
-(kvmtrace.memtype.x86.pfn_memtype).
+Two sources, in this order:
+
+1. The VMA captured in BPF at the memslot ioctl itself (the memslot event's
+   ``vma_*`` / ``vm_*`` fields: bpf_find_vma at syscall entry, Linux 5.17+,
+   probes/bpf/vma.h). It is there even when the VMM exits or remaps at once,
+   and it has vm_page_prot: on x86 the VMA's memory type is the PAT entry its
+   PWT/PCD/PAT bits select (with the PAT configuration recorded at start); on
+   arm64 the MAIR type its AttrIndx selects (kvmtrace.memtype.arm64).
+2. /proc/PID/smaps, snapshotted when the collector sees the memslot event
+   (a few ms later). It also gives the VMA's name / path (matched to a captured
+   VMA by start, end and inode), its page size and THP use. It has no page
+   protection, so on x86 a VMA that is neither VM_PFNMAP ('pf') nor
+   VM_MIXEDMAP ('mm') is taken as write-back (struct pages with the default
+   protection, PAT entry 0: anonymous, file, shmem/memfd, hugetlb), and for
+   'pf' / 'mm' the physical frames KVM mapped are looked up in the PAT memtype
+   list and System RAM ranges (kvmtrace.memtype.x86.pfn_memtype).
+
+When neither saw the VMA, ``vma_source`` says why (which lookup was missing
+and what happened to the snapshot).
 """
 
 from __future__ import annotations
 
+import errno as errno_mod
+import json
+
 import numpy as np
 import pandas as pd
 
+from ..memtype import arm64 as a64
+from ..memtype import x86 as x86mt
+from ..probes.events import VMA_STATUS
+
 VMFLAG_NAMES = {"pf": "VM_PFNMAP", "io": "VM_IO", "mm": "VM_MIXEDMAP", "ht": "hugetlb",
                 "hg": "THP advised", "nh": "no THP", "dd": "no dump", "sh": "shared"}
+
+# vm_flags bit -> the smaps VmFlags mnemonic (fs/proc/task_mmu.c,
+# show_smap_vma_flags; include/linux/mm.h). These bits are the same from 2.6
+# to 6.18 (and as VMA_*_BIT in BTF from 6.19 to 7.3) for the flags the
+# analysis reads: pf 10, io 14, ht 22, mm 28, hg 29, nh 30, sh 3. Bit 24 is
+# VM_ARCH_1: VM_PAT on x86 ('ar'), VM_ARM64_BTI on arm64 ('bt').
+VM_FLAG_MNEMONICS = {
+    0: "rd", 1: "wr", 2: "ex", 3: "sh", 4: "mr", 5: "mw", 6: "me", 7: "ms", 8: "gd",
+    9: "um", 10: "pf", 12: "uw", 13: "lo", 14: "io", 15: "sr", 16: "rr", 17: "dc",
+    18: "de", 19: "lf", 20: "ac", 21: "nr", 22: "ht", 23: "sf", 24: "ar", 25: "wf",
+    26: "dd", 27: "sd", 28: "mm", 29: "hg", 30: "nh", 31: "mg",
+}
+VM_PFNMAP, VM_IO, VM_MIXEDMAP = 1 << 10, 1 << 14, 1 << 28
+KERNEL_MINORBITS = 20  # kernel dev_t: major << 20 | minor (include/linux/kdev_t.h)
+
+FOUND, NONE, FAILED, SKIPPED = (VMA_STATUS[k] for k in ("FOUND", "NONE", "FAILED", "SKIPPED"))
+
+COLUMNS = ["slot_row", "vma", "vmflags", "pfnmap", "vma_count", "kernelpagesize_kb",
+           "anonhuge_kb", "snapshot_delay_ms", "vma_covers", "vma_source", "vma_start",
+           "vma_end", "vm_flags", "vm_page_prot", "vm_pgoff", "vma_has_file", "vma_ino",
+           "vma_dev", "pgprot_memtype", "pgprot_memtype_source"]
 
 
 def describe_path(path: str, vmflags: str) -> str:
@@ -32,43 +71,217 @@ def is_pfn_mapped(vmflags: str) -> bool:
     return "pf" in flags or "mm" in flags
 
 
-def slot_vmas(slots: pd.DataFrame, vmas: pd.DataFrame) -> pd.DataFrame:
-    """One row per slot version: the VMA(s) its hva range covers in the first
-    snapshot taken after the slot was set (else the last before)."""
+def vm_flags_mnemonics(vm_flags: int) -> str:
+    """vm_flags as smaps' VmFlags line spells it."""
+    return " ".join(m for bit, m in VM_FLAG_MNEMONICS.items() if vm_flags >> bit & 1)
+
+
+def dev_name(dev: int) -> str:
+    """A kernel dev_t as /proc/PID/maps prints it (major:minor, hex)."""
+    return f"{dev >> KERNEL_MINORBITS:02x}:{dev & ((1 << KERNEL_MINORBITS) - 1):02x}"
+
+
+def pgprot_memtype(prot: int, meta: dict) -> tuple[str | None, str]:
+    """(memory type, how it was read) for a vm_page_prot value."""
+    arch = meta.get("arch") or ""
+    if arch == "aarch64":
+        kernel = meta.get("kernel")
+        mt = str(a64.attrindx_memtype([prot], kernel)[0])
+        idx = int(a64.attrindx([prot])[0])
+        return mt, f"vm_page_prot {prot:#x} at the ioctl: AttrIndx {idx} -> {mt}"
+    if arch not in ("x86_64", ""):
+        return None, f"vm_page_prot {prot:#x}: no decoder for {arch}"
+    pat = ((meta.get("x86") or {}).get("pat") or {}).get("entries") or list(x86mt.LINUX_PAT)
+    idx = int(x86mt.legacy_pat_index([prot], [1])[0])
+    bits = [n for n, b in (("PWT", x86mt.PWT), ("PCD", x86mt.PCD), ("PAT", x86mt.PAT_4K))
+            if prot & b]
+    return pat[idx], (f"vm_page_prot {prot:#x} at the ioctl: PAT index {idx} "
+                      f"({'|'.join(bits) or 'no PWT/PCD/PAT'}) -> {pat[idx]}")
+
+
+def _errno(err: int) -> str:
+    return errno_mod.errorcode.get(-err, f"errno {-err}") if err < 0 else str(err)
+
+
+def _bpf_why(ev, meta: dict) -> str:
+    """Why the memslot event carries no VMA."""
+    if ev is None:
+        return "no memslot event for this slot version"
+    status = ev.vma_status
+    if status == NONE:
+        return "no VMA contained the slot's userspace_addr at the ioctl (bpf_find_vma: ENOENT)"
+    if status == FAILED:
+        err = int(ev.vma_err)
+        return ("the BPF VMA lookup at the ioctl failed (" + _errno(err)
+                + (": the mmap lock was contended" if -err == errno_mod.EBUSY else "") + ")")
+    if status == SKIPPED:
+        return "the request could not be read at the ioctl, so no VMA was looked up"
+    vl = meta.get("vma_lookup")
+    if not isinstance(vl, dict):
+        return "this recording has no BPF VMA lookup (made by a kvmtrace without it)"
+    reason = vl.get("reason") if isinstance(vl.get("reason"), str) else ""
+    return f"this kernel's BPF VMA lookup is unavailable ({reason or 'reason not recorded'})"
+
+
+def _smaps_why(pid: int, g, gone: set) -> str:
+    if g is None or not len(g):
+        if pid in gone:
+            return "the VMM had exited before the smaps snapshot"
+        return "no smaps snapshot of the VMM was taken"
+    return ("no smaps snapshot showed a VMA at the slot's address (unmapped before the "
+            "snapshot)")
+
+
+def _smaps_gone(notes: pd.DataFrame | None) -> set:
+    """pids whose smaps snapshot came back empty: gone or exiting (collector notes)."""
+    out = set()
+    if notes is None or not len(notes) or "key" not in notes:
+        return out
+    for v in notes.loc[notes["key"] == "smaps_unavailable", "value"]:
+        try:
+            d = json.loads(v) if isinstance(v, str) else v
+            out.add(int(d["pid"]))
+        except (ValueError, KeyError, TypeError):
+            continue
+    return out
+
+
+def _events_by_slot(memslot: pd.DataFrame | None) -> dict:
+    """(pid, vm_fd, slot, ts) -> the memslot event (ts is the slot version's t_start)."""
+    if memslot is None or not len(memslot):
+        return {}
+    keys = zip(memslot["pid"].astype("int64"), memslot["vm_fd"].astype("int64"),
+               memslot["slot"].astype("int64"), memslot["ts"].astype("uint64"))
+    return {(int(p), int(v), int(s), int(t)): i for i, (p, v, s, t) in enumerate(keys)}
+
+
+EVENT_FIELDS = ("vma_status", "vma_err", "vma_has_file", "vma_covers", "vma_count", "vma_dev",
+                "vma_start", "vma_end", "vm_flags", "vm_page_prot", "vm_pgoff", "vma_ino")
+
+
+def _event(memslot, k):
+    """The VMA fields of memslot event ``k`` as exact ints (a row Series of
+    mixed integer columns would be float64: vm_page_prot has bit 63 set); a
+    field an older recording lacks reads as 0 (lookup unavailable)."""
+    if k is None:
+        return None
+    return pd.Series({f: int(memslot[f].iat[k]) if f in memslot else 0 for f in EVENT_FIELDS},
+                     dtype=object)
+
+
+def _snapshot_rows(g, s, lo, hi):
+    """The rows of the first snapshot after the slot was set (else the last
+    before) that overlap [lo, hi)."""
+    ov = g[(g["start"] < hi) & (g["end"] > lo)]
+    if not len(ov):
+        return None
+    after = ov[ov["ts"] >= s.t_start]
+    snap_ts = after["ts"].min() if len(after) else ov["ts"].max()
+    return ov[ov["ts"] == snap_ts].sort_values("start")
+
+
+def slot_vmas(slots: pd.DataFrame, vmas: pd.DataFrame, memslot: pd.DataFrame | None = None,
+              meta: dict | None = None, notes: pd.DataFrame | None = None) -> pd.DataFrame:
+    """One row per slot version: its VMA, from the BPF capture at the ioctl
+    (``memslot``'s VMA fields) when there is one, else from the smaps snapshot
+    taken after the slot was set (else the last before)."""
+    meta = meta or {}
     rows = []
     by_pid = {pid: g for pid, g in vmas.groupby("pid")} if len(vmas) else {}
+    events = _events_by_slot(memslot)
+    gone = _smaps_gone(notes)
     for i, s in slots.iterrows():
         g = by_pid.get(s.pid)
-        hit = None
-        if g is not None:
-            lo, hi = s.hva, s.hva + s["size"]
-            ov = g[(g["start"] < hi) & (g["end"] > lo)]
-            if len(ov):
-                after = ov[ov["ts"] >= s.t_start]
-                snap_ts = after["ts"].min() if len(after) else ov["ts"].max()
-                hit = ov[ov["ts"] == snap_ts].sort_values("start")
-        if hit is None or not len(hit):
-            rows.append({"slot_row": i, "vma": "not observed", "vmflags": "", "pfnmap": False,
-                         "vma_count": 0, "kernelpagesize_kb": np.nan, "anonhuge_kb": 0,
-                         "snapshot_delay_ms": np.nan, "vma_covers": False})
+        lo, hi = int(s.hva), int(s.hva) + int(s["size"])
+        k = events.get((int(s.pid), int(s.vm_fd), int(s.as_id) << 16 | int(s.slot),
+                        int(s.t_start)))
+        ev = _event(memslot, k)
+        hit = _snapshot_rows(g, s, lo, hi) if g is not None else None
+        row = {"slot_row": i, "vma_start": None, "vma_end": None, "vm_flags": None,
+               "vm_page_prot": None, "vm_pgoff": None, "vma_has_file": None, "vma_ino": None,
+               "vma_dev": "", "pgprot_memtype": None, "pgprot_memtype_source": "",
+               "kernelpagesize_kb": np.nan, "anonhuge_kb": 0, "snapshot_delay_ms": np.nan}
+        if hit is not None and len(hit):
+            first = hit.iloc[0]
+            row.update(kernelpagesize_kb=float(first.kernelpagesize_kb),
+                       anonhuge_kb=int(hit["anonhugepages_kb"].sum()),
+                       snapshot_delay_ms=(int(first.ts) - int(s.t_start)) / 1e6)
+        if ev is not None and ev.vma_status == FOUND:
+            rows.append(_from_bpf(row, ev, hit, g, meta))
+        elif hit is not None and len(hit):
+            first = hit.iloc[0]
+            flags = " ".join(dict.fromkeys(" ".join(hit["vmflags"]).split()))
+            row.update(
+                vma=describe_path(first.path, first.vmflags)
+                + ("" if len(hit) == 1 else f" (+{len(hit) - 1} more)"),
+                vmflags=flags, pfnmap=bool(hit["vmflags"].map(is_pfn_mapped).any()),
+                vma_count=len(hit),
+                vma_covers=bool(hit["start"].min() <= lo and hit["end"].max() >= hi),
+                vma_source=(f"smaps snapshot {row['snapshot_delay_ms']:.1f} ms after the ioctl "
+                            f"(not captured at the ioctl: {_bpf_why(ev, meta)})"))
+            rows.append(row)
+        else:
+            row.update(vma="not observed", vmflags="", pfnmap=False, vma_count=0,
+                       vma_covers=False,
+                       vma_source=(f"VMA not captured: {_smaps_why(int(s.pid), g, gone)}, "
+                                   f"and {_bpf_why(ev, meta)}"))
+            rows.append(row)
+    out = pd.DataFrame(rows, columns=COLUMNS)
+    for c in ("vma_start", "vma_end", "vm_flags", "vm_page_prot", "vm_pgoff", "vma_ino"):
+        out[c] = pd.array([r[c] for r in rows], dtype="UInt64")  # exact, not via float64
+    out["vma_has_file"] = out["vma_has_file"].astype("boolean")
+    return out
+
+
+def _from_bpf(row: dict, ev, hit, g, meta: dict) -> dict:
+    """The slot's VMA as captured at the ioctl; its name, page size and THP use
+    from the smaps snapshot that shows the same VMA (start, end, inode: a later
+    snapshot may show another mapping at that address)."""
+    start, end = int(ev.vma_start), int(ev.vma_end)
+    flags, prot = int(ev.vm_flags), int(ev.vm_page_prot)
+    has_file, ino, dev = bool(ev.vma_has_file), int(ev.vma_ino), int(ev.vma_dev)
+    same = None
+    for rows in (hit, g):  # the slot's own snapshot first, then any other
+        if rows is None or not len(rows):
             continue
-        first = hit.iloc[0]
-        covers = hit["start"].min() <= s.hva and hit["end"].max() >= s.hva + s["size"]
-        flags = " ".join(dict.fromkeys(" ".join(hit["vmflags"]).split()))
-        rows.append({
-            "slot_row": i,
-            "vma": describe_path(first.path, first.vmflags) + ("" if len(hit) == 1 else f" (+{len(hit) - 1} more)"),
-            "vmflags": flags,
-            "pfnmap": bool(hit["vmflags"].map(is_pfn_mapped).any()),
-            "vma_count": len(hit),
-            "kernelpagesize_kb": float(first.kernelpagesize_kb),
-            "anonhuge_kb": int(hit["anonhugepages_kb"].sum()),
-            "snapshot_delay_ms": (int(first.ts) - int(s.t_start)) / 1e6,
-            "vma_covers": bool(covers),
-        })
-    return pd.DataFrame(rows, columns=["slot_row", "vma", "vmflags", "pfnmap", "vma_count",
-                                       "kernelpagesize_kb", "anonhuge_kb", "snapshot_delay_ms",
-                                       "vma_covers"])
+        same = rows[(rows["start"] == start) & (rows["end"] == end)
+                    & (rows["inode"] == (ino if has_file else 0))]
+        if not len(same) and has_file:  # split or merged since: the file still names it
+            same = rows[(rows["start"] <= start) & (rows["end"] > start)
+                        & (rows["inode"] == ino)]
+        if len(same):
+            break
+    if same is not None and len(same):
+        first = same.sort_values("ts").iloc[0]
+        name = describe_path(first.path, first.vmflags)
+        if hit is None or not len(hit) or int(hit.iloc[0].start) != int(first.start) \
+                or int(hit.iloc[0].ts) != int(first.ts):
+            row.update(kernelpagesize_kb=float(first.kernelpagesize_kb),
+                       anonhuge_kb=int(first.anonhugepages_kb))
+    else:
+        name = (f"file inode {ino} on {dev_name(dev)}" if has_file else
+                "[no file, VM_PFNMAP]" if flags & (VM_PFNMAP | VM_MIXEDMAP) else "[anon]")
+        row.update(kernelpagesize_kb=np.nan, anonhuge_kb=0)  # smaps showed another mapping
+    count = int(ev.vma_count)
+    mt, mt_src = pgprot_memtype(prot, meta)
+    row.update(
+        vma=name + ("" if count <= 1 else f" (+{count - 1} more)"),
+        vmflags=vm_flags_mnemonics(flags), pfnmap=bool(flags & (VM_PFNMAP | VM_MIXEDMAP)),
+        vma_count=count, vma_covers=bool(ev.vma_covers),
+        vma_source="captured in BPF at the ioctl" + _coverage(count, bool(ev.vma_covers)),
+        vma_start=start, vma_end=end, vm_flags=flags, vm_page_prot=prot,
+        vm_pgoff=int(ev.vm_pgoff), vma_has_file=has_file, vma_ino=ino if has_file else None,
+        vma_dev=dev_name(dev) if has_file else "", pgprot_memtype=mt,
+        pgprot_memtype_source=mt_src)
+    return row
+
+
+def _coverage(count: int, covers: bool) -> str:
+    if covers:
+        return "" if count <= 1 else f" ({count} adjacent VMAs cover the slot)"
+    if count >= 8:  # bpf/vma.h walks at most KVMTRACE_VMA_WALK VMAs
+        return f" (the slot spans {count} or more VMAs; the first is shown)"
+    return f" (the slot runs past its {'VMA' if count == 1 else f'{count} VMAs'} into a hole)"
 
 
 def vmflag_words(vmflags: str) -> str:

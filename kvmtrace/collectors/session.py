@@ -6,20 +6,36 @@ recording at least every ``flush_s``. A memslot change triggers a
 /proc/PID/smaps snapshot of that process at once, so the VMA behind the new
 slot is captured while it is still mapped.
 
-Stopping: SIGINT / SIGTERM, --duration, or the launched command exiting. In
-every case the rings are drained, a final smaps snapshot is taken, and the
-file is closed with its end marker.
+Stopping: SIGINT / SIGTERM / SIGHUP / SIGQUIT, --duration, or the launched
+command exiting. In every case the launched command is stopped (SIGTERM, then
+SIGKILL after ``GRACE_S``; not with ``leave_running``), the rings are
+drained, a final smaps snapshot is taken, and the file is closed with its
+end marker and an ``end`` note naming what stopped it. A second stop signal
+while stopping skips the grace period. SIGHUP already ignored when record
+starts (nohup) stays ignored. A stop signal before recording begins (during
+the BPF compile) ends record at once, with no file. If record itself is
+killed (SIGKILL), the command dies with it (PR_SET_PDEATHSIG, child.py) and
+the file reads back up to the last flush.
+
+Exit status (``Stats.exit_code``, RecordError.code): 0 when recording
+stopped because it was asked to (a stop signal, --duration); the command's
+own status when it exited by itself (128+N for a death by signal N); 2 for
+a usage error (bad option, command not runnable, output path refused, no
+such pid); 1 for a recording that failed (BPF, tracefs, a write error);
+128+N for stop signal N before recording began.
 """
 
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import select
-import shutil
 import signal
 import sys
+import threading
 import time
+import traceback
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -29,13 +45,46 @@ from ..host import btf
 from ..host import headers as bcc_headers
 from ..host import procfs, tracefs
 from ..probes import catalogue, codegen, program
+from .. import outputs
 from ..recording.writer import RecordingWriter
-from . import child, context
+from . import child, context, hostload, loss
 from .ringbuf import RingReader
 
 
+GRACE_S = 3.0  # between SIGTERM and SIGKILL when record stops the command
+
+
 class RecordError(RuntimeError):
-    """A recording that could not start (one-line message for the user)."""
+    """A recording that could not start or failed (one-line message for the
+    user); ``code``: what record exits with (2 usage, 1 failure, 128+N)."""
+
+    def __init__(self, msg: str, code: int = 1):
+        super().__init__(msg)
+        self.code = code
+
+
+class _Interrupted(BaseException):
+    """A stop signal before recording began (BaseException: nothing may catch it
+    as an ordinary error on the way out, bcc's loader included)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+        self.name = signal.Signals(signum).name
+
+
+def _identity(path: str):
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+class _WriteFailed(Exception):
+    def __init__(self, err: OSError):
+        super().__init__(err)
+        self.err = err
 
 
 @dataclass
@@ -47,6 +96,9 @@ class Options:
     duration: float | None = None
     flush_s: float = 1.0
     poll_s: float = 0.02
+    force: bool = False  # replace an existing regular file (never a link)
+    leave_running: bool = False  # the launched command outlives record
+    buffer_pages: int | None = None  # pages of each high-rate ring (default: declared)
 
 
 @dataclass
@@ -54,8 +106,16 @@ class Stats:
     events: dict = field(default_factory=dict)
     lost: dict = field(default_factory=dict)
     started: float = field(default_factory=time.monotonic)
-    stopped_by: str = ""
-    command_status: int | None = None
+    stopped_by: str = ""  # the first cause wins: a signal name, duration, command exited
+    command_status: int | None = None  # as Popen.returncode: -N for signal N
+    command_stop: str = ""  # how the command ended: exited, SIGTERM, SIGKILL ..., left running
+
+    @property
+    def exit_code(self) -> int:
+        """What record exits with after a recording that was written."""
+        if self.stopped_by == "command exited":
+            return child.exit_status(self.command_status) or 0
+        return 0
 
 
 class Session:
@@ -68,13 +128,23 @@ class Session:
         self.write_error: OSError | None = None
         self._last_stats: dict | None = None
         self.btf = None
+        self._phase = "setup"  # setup: a stop signal raises; then: it sets _stop
+        self._stop_signal: str | None = None
+        self._hurry = False  # a second stop signal: no grace for the command
+        self._dispositions: dict = {}
+        self._old_handlers: dict = {}
+        self._error: BaseException | None = None
+        self.load: hostload.HostLoad | None = None
 
     # -- setup --------------------------------------------------------------
     def _select(self):
-        root = tracefs.ensure_mounted()
         try:
             wanted = catalogue.parse_selection(self.opts.probes)
         except catalogue.SelectionError as e:
+            raise RecordError(str(e), code=2) from None
+        try:
+            root = tracefs.ensure_mounted()
+        except tracefs.TracefsError as e:
             raise RecordError(str(e)) from None
         self.btf = btf.open_kernel()
         avail = catalogue.availability(wanted, root, self.btf)
@@ -91,27 +161,79 @@ class Session:
             raise RecordError(bcc_headers.missing_hint())
         cflags = bcc_headers.apply(hdr)
         prog = program.build(usable, filter_pids,
-                             catalogue.offsets(usable, self.btf) if self.btf else {})
+                             catalogue.offsets(usable, self.btf) if self.btf else {},
+                             buffer_pages=self.opts.buffer_pages)
         try:
             b = bccload.load(prog.text, cflags + prog.cflags, after=prog.attach_all)
         except bccload.BPFLoadError as e:
             raise RecordError(f"BPF program failed to load: {e}") from None
         return b, prog, hdr
 
+    def _precheck(self):
+        """Usage errors, before seconds of BPF compile and before any file exists."""
+        opts = self.opts
+        if opts.command:
+            try:
+                child.check_runnable(list(opts.command))
+            except child.SpawnError as e:
+                raise RecordError(str(e), code=2) from None
+        if not opts.output:
+            raise RecordError("--output: an empty path", code=2)
+        try:  # what the writer (outputs.create) would refuse, refused now, in its words
+            outputs._check(opts.output, opts.force)
+        except outputs.OutputError as e:
+            raise RecordError(str(e), code=2) from None
+        d = os.path.dirname(os.path.abspath(opts.output))
+        if not os.path.isdir(d):
+            raise RecordError(f"{opts.output}: no such directory {d}", code=2)
+        for pid in opts.pids:
+            if not os.path.exists(f"/proc/{pid}"):
+                raise RecordError(f"no process with pid {pid}", code=2)
+
     def _spawn(self, b):
-        cmd = list(self.opts.command)
-        if shutil.which(cmd[0]) is None:
-            raise RecordError(f"cannot run {cmd[0]}: command not found")
-        return child.spawn(cmd, lambda pid: self._add_pid(b, pid))
+        try:
+            return child.spawn(list(self.opts.command), lambda pid: self._add_pid(b, pid),
+                               own_group=not child.in_terminal_foreground(),
+                               leave_running=self.opts.leave_running,
+                               dispositions=self._dispositions)
+        except child.SpawnError as e:
+            raise RecordError(str(e), code=2) from None
+
+    @staticmethod
+    def _mark_vmm(b, pid: int):
+        """A VMM already running: its exit is recorded like a new one's (proc.c)."""
+        b["kvmtrace_vmms"][ctypes.c_uint32(pid)] = ctypes.c_uint8(1)
 
     @staticmethod
     def _add_pid(b, pid: int):
         b["kvmtrace_pids"][ctypes.c_uint32(pid)] = ctypes.c_uint8(1)
 
     # -- running ------------------------------------------------------------
+    def _install_signals(self):
+        if threading.current_thread() is not threading.main_thread():
+            return  # a library caller's thread: signals are the caller's business
+        for s in child.STOP_SIGNALS:
+            d = signal.getsignal(s)
+            self._dispositions[s] = signal.SIG_IGN if d == signal.SIG_IGN else signal.SIG_DFL
+            if s == signal.SIGHUP and d == signal.SIG_IGN:
+                continue  # nohup: a hangup does not stop the recording
+            self._old_handlers[s] = signal.signal(s, self._on_signal)
+
+    def _restore_signals(self):
+        for s, h in self._old_handlers.items():
+            signal.signal(s, h if h is not None else signal.SIG_DFL)
+        self._old_handlers = {}
+
     def _on_signal(self, signum, _frame):
+        if self._phase == "setup":
+            raise _Interrupted(signum)
+        if self._stop_signal is None:
+            self._stop_signal = signal.Signals(signum).name
+            if not self.stats.stopped_by:
+                self.stats.stopped_by = self._stop_signal
+        else:
+            self._hurry = True
         self._stop = True
-        self.stats.stopped_by = signal.Signals(signum).name
 
     def _snapshot(self, writer, pid: int, reason: str):
         vmas = procfs.read_smaps(pid)
@@ -134,10 +256,14 @@ class Session:
         for pid in memslot_pids:
             self._snapshot(writer, pid, "memslot")
 
-    def _lost(self, b, events):
+    def _lost(self, b, events, writer):
         table = b["kvmtrace_lost_count"]
         for i, ev in enumerate(events):
             self.stats.lost[ev.name] = int(sum(table[ctypes.c_int(i)]))
+        total = sum(self.stats.lost.values())
+        if total != getattr(self, "_lost_noted", 0):  # where they were lost, when it moved
+            writer.note("lost_where", loss.lost_where(b, events))
+            self._lost_noted = total
 
     def _stats_rows(self, events, always=False):
         """Cumulative counts per event kind, when they moved since the last rows
@@ -152,15 +278,30 @@ class Session:
         return [{"ts": ts, "kind": k, "events": e, "lost": n} for k, (e, n) in now.items()]
 
     def run(self, live=None) -> Stats:
+        """Record until stopped; ``Stats.exit_code`` is what record exits with.
+
+        Raises RecordError (one line; ``code``) when no recording was made or
+        the recording failed; the file, if one was created, is then closed as
+        far as it could be written."""
+        self._install_signals()
+        try:
+            return self._run(live)
+        except _Interrupted as e:
+            raise RecordError(f"stopped by {e.name} before recording began; nothing written",
+                              code=128 + e.signum) from None
+        finally:
+            self._phase = "done"
+            self._restore_signals()
+
+    def _run(self, live):
         opts = self.opts
-        if os.path.exists(opts.output) and os.path.isdir(opts.output):
-            raise RecordError(f"{opts.output}: is a directory")
+        self._precheck()
         root, wanted, avail, usable = self._select()
         filter_pids = bool(opts.pids or opts.command)
         b, prog, hdr = self._compile(usable, filter_pids)
         for pid in opts.pids:
             if not os.path.exists(f"/proc/{pid}"):
-                raise RecordError(f"no process with pid {pid}")
+                raise RecordError(f"process {pid} exited before recording began", code=2)
             self._add_pid(b, pid)
         readers = []
         for ev in prog.events:
@@ -181,33 +322,65 @@ class Session:
             "bcc_headers": {"source": hdr.source, "version": hdr.version,
                             "matches_kernel": hdr.matches_kernel},
             "btf": btf.context(self.btf, prog.cflags),
+            "vma_lookup": prog.vma_lookup,  # in-BPF VMA lookup at memslot ioctls, or why not
         })
+        # from here a stop signal ends the recording cleanly instead of raising
+        self._phase = "recording"
         try:
-            writer = RecordingWriter(opts.output, meta)
-        except OSError as e:
-            raise RecordError(f"{opts.output}: {e.strerror}") from None
-
-        old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+            writer = RecordingWriter(opts.output, meta, force=opts.force)
+        except OSError as e:  # outputs.OutputError included
+            failed = e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO)  # else: the path
+            raise RecordError(str(e) if isinstance(e, outputs.OutputError) else
+                              f"{opts.output}: {e.strerror}", code=1 if failed else 2) from None
+        self.stats.started = time.monotonic()  # --duration counts from here
+        self.load = hostload.HostLoad()
+        writer.note("host_load", self.load.start_note())
+        if opts.command and not self._stop:
+            # launched once the file exists: the loop must run when its first
+            # memslot ioctl comes (the smaps snapshot). A command that fails
+            # at exec (past _precheck: a foreign ELF, ...) leaves no file.
+            created = _identity(opts.output)
+            try:
+                self.proc = self._spawn(b)
+            except BaseException:
+                writer.abandon()
+                if created and _identity(opts.output) == created:
+                    os.unlink(opts.output)
+                raise
+            writer.note("command", {"pid": self.proc.pid, "argv": list(opts.command),
+                                    "own_process_group": self.proc.own_group,
+                                    "leave_running": opts.leave_running})
         try:
             for pid in (opts.pids or ([] if opts.command else context.vmm_pids())):
                 self._snapshot(writer, pid, "start")
-            if opts.command:
-                self.proc = self._spawn(b)
+                self._mark_vmm(b, pid)
             if live:
                 live.start(self)
             self._loop(b, prog, readers, writer, live)
-        except OSError as e:  # the recording file could not be written (disk full, ...)
-            self.write_error = e
-            self.stats.stopped_by = f"write error: {e.strerror}"
+        except _WriteFailed as e:  # the recording file could not be written (disk full, ...)
+            self.write_error = e.err
+            self.stats.stopped_by = f"write error: {e.err.strerror}"
+        except Exception as e:  # noqa: BLE001 - a bug or a host failure: still close the file
+            self._error = e
+            self.stats.stopped_by = f"error: {type(e).__name__}: {e}"
         finally:
-            for s, h in old.items():
-                signal.signal(s, h)
             self._finish(b, prog, readers, writer, live)
         if self.write_error is not None:
             raise RecordError(f"writing {opts.output} failed ({self.write_error.strerror}); "
                               "recording stopped, the file holds everything up to the last "
                               "successful flush")
+        if self._error is not None:
+            raise RecordError(f"recording stopped by an unexpected error "
+                              f"({type(self._error).__name__}: {self._error}); {opts.output} "
+                              "is closed and readable, the traceback is in its end note")
         return self.stats
+
+    @staticmethod
+    def _flush(writer):
+        try:
+            writer.flush()
+        except OSError as e:
+            raise _WriteFailed(e) from None
 
     def _loop(self, b, prog, readers, writer, live):
         opts = self.opts
@@ -224,17 +397,20 @@ class Session:
                 pass
             self._drain(readers, writer)
             now = time.monotonic()
+            if self._stop:  # a stop signal (handled during the poll) comes first
+                break
             if self.proc is not None and self.proc.poll() is not None:
-                self.stats.stopped_by = "command exited"
+                self.stats.stopped_by = self.stats.stopped_by or "command exited"
                 self.stats.command_status = self.proc.returncode
                 break
             if deadline is not None and now >= deadline:
-                self.stats.stopped_by = "duration"
+                self.stats.stopped_by = self.stats.stopped_by or "duration"
                 break
             if now >= next_flush:
-                self._lost(b, prog.events)
+                self._lost(b, prog.events, writer)
                 writer.add_rows("stats", self._stats_rows(prog.events))
-                writer.flush()
+                self._flush(writer)
+                self.load.sample()
                 next_flush = now + opts.flush_s
                 if live:
                     live.update(self, writer)
@@ -244,22 +420,34 @@ class Session:
         for pid in sorted(self.snapshotted_pids | set(self.opts.pids)):
             if os.path.exists(f"/proc/{pid}"):
                 self._snapshot(writer, pid, "end")
-        self._lost(b, prog.events)
+        self._lost(b, prog.events, writer)
         writer.add_rows("stats", self._stats_rows(prog.events, always=True))
-        writer.note("end", {
+        writer.note("host_load", self.load.end_note())
+        end = {
             "stopped_by": self.stats.stopped_by or "unknown",
+            "signal": self._stop_signal,
+            "exit_code": self.stats.exit_code,
             "command_status": self.stats.command_status,
+            "command_pid": self.proc.pid if self.proc else None,
+            "command_stop": self.stats.command_stop or None,
             "elapsed_s": round(time.monotonic() - self.stats.started, 3),
             "events": self.stats.events, "lost": self.stats.lost,
             "clock": context.clock_base(),
-        })
+        }
+        if self._error is not None:
+            end["error"] = "".join(traceback.format_exception(self._error))[-4000:]
+        writer.note("end", end)
 
     def _finish(self, b, prog, readers, writer, live):
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            if self.proc.wait(timeout=3) is None:
-                self.proc.kill()
-                self.proc.wait()
+        self._phase = "stopping"  # stop signals: the first is kept, a second hurries
+        if self.proc is not None:
+            def waiting():  # the command's teardown events, drained while it stops
+                try:
+                    self._drain(readers, writer)
+                except Exception:  # noqa: BLE001 - the final drain below reports it
+                    pass
+                return self._hurry
+            self.stats.command_stop = self.proc.stop(GRACE_S, waiting)
             self.stats.command_status = self.proc.returncode
         try:
             if self.write_error is None:
@@ -267,6 +455,9 @@ class Session:
             writer.close()
         except OSError as e:
             self.write_error = self.write_error or e
+            writer.abandon()
+        except Exception as e:  # noqa: BLE001 - keep what was flushed
+            self._error = self._error or e
             writer.abandon()
         for _, rd in readers:
             rd.close()

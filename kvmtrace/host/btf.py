@@ -200,6 +200,24 @@ class BTF:
 RECORDED_ENUMS = ("kvm_pgtable_prot", "kvm_mr_change")
 
 
+# Members the in-BPF VMA lookup at the memslot ioctl reads (probes/bpf/vma.h).
+# All are in vmlinux BTF from 5.x to 7.x; vm_flags sits in an anonymous union
+# from 6.3 (member_offset looks through it).
+VMA_LOOKUP_MEMBERS = (
+    ("vm_area_struct", "vm_start"), ("vm_area_struct", "vm_end"),
+    ("vm_area_struct", "vm_flags"), ("vm_area_struct", "vm_page_prot"),
+    ("vm_area_struct", "vm_pgoff"), ("vm_area_struct", "vm_file"),
+    ("file", "f_inode"), ("inode", "i_ino"), ("inode", "i_sb"), ("super_block", "s_dev"),
+)
+
+
+@lru_cache(maxsize=4)
+def vma_lookup_offsets(root: str = "/sys/kernel/btf") -> dict:
+    """(struct, member) -> offset for VMA_LOOKUP_MEMBERS; BTFError says why not."""
+    with BTF(root=root) as b:
+        return {m: b.member_offset(*m) for m in VMA_LOOKUP_MEMBERS}
+
+
 def open_kernel() -> BTF | None:
     """vmlinux + kvm module BTF, or None where the kernel has none."""
     try:

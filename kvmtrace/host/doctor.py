@@ -157,6 +157,16 @@ def probe_set_checks(cflags, troot) -> list[Check]:
         out.append(Check("record's program", True,
                          f"{len(usable)} probes, {len(prog.events)} event kinds: "
                          "compiled, loaded and attached"))
+        if prog.enter_ioctl:
+            vl = prog.vma_lookup
+            out.append(Check(
+                "VMA lookup in BPF", bool(vl.get("available")),
+                f"bpf_find_vma at each memslot ioctl's entry: loaded ({vl.get('load_ms')} ms to "
+                "link and load); a slot's VMA is captured even if the VMM exits at once"
+                if vl.get("available") else vl.get("reason", "not loaded"),
+                "" if vl.get("available") else
+                "slots' VMAs then come from /proc/PID/smaps snapshots taken after the ioctl "
+                "(missing when the VMM exits or remaps first; no page protection)"))
     except bccload.BPFLoadError as e:
         out.append(Check("record's program", False, str(e),
                          "report this with `kvmtrace doctor --format json`",

@@ -50,6 +50,8 @@ PROBES: tuple[Probe, ...] = (
           ("syscalls:sys_enter_ioctl", "syscalls:sys_exit_ioctl"),
           "KVM_CREATE_VM, KVM_CREATE_VCPU, KVM_SET_USER_MEMORY_REGION(2), KVM_RUN "
           "(vCPU per thread) from the ioctl syscall tracepoints"),
+    Probe("process-exits", "memslots", ("proc_exit",), ("sched:sched_process_exit",),
+          EVENTS["proc_exit"].doc),
     _tp_probe("page_fault", "faults"),
     _tp_probe("pt_walk", "faults"),
     _tp_probe("spte_requested", "faults"),

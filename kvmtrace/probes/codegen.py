@@ -42,23 +42,46 @@ def record_dtype(ev: Event) -> np.dtype:
     })
 
 
-def c_struct(ev: Event) -> str:
+# Rings at least this large (pages) carry the fault path's high-rate events;
+# --buffer-size resizes them (perf's -m habit), the rare kinds keep theirs.
+HIGH_RATE_PAGES = 256
+
+
+def ring_pages(ev: Event, buffer_pages: int | None = None) -> int:
+    """Pages of ``ev``'s ring: its declared size, or ``buffer_pages`` for the
+    high-rate kinds when the user chose a size."""
+    if buffer_pages is None or ev.ring_pages < HIGH_RATE_PAGES:
+        return ev.ring_pages
+    return buffer_pages
+
+
+def c_struct(ev: Event, buffer_pages: int | None = None) -> str:
     members = "\n".join(f"    {f.ctype} {f.name}; /* {f.doc} */" for f in ev.all_fields)
     size = event_dtype(ev).itemsize
     return (
         f"struct {struct_name(ev)} {{\n{members}\n}};\n"
         f"_Static_assert(sizeof(struct {struct_name(ev)}) == {size}, "
         f"\"{ev.name}: layout differs from the Python declaration\");\n"
-        f"BPF_RINGBUF_OUTPUT({ring_name(ev)}, {ev.ring_pages});\n"
+        f"BPF_RINGBUF_OUTPUT({ring_name(ev)}, {ring_pages(ev, buffer_pages)});\n"
     )
 
 
-def c_emit(ev: Event, index: int, assignments: str) -> str:
+def c_lost(ev: Event, index: int, var=lambda name: f"v_{name}") -> str:
+    """Count a lost event, with its guest frame when the event has one
+    (``var`` names the C expression holding a field's value)."""
+    if ev.where is None:
+        return f"kvmtrace_lost({index})"
+    field, unit = ev.where
+    gfn = var(field) if unit == "gfn" else f"({var(field)} >> 12)"
+    return f"kvmtrace_lost_at({index}, {gfn})"
+
+
+def c_emit(ev: Event, index: int, assignments: str, lost: str | None = None) -> str:
     """Reserve, fill header and fields, submit: the body shared by all probes."""
     s, r = struct_name(ev), ring_name(ev)
     return (
         f"    struct {s} *e = {r}.ringbuf_reserve(sizeof(struct {s}));\n"
-        f"    if (!e) {{ kvmtrace_lost({index}); return 0; }}\n"
+        f"    if (!e) {{ {lost or f'kvmtrace_lost({index})'}; return 0; }}\n"
         f"    KVMTRACE_HEADER(e);\n"
         f"{assignments}"
         f"    {r}.ringbuf_submit(e, {'0' if ev.wakeup else 'BPF_RB_NO_WAKEUP'});\n"
@@ -80,7 +103,7 @@ def c_tracepoint_probe(ev: Event, index: int) -> str:
         f"TRACEPOINT_PROBE({category}, {name}) {{\n"
         f"{reads}"
         f"    if (!kvmtrace_wanted()) return 0;\n"
-        f"{c_emit(ev, index, assigns)}"
+        f"{c_emit(ev, index, assigns, c_lost(ev, index))}"
         f"    return 0;\n}}\n"
     )
 
@@ -133,7 +156,7 @@ def c_kprobe(ev: Event, index: int, inside: Event | None) -> str:
         assigns = "".join(f"    e->{f.name} = v_{f.name};\n" for f in entry)
         return (f"int {entry_fn(ev)}(struct pt_regs *ctx) {{\n{guard}"
                 f"    if (!kvmtrace_wanted()) return 0;\n{reads}"
-                f"{c_emit(ev, index, assigns)}    return 0;\n}}\n")
+                f"{c_emit(ev, index, assigns, c_lost(ev, index))}    return 0;\n}}\n")
     s = struct_name(ev)
     stash = stash_name(ev)
     assigns = "".join(f"    st.{f.name} = v_{f.name};\n" for f in entry)
@@ -149,7 +172,8 @@ def c_kprobe(ev: Event, index: int, inside: Event | None) -> str:
         f"    u32 tid = (u32)bpf_get_current_pid_tgid();\n"
         f"    struct {s} *st = {stash}.lookup(&tid);\n    if (!st) return 0;\n"
         f"    struct {s} *e = {ring_name(ev)}.ringbuf_reserve(sizeof(struct {s}));\n"
-        f"    if (!e) {{ kvmtrace_lost({index}); {stash}.delete(&tid); return 0; }}\n"
+        f"    if (!e) {{ {c_lost(ev, index, lambda n: f'st->{n}')}; {stash}.delete(&tid); "
+        f"return 0; }}\n"
         f"    __builtin_memcpy(e, st, sizeof(struct {s}));\n{rets}"
         f"    {ring_name(ev)}.ringbuf_submit(e, {'0' if ev.wakeup else 'BPF_RB_NO_WAKEUP'});\n"
         f"    {stash}.delete(&tid);\n    return 0;\n}}\n"

@@ -58,6 +58,10 @@ class Event:
     # Wake the collector at once (rare events that trigger work such as a
     # smaps snapshot); others are polled, which is cheaper per event.
     wakeup: bool = False
+    # The field giving the guest-physical page an event concerns, and its unit
+    # ("gfn", or "byte" for a guest-physical address): a lost event is then
+    # counted per 2 MiB region, so the report can say which memslots lost events.
+    where: tuple[str, str] | None = None
 
     @property
     def all_fields(self) -> tuple[Field, ...]:
@@ -82,10 +86,10 @@ HEADER = (
 )
 
 
-def _tp(name, tracepoint, doc, fields, ring_pages=16):
+def _tp(name, tracepoint, doc, fields, ring_pages=16, where=None):
     """An event that copies a tracepoint's arguments field for field."""
     return Event(
-        name=name, doc=doc, tracepoint=tracepoint, ring_pages=ring_pages,
+        name=name, doc=doc, tracepoint=tracepoint, ring_pages=ring_pages, where=where,
         fields=tuple(Field(n, t, d, src or f"args->{n}") for n, t, d, src in fields),
     )
 
@@ -107,9 +111,29 @@ MEMSLOT = Event(
         Field("read_ok", "u32", "1 when the struct was read from user memory"),
         Field("ret", "s64", "ioctl return value (-errno on failure)"),
         Field("enter_ts", "u64", "CLOCK_MONOTONIC ns at syscall entry"),
+        # The VMA containing hva, looked up in BPF at syscall entry (bpf_find_vma,
+        # Linux 5.17+; bpf/vma.h): known even if the VMM exits or remaps at once.
+        Field("vma_status", "u8", "VMA lookup at the ioctl (VMA_STATUS): 0 unavailable, "
+              "1 found, 2 no VMA contains hva, 3 lookup failed (vma_err), 4 not looked up"),
+        Field("vma_has_file", "u8", "1 when the VMA has a file (vm_file != NULL)"),
+        Field("vma_covers", "u8", "1 when adjacent VMAs from hva cover [hva, hva+size)"),
+        Field("vma_count", "u8", "VMAs walked from hva over the slot (adjacent; at most 8)"),
+        Field("vma_err", "s32", "bpf_find_vma's result for hva (-ENOENT, -EBUSY: mmap "
+              "lock contended)"),
+        Field("vma_dev", "u32", "device of the VMA's file, kernel dev_t (major << 20 | minor)"),
+        Field("vma_start", "u64", "vm_start of the VMA containing hva"),
+        Field("vma_end", "u64", "vm_end of that VMA"),
+        Field("vm_flags", "u64", "its vm_flags (VM_PFNMAP 0x400, VM_IO 0x4000, ...)"),
+        Field("vm_page_prot", "u64", "its vm_page_prot (x86: PWT/PCD/PAT bits 3/4/7; "
+              "arm64: AttrIndx in [4:2])"),
+        Field("vm_pgoff", "u64", "its vm_pgoff (offset into the file or device, in pages)"),
+        Field("vma_ino", "u64", "inode number of its file (vm_file->f_inode->i_ino)"),
     ),
     wakeup=True,
 )
+
+# MEMSLOT.vma_status values (the BPF side gets them as KVMTRACE_VMA_* defines).
+VMA_STATUS = {"UNAVAILABLE": 0, "FOUND": 1, "NONE": 2, "FAILED": 3, "SKIPPED": 4}
 
 VM_IOCTL = Event(
     "vm_ioctl",
@@ -121,6 +145,15 @@ VM_IOCTL = Event(
         Field("ret", "s64", "new fd, or -errno"),
     ),
     wakeup=True,
+)
+
+PROC_EXIT = Event(
+    "proc_exit",
+    "a VMM process ended (sched:sched_process_exit of the last thread, or of the "
+    "leader on kernels whose tracepoint has no group_dead): a later process with the "
+    "same pid is another VMM",
+    (Field("group_dead", "u8", "1 = the whole thread group is dead (tracepoint's "
+           "group_dead); 2 = the leader thread exited (older kernels)"),),
 )
 
 PT_WALK = _tp(
@@ -138,6 +171,7 @@ SPTE_REQUESTED = _tp(
      ("pfn", "u64", "host physical frame number", None),
      ("level", "u8", "1 = 4K, 2 = 2M, 3 = 1G", None)],
     ring_pages=1024,
+    where=("gfn", "gfn"),
 )
 
 SET_SPTE = _tp(
@@ -150,6 +184,7 @@ SET_SPTE = _tp(
      ("x", "u8", "executable", None),
      ("u", "s8", "user accessible (-1 when not applicable)", None)],
     ring_pages=1024,
+    where=("gfn", "gfn"),
 )
 
 TDP_SPTE_CHANGED = _tp(
@@ -161,6 +196,7 @@ TDP_SPTE_CHANGED = _tp(
      ("level", "u8", "1 = 4K, 2 = 2M, 3 = 1G", None),
      ("as_id", "u8", "address space", None)],
     ring_pages=1024,
+    where=("gfn", "gfn"),
 )
 
 FAST_PAGE_FAULT = _tp(
@@ -192,6 +228,7 @@ MMIO_PAGE_FAULT = _tp(
      ("gfn", "u64", "guest frame number", None),
      ("access", "u32", "access bits", None)],
     ring_pages=256,
+    where=("gfn", "gfn"),
 )
 
 UNMAP_HVA_RANGE = _tp(
@@ -210,6 +247,7 @@ MMIO = _tp(
      ("gpa", "u64", "guest physical address", None),
      ("val", "u64", "value", None)],
     ring_pages=256,
+    where=("gpa", "byte"),
 )
 
 USERSPACE_EXIT = _tp(
@@ -288,7 +326,7 @@ S2_MAP = Event(
      Field("phys", "u64", "host physical address", "PT_REGS_PARM4(ctx)"),
      Field("prot", "u64", "enum kvm_pgtable_prot bits", "PT_REGS_PARM5(ctx)"),
      RET, EXIT_TS),
-    kprobe="kvm_pgtable_stage2_map", ring_pages=1024,
+    kprobe="kvm_pgtable_stage2_map", where=("ipa", "byte"), ring_pages=1024,
 )
 
 S2_RELAX = Event(
@@ -298,7 +336,7 @@ S2_RELAX = Event(
     (Field("ipa", "u64", "guest physical address", "PT_REGS_PARM2(ctx)"),
      Field("prot", "u64", "enum kvm_pgtable_prot bits", "PT_REGS_PARM3(ctx)"),
      RET, EXIT_TS),
-    kprobe="kvm_pgtable_stage2_relax_perms", ring_pages=256,
+    kprobe="kvm_pgtable_stage2_relax_perms", where=("ipa", "byte"), ring_pages=256,
 )
 
 GUEST_ABORT = Event(
@@ -325,10 +363,11 @@ GUEST_FAULT = _tp(
      ("far", "u64", "FAR_EL2", "args->hxfar"),
      ("ipa", "u64", "faulting IPA", None)],
     ring_pages=1024,
+    where=("ipa", "byte"),
 )
 
 EVENTS: dict[str, Event] = {e.name: e for e in (
-    MEMSLOT, VM_IOCTL, PT_WALK, SPTE_REQUESTED, SET_SPTE, TDP_SPTE_CHANGED,
+    MEMSLOT, VM_IOCTL, PROC_EXIT, PT_WALK, SPTE_REQUESTED, SET_SPTE, TDP_SPTE_CHANGED,
     FAST_PAGE_FAULT, PAGE_FAULT, MMIO_PAGE_FAULT, UNMAP_HVA_RANGE, MMIO,
     USERSPACE_EXIT, PREPARE_REGION, PREPARE_VMA, FAULT_HANDLER_X86,
     S2_MAP, S2_RELAX, GUEST_ABORT, USER_MEM_ABORT, GUEST_FAULT,

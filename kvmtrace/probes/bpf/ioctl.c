@@ -22,16 +22,16 @@ struct kvmtrace_pending {
     u32 read_ok;
     u32 pad;
     struct kvmtrace_region r;
+    struct kvmtrace_vma_ctx vma;  /* vma.h: the VMA at hva, looked up at entry */
+    s32 vma_err;
+    u32 vma_status;               /* KVMTRACE_VMA_* (events.VMA_STATUS) */
 };
 
 BPF_TABLE("lru_hash", u32, struct kvmtrace_pending, kvmtrace_pending_ioctl, 4096);
 BPF_PERCPU_ARRAY(kvmtrace_scratch, struct kvmtrace_pending, 1);
 
-TRACEPOINT_PROBE(syscalls, sys_enter_ioctl)
+static __always_inline int kvmtrace_ioctl_enter(u32 cmd, s32 fd, u64 arg, int lookup)
 {
-    u32 cmd = args->cmd;
-    s32 fd = args->fd;
-    u64 arg = args->arg;
     if (cmd != KVM_RUN && cmd != KVM_SET_USER_MEMORY_REGION &&
         cmd != KVM_SET_USER_MEMORY_REGION2 && cmd != KVM_CREATE_VM &&
         cmd != KVM_CREATE_VCPU)
@@ -43,6 +43,9 @@ TRACEPOINT_PROBE(syscalls, sys_enter_ioctl)
         kvmtrace_vcpu.update(&tid, &fd);
         return 0;
     }
+    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    u8 vmm = 1;
+    kvmtrace_vmms.update(&tgid, &vmm);  /* its exit will be recorded (proc.c) */
     int zero = 0;
     struct kvmtrace_pending *p = kvmtrace_scratch.lookup(&zero);
     if (!p)
@@ -56,9 +59,52 @@ TRACEPOINT_PROBE(syscalls, sys_enter_ioctl)
         p->read_ok = bpf_probe_read_user(&p->r, 32, (void *)arg) == 0;
     else if (cmd == KVM_SET_USER_MEMORY_REGION2)
         p->read_ok = bpf_probe_read_user(&p->r, sizeof(p->r), (void *)arg) == 0;
+    if (p->read_ok && p->r.memory_size) {
+        p->vma_status = KVMTRACE_VMA_UNAVAILABLE;
+#ifdef KVMTRACE_VMA_LOOKUP
+        if (lookup) {
+            struct kvmtrace_vma_ctx c = {};  /* the callback's context must be on the stack */
+            u64 hi = p->r.userspace_addr + p->r.memory_size;
+            long err = kvmtrace_vma_lookup(&c, p->r.userspace_addr, hi);
+            p->vma_err = err;
+            p->vma_status = err == 0 ? KVMTRACE_VMA_FOUND :
+                            err == -2 ? KVMTRACE_VMA_NONE : KVMTRACE_VMA_FAILED;
+            __builtin_memcpy(&p->vma, &c, sizeof(c));
+        }
+#endif
+    } else if (cmd == KVM_SET_USER_MEMORY_REGION || cmd == KVM_SET_USER_MEMORY_REGION2) {
+        p->vma_status = KVMTRACE_VMA_SKIPPED;
+    }
     kvmtrace_pending_ioctl.update(&tid, p);
     return 0;
 }
+
+/* Entry programs: kvmtrace loads and attaches one of them itself (program.py),
+ * so they are not TRACEPOINT_PROBEs (bcc would load those at once, and bcc
+ * cannot load a program with a callback). The one with the VMA lookup is
+ * linked with its callback by kvmtrace.host.bccload; the other is the
+ * fallback where the kernel refuses it. */
+int kvmtrace_enter_ioctl(struct tracepoint__syscalls__sys_enter_ioctl *args)
+{
+    return kvmtrace_ioctl_enter(args->cmd, args->fd, args->arg, 1);
+}
+
+int kvmtrace_enter_ioctl_novma(void *ctx)
+{
+    /* bcc defines the args struct once, before the first function taking it */
+    struct tracepoint__syscalls__sys_enter_ioctl *args = ctx;
+    return kvmtrace_ioctl_enter(args->cmd, args->fd, args->arg, 0);
+}
+
+#ifdef KVMTRACE_VMA_LOOKUP
+/* Registers the name "kvmtrace_vma_cb" with bcc; the asm label renames this
+ * stub's own symbol, so the name resolves to the callback in vma.h. */
+int kvmtrace_vma_cb(void *ctx) __asm__("kvmtrace_vma_cb_stub");
+int kvmtrace_vma_cb(void *ctx)
+{
+    return 0;
+}
+#endif
 
 TRACEPOINT_PROBE(syscalls, sys_exit_ioctl)
 {

@@ -5,6 +5,10 @@
  * when KVMTRACE_FILTER_PIDS is defined. */
 BPF_HASH(kvmtrace_pids, u32, u8, 4096);
 
+/* VMM processes (tgid -> 1): set at their KVM ioctls, and by the collector
+ * for VMMs running when recording starts; their exit is recorded (proc.c). */
+BPF_HASH(kvmtrace_vmms, u32, u8, 16384);
+
 /* Per-thread vCPU fd, set at each KVM_RUN entry: tracepoints on the fault path
  * carry no VM identity, the thread that runs the vCPU does. */
 BPF_TABLE("lru_hash", u32, s32, kvmtrace_vcpu, 16384);
@@ -22,11 +26,48 @@ static __always_inline int kvmtrace_wanted(void)
 #endif
 }
 
-static __always_inline void kvmtrace_lost(int kind)
+/* Where events were lost: per process, event kind and 2 MiB guest-physical
+ * region (gfn >> 9; KVMTRACE_NOWHERE for events with no guest address), so a
+ * report can say which memslots lost events, not just how many were lost.
+ * Bounded: when the LRU evicts, the per-kind totals above stay exact and the
+ * report says how many lost events it could not place. */
+#define KVMTRACE_NOWHERE (~0ULL)
+struct kvmtrace_lost_key {
+    u32 pid;
+    u32 kind;
+    u64 region;
+};
+struct kvmtrace_lost_val {
+    u64 count;
+    u64 first_ts;
+    u64 last_ts;
+};
+BPF_TABLE("lru_hash", struct kvmtrace_lost_key, struct kvmtrace_lost_val,
+          kvmtrace_lost_where, 16384);
+
+static __always_inline void kvmtrace_lost_at(int kind, u64 gfn)
 {
     u64 *n = kvmtrace_lost_count.lookup(&kind);
     if (n)
         (*n)++;
+    struct kvmtrace_lost_key k = {};
+    k.pid = bpf_get_current_pid_tgid() >> 32;
+    k.kind = kind;
+    k.region = gfn == KVMTRACE_NOWHERE ? gfn : gfn >> 9;
+    u64 now = bpf_ktime_get_ns();
+    struct kvmtrace_lost_val *v = kvmtrace_lost_where.lookup(&k);
+    if (v) {
+        __sync_fetch_and_add(&v->count, 1);
+        v->last_ts = now;
+    } else {
+        struct kvmtrace_lost_val init = {1, now, now};
+        kvmtrace_lost_where.update(&k, &init);
+    }
+}
+
+static __always_inline void kvmtrace_lost(int kind)
+{
+    kvmtrace_lost_at(kind, KVMTRACE_NOWHERE);
 }
 
 static __always_inline s32 kvmtrace_current_vcpu(u32 tid)
