@@ -9,6 +9,7 @@ import platform
 import pytest
 
 import kvmtrace
+from kvmtrace.probes.events import VMA_STATUS
 
 from conftest import guest_cmd, kvmtrace as run, load_json
 from test_report_arm64 import check_bar_verdicts, check_slots_and_faults
@@ -34,11 +35,20 @@ def test_bar_end_to_end(tmp_path, live):
         assert probe in attached
     check_slots_and_faults(m, g)
     check_bar_verdicts(m, g, kernel_label())
+    # the VMA behind each memslot was looked up in BPF at the ioctl (no kprobe needed)
+    assert m.meta["vma_lookup"]["available"], m.meta["vma_lookup"]
+    ms = m.recording["memslot"]
+    ok = ms[(ms["ret"] == 0) & (ms["size"] > 0)]
+    assert (ok["vma_status"] == VMA_STATUS["FOUND"]).all()
+    for s in g["slots"]:
+        if s["status"] == "ok" and s.get("vma"):
+            row = ok[ok["slot"] == s["slot"]].iloc[0]
+            assert (row["vma_start"], row["vma_end"]) == (s["vma"]["start"], s["vma"]["end"])
 
 
 def test_doctor_reports_cpu_and_kprobes(live):
     import json
-    body = json.loads(run("doctor", "--format", "json").stdout)
+    body = json.loads(run("doctor", "--format", "json", timeout=900).stdout)
     checks = {c["name"]: c for c in body["checks"]}
     assert checks["attach kprobe"]["ok"] is True
     assert "DIC" in checks["arm64 CPU"]["detail"]

@@ -20,9 +20,10 @@ hold only known tables of their exact types (an older recording may lack
 newer tables, which read as empty, and newer fields of a table, which read as
 zeros or empty strings), and the metadata the analysis reads is
 type-checked: a damaged header is a one-line RecordingError, a damaged
-optional key is dropped with a problem noted. Rows with missing values and
-notes whose value is not JSON are dropped (the writer writes neither) and
-counted in ``problems``.
+optional key is dropped with a problem noted. Rows with missing values,
+notes that are not JSON of their kind and rows the kernel cannot have
+produced (ROW_RULES) are dropped (the writer writes none of them) and
+counted in ``problems``. Memory and time are bounded by the file's real size.
 """
 
 from __future__ import annotations
@@ -77,6 +78,11 @@ def _oneline(text, limit: int = 120) -> str:
     s = re.sub(r"[\x00-\x1f\x7f-\x9f]+", " ", str(text)).strip()
     s = s.replace("[", "(").replace("]", ")")
     return s if len(s) <= limit else s[:limit - 3] + "..."
+
+
+def _shown(path: str) -> str:
+    """A path for a one-line message (control characters escaped)."""
+    return path if path.isprintable() else repr(path)[1:-1]
 
 
 def _size(n: int) -> str:
@@ -548,20 +554,20 @@ def _open(path) -> int:
     try:
         st = os.stat(path)
     except FileNotFoundError:
-        raise RecordingError(f"{path}: no such file") from None
+        raise RecordingError(f"{_shown(path)}: no such file") from None
     except OSError as e:
-        raise RecordingError(f"{path}: {e.strerror}") from None
+        raise RecordingError(f"{_shown(path)}: {e.strerror}") from None
     if stat.S_ISDIR(st.st_mode):
-        raise RecordingError(f"{path}: is a directory, not a recording")
+        raise RecordingError(f"{_shown(path)}: is a directory, not a recording")
     if not stat.S_ISREG(st.st_mode):
-        raise RecordingError(f"{path}: not a regular file (a recording is a file)")
+        raise RecordingError(f"{_shown(path)}: not a regular file (a recording is a file)")
     if st.st_size == 0:
-        raise RecordingError(f"{path}: empty file (the recording was never started, "
+        raise RecordingError(f"{_shown(path)}: empty file (the recording was never started, "
                              f"or was cut off before its header)")
     try:
         return os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
     except OSError as e:
-        raise RecordingError(f"{path}: {e.strerror}") from None
+        raise RecordingError(f"{_shown(path)}: {e.strerror}") from None
 
 
 def read(path) -> Recording:
@@ -577,9 +583,10 @@ def _read(path: str, fd: int) -> Recording:
     size = st.st_size
     allocated = st.st_blocks * 512 if hasattr(st, "st_blocks") else size
     frames, end = _scan(fd, size, allocated)
-    schema = _read_schema(path, fd, frames, end)
+    shown = _shown(path)  # for one-line messages
+    schema = _read_schema(shown, fd, frames, end)
     problems: list[str] = []
-    version, meta, names, decode = _header(path, schema, problems)
+    version, meta, names, decode = _header(shown, schema, problems)
 
     batch_frames = frames[1:]
     total = len(batch_frames)
