@@ -76,24 +76,9 @@ def test_unknown_probe_set(tmp_path):
 
 def _v2_recording(path):
     """The fixture re-written by the current writer: version 2, every batch sealed."""
-    import json
+    from test_fuzz_recordings import rewrite_v2
 
-    import pyarrow as pa
-
-    from kvmtrace.recording import format as fmt
-    from kvmtrace.recording.writer import RecordingWriter
-
-    with pa.ipc.open_stream(pa.py_buffer(REC.read_bytes())) as r:
-        w = RecordingWriter(str(path), json.loads(r.schema.metadata[fmt.META_KEY]))
-        for b in r:
-            for i, name in enumerate(b.schema.names):
-                typ = w.types[name]  # fields an older recording lacks: zeros
-                rows = [{f.name: row.get(f.name, "" if pa.types.is_string(f.type) else 0)
-                         for f in typ} for row in b.column(i).flatten().to_pylist()]
-                if rows:
-                    w.add_rows(name, rows)
-            w.flush(force=True)
-        w.close()
+    rewrite_v2(REC, path)
     return path
 
 

@@ -14,7 +14,8 @@ from click.testing import CliRunner
 
 from kvmtrace import cli
 from kvmtrace.collectors import child
-from kvmtrace.collectors.hostload import HostLoad, host_load
+from kvmtrace.analysis.hostload import host_load
+from kvmtrace.collectors.hostload import HostLoad
 from kvmtrace.collectors.session import Stats
 from kvmtrace.recording.reader import read
 

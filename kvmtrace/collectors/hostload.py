@@ -14,24 +14,19 @@ kvmtrace.analysis.hostload reads them back.
 
 from __future__ import annotations
 
-import json
 import os
 import time
+
+from ..host.procfs import read_text
 
 # /proc/stat cpu columns (proc(5)); guest / guest_nice are already in user / nice
 _COLS = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal")
 
 
-def _read(path: str) -> str | None:
-    try:
-        with open(path) as f:
-            return f.read()
-    except OSError:
-        return None
 
 
 def loadavg() -> dict | None:
-    text = _read("/proc/loadavg")
+    text = read_text("/proc/loadavg")
     if not text:
         return None
     a = text.split()
@@ -41,7 +36,7 @@ def loadavg() -> dict | None:
 
 
 def cpu_times() -> dict | None:
-    text = _read("/proc/stat")
+    text = read_text("/proc/stat")
     if not text or not text.startswith("cpu "):
         return None
     vals = [int(x) for x in text.split("\n", 1)[0].split()[1:1 + len(_COLS)]]
