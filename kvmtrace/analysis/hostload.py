@@ -36,7 +36,14 @@ def host_load(recording) -> dict | None:
         return None
     start, end = None, None
     for v in rows["value"]:
-        d = json.loads(v)
+        try:
+            d = json.loads(v)
+        except ValueError:
+            continue
+        if not isinstance(d, dict):
+            continue
+        if not isinstance(d.get("loadavg"), (dict, type(None))):
+            d["loadavg"] = None  # a damaged note: the rest may still say something
         if d.get("phase") == "start":
             start = d
         elif d.get("phase") == "end":
@@ -47,10 +54,21 @@ def host_load(recording) -> dict | None:
            "end": (end or {}).get("loadavg")}
     if end:
         out.update({k: v for k, v in end.items() if k not in ("phase", "cpus", "loadavg")})
-    elif start and start.get("loadavg"):
+    elif start and start.get("loadavg") and _number(start["loadavg"].get("load1")):
         l1 = start["loadavg"]["load1"]
         out["load1"] = {"min": l1, "max": l1}
     return out
+
+
+def _number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _get(load: dict | None, key: str, part: str):
+    """load[key][part] when it is a number, else None (notes may be damaged)."""
+    v = (load or {}).get(key)
+    v = v.get(part) if isinstance(v, dict) else None
+    return v if _number(v) else None
 
 
 # Two recordings ran under different load when the share of busy CPU time over
@@ -58,11 +76,6 @@ def host_load(recording) -> dict | None:
 # many: service times measured then are not comparable as they stand.
 BUSY_POINTS = 25.0
 STEAL_POINTS = 5.0
-
-
-def _run(load: dict | None, key: str):
-    v = (load or {}).get(key) or {}
-    return v.get("run") if isinstance(v, dict) else None
 
 
 def load_difference(base: dict | None, new: dict | None) -> str | None:
@@ -73,12 +86,12 @@ def load_difference(base: dict | None, new: dict | None) -> str | None:
     parts = []
     for key, points, name in (("busy_pct", BUSY_POINTS, "CPU busy"),
                               ("steal_pct", STEAL_POINTS, "CPU steal")):
-        b, n = _run(base, key), _run(new, key)
+        b, n = _get(base, key, "run"), _get(new, key, "run")
         if b is not None and n is not None and abs(n - b) >= points:
             parts.append(f"{name} {b:.0f}% -> {n:.0f}%")
     if not parts:
         return None
-    l1 = [((x.get("load1") or {}).get("max")) for x in (base, new)]
+    l1 = [_get(x, "load1", "max") for x in (base, new)]
     if None not in l1:
         parts.append(f"load average up to {l1[0]:.1f} -> {l1[1]:.1f}")
     return ("the two recordings ran under different host load (" + ", ".join(parts)
