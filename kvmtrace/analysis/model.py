@@ -218,8 +218,10 @@ def build(path_or_recording) -> Model:
     unplaced = loss.unplaced(lost_kinds, lost_where)
     prefetch["request_lost"] = loss.request_lost(prefetch, lost_where)
     recorded = set((meta.get("probes") or {}).get("events") or [])
-    installs_recorded = bool(recorded & {"set_spte", "tdp_spte_changed", "s2_map"}) \
-        or not recorded
+    # the event that carries this MMU's installs: stage-2 maps, legacy sptes, TDP sptes
+    install = {"s2_map"} if arm else {"set_spte"} if spte_format == "legacy" else \
+        {"tdp_spte_changed", "set_spte"}
+    installs_recorded = bool(recorded & install) or not recorded
     verdicts, ranges = _verdicts(slots, f, ops, slot_lost, unplaced, installs_recorded)
     notes += _loss_notes(lost_kinds, unplaced)
     if spte_format == "legacy" and kvm.get("vendor") in ("amd", "intel"):
