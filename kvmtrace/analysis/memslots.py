@@ -11,13 +11,11 @@ operations.
 
 from __future__ import annotations
 
-import errno as errno_mod
-
 import numpy as np
 import pandas as pd
 
-KVM_MEM_FLAGS = {1: "LOG_DIRTY_PAGES", 2: "READONLY", 4: "GUEST_MEMFD"}
-KVM_CREATE_VM, KVM_CREATE_VCPU = 0xAE01, 0xAE41
+from .. import kvmapi
+from ..kvmapi import ret_errno as errno_name
 INF = np.iinfo(np.uint64).max
 SLOT_INT_COLS = {"pid": "int64", "proc": "int64", "vm_fd": "int64", "as_id": "int64", "slot": "int64",
                  "gpa": "uint64", "size": "uint64", "hva": "uint64", "flags": "int64",
@@ -25,17 +23,7 @@ SLOT_INT_COLS = {"pid": "int64", "proc": "int64", "vm_fd": "int64", "as_id": "in
 
 
 def flag_names(flags: int) -> str:
-    names = [n for bit, n in KVM_MEM_FLAGS.items() if flags & bit]
-    rest = flags & ~sum(KVM_MEM_FLAGS)
-    if rest:
-        names.append(f"0x{rest:x}")
-    return "|".join(names) or "-"
-
-
-def errno_name(ret: int) -> str:
-    if ret >= 0:
-        return ""
-    return errno_mod.errorcode.get(-ret, f"errno {-ret}")
+    return "|".join(kvmapi.mem_flag_names(flags)) or "-"
 
 
 def _failure_reason(row, live: dict) -> str:
@@ -49,7 +37,7 @@ def _failure_reason(row, live: dict) -> str:
                               ("userspace_addr", row.hva)) if v % page]
         if bad:
             return f"EINVAL: {', '.join(bad)} not page aligned"
-        if row.flags & ~7:
+        if row.flags & ~sum(kvmapi.MEM_FLAG_NAMES):
             return f"EINVAL: unknown flags 0x{row.flags:x}"
         old = live.get((row.as_id, row.slot_id))
         if old is not None and row.size and (old["size"] != row.size or old["hva"] != row.hva):
@@ -138,6 +126,6 @@ def replay(ops: pd.DataFrame):
 def vcpu_to_vm(vm_ioctl: pd.DataFrame) -> pd.DataFrame:
     """(pid, proc, vcpu_fd) -> vm_fd, from KVM_CREATE_VCPU results (``proc``:
     see identity.py)."""
-    v = vm_ioctl[(vm_ioctl["cmd"] == KVM_CREATE_VCPU) & (vm_ioctl["ret"] >= 0)]
+    v = vm_ioctl[(vm_ioctl["cmd"] == kvmapi.KVM_CREATE_VCPU) & (vm_ioctl["ret"] >= 0)]
     return (v.rename(columns={"fd": "vm_fd"})
             .assign(vcpu_fd=v["ret"].astype("int32"))[["pid", "proc", "vcpu_fd", "vm_fd", "ts"]])

@@ -21,15 +21,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from .. import kvmapi
 from ..memtype import x86 as x86mt
 from ..recording.reader import Recording, read
 from . import faults as faults_mod
 from . import identity, loss, memslots, stage2, vmas as vmas_mod
 
-EXIT_REASONS = {0: "UNKNOWN", 1: "EXCEPTION", 2: "IO", 3: "HYPERCALL", 4: "DEBUG", 5: "HLT",
-                6: "MMIO", 7: "IRQ_WINDOW_OPEN", 8: "SHUTDOWN", 9: "FAIL_ENTRY", 10: "INTR",
-                17: "INTERNAL_ERROR", 24: "SYSTEM_EVENT", 29: "X86_RDMSR", 30: "X86_WRMSR",
-                39: "MEMORY_FAULT"}
+EXIT_REASONS = kvmapi.EXIT_REASONS
 VERDICT_ORDER = ["upgraded", "downgraded", "rejected", "unknown", "consistent"]
 
 

@@ -277,7 +277,8 @@ def stage2_prot_decode(prot_array, enum_values: dict | None = None,
 # --------------------------------------------------------------------------
 # KVM_CAP_ARM_CACHEABLE_PFNMAP_SUPPORTED
 
-KVM_CAP_ARM_CACHEABLE_PFNMAP_SUPPORTED = 243
+from ..kvmapi import KVM_CAP_ARM_CACHEABLE_PFNMAP_SUPPORTED  # noqa: E402
+
 KVM_CAP_ARM_CACHEABLE_PFNMAP_NOTE = (
     "include/uapi/linux/kvm.h (6.17+, verified 7.3.4): 243. On a VM fd "
     "KVM_CHECK_EXTENSION returns kvm_supports_cacheable_pfnmap() = "

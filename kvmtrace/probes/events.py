@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .. import kvmapi
+
 # C type -> numpy type string. Only fixed-width types, so sizes never depend on
 # the compiler.
 CTYPES = {
@@ -373,11 +375,7 @@ EVENTS: dict[str, Event] = {e.name: e for e in (
     S2_MAP, S2_RELAX, GUEST_ABORT, USER_MEM_ABORT, GUEST_FAULT,
 )}
 
-# ioctl numbers the BPF side filters on (include/uapi/linux/kvm.h).
-KVM_IOCTLS = {
-    "KVM_CREATE_VM": 0xAE01,
-    "KVM_CREATE_VCPU": 0xAE41,
-    "KVM_SET_USER_MEMORY_REGION": 0x4020AE46,   # _IOW(0xAE, 0x46, 32 bytes)
-    "KVM_SET_USER_MEMORY_REGION2": 0x40A0AE49,  # _IOW(0xAE, 0x49, 160 bytes)
-    "KVM_RUN": 0xAE80,
-}
+# ioctl numbers the BPF side filters on (their values: kvmtrace/kvmapi.py).
+KVM_IOCTLS = {name: getattr(kvmapi, name) for name in (
+    "KVM_CREATE_VM", "KVM_CREATE_VCPU", "KVM_SET_USER_MEMORY_REGION",
+    "KVM_SET_USER_MEMORY_REGION2", "KVM_RUN")}
