@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from . import plots
+from .analysis import pages
 from .analysis.compare import Comparison
 from .analysis.model import Model
 
@@ -49,9 +50,13 @@ def _slot_labels(model: Model) -> pd.Series:
                                             .astype(str), "")
 
 
-def _level_shares(f: pd.DataFrame, by: str, order: list) -> dict:
+def _level_names(model: Model) -> list[str]:
+    return list(pages.level_names(pages.page_size(model.meta), (1, 2, 3)).values())
+
+
+def _level_shares(f: pd.DataFrame, by: str, order: list, names: list[str]) -> dict:
     ct = pd.crosstab(f[by], f["size"], normalize="index").reindex(order).fillna(0)
-    return {lvl: ct[lvl].tolist() if lvl in ct else [0.0] * len(order) for lvl in ("4K", "2M", "1G")}
+    return {lvl: ct[lvl].tolist() if lvl in ct else [0.0] * len(order) for lvl in names}
 
 
 def report_html(model: Model, tables: dict) -> str:
@@ -65,9 +70,9 @@ def report_html(model: Model, tables: dict) -> str:
         f = f.assign(label=labels.reindex(f["slot_row"]).to_numpy())
         order = [x for x in labels if x in set(f["label"])]
         plots_html.append(plots.latency_cdf(
-            {f"slot {k}": g["service_ns"].to_numpy() / 1e3 for k, g in f.groupby("label")},
+            {f"slot {k}": g["service_ns"].to_numpy(dtype=float, na_value=np.nan) / 1e3 for k, g in f.groupby("label")},
             "fault service time per slot"))
-        plots_html.append(plots.level_mix(order, _level_shares(f, "label", order),
+        plots_html.append(plots.level_mix(order, _level_shares(f, "label", order, _level_names(model)),
                                           "mapping levels per slot"))
     body.append("<div class='plots'>" + "".join(plots_html) + "</div>")
     for note in model.notes:
@@ -91,14 +96,14 @@ def diff_html(base: Model, new: Model, c: Comparison) -> str:
     plot = []
     series = {}
     for side, m in (("base", base), ("new", new)):
-        series[side] = m.faults["service_ns"].to_numpy() / 1e3
+        series[side] = m.faults["service_ns"].to_numpy(dtype=float, na_value=np.nan) / 1e3
     plot.append(plots.latency_cdf(series, "fault service time, all slots"))
     s = c.slots
     labels = [f"{int(g):#x}" for g in s["gpa"]]
     plot.append(plots.grouped_bars(labels, {"base": s["faults_base"].fillna(0).tolist(),
                                             "new": s["faults_new"].fillna(0).tolist()},
                                    "faults per slot (by GPA)", "faults"))
-    bars, shares = [], {"4K": [], "2M": [], "1G": []}
+    bars, shares = [], {name: [] for name in _level_names(base)}
     for label, lb, ln in zip(labels, s["levels_base"], s["levels_new"]):
         for side, lv in (("base", lb), ("new", ln)):
             lv = lv if isinstance(lv, dict) else {}
@@ -124,5 +129,5 @@ def _per_slot_series(base: Model, new: Model) -> dict:
         gpa = m.slots["gpa"].reindex(f["slot_row"]).to_numpy()
         for g, grp in f.assign(gpa=gpa).groupby("gpa"):
             out.setdefault(f"GPA {int(g):#x}", [np.array([]), np.array([])])[side] = \
-                grp["service_ns"].to_numpy() / 1e3
+                grp["service_ns"].to_numpy(dtype=float, na_value=np.nan) / 1e3
     return out

@@ -59,11 +59,11 @@ def latency_cdf(series: dict[str, np.ndarray], title: str) -> str:
 
 
 def level_mix(labels: list[str], shares: dict[str, list[float]], title: str) -> str:
-    """Stacked bars: share of 4K / 2M / 1G mappings per bar."""
+    """Stacked bars: share of each mapping size (``shares``' keys, in order) per bar."""
     labels = [_txt(x) for x in labels]
     fig, ax = plt.subplots(figsize=(max(4, 0.6 * len(labels) + 2), 3.2))
     bottom = np.zeros(len(labels))
-    for i, level in enumerate(("4K", "2M", "1G")):
+    for i, level in enumerate(shares):
         v = np.asarray(shares.get(level, [0] * len(labels)), dtype=float)
         ax.bar(labels, v, bottom=bottom, label=level, color=f"C{i}")
         bottom += v

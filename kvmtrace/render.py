@@ -23,7 +23,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from .analysis import identity, summary
+from .analysis import identity, pages, schema, summary
 from .analysis.model import EXIT_REASONS, Model
 from .probes.events import EVENTS
 
@@ -87,39 +87,29 @@ def _t(x) -> str:
 
 
 def tables(model: Model, pid=None, slot=None) -> dict[str, pd.DataFrame]:
-    f = model.faults.copy()
-    if len(model.slots):
-        f["slot"] = model.slots["slot"].reindex(f["slot_row"]).to_numpy()
-    else:
-        f["slot"] = -1
-    r = model.ranges
+    """The tables every output format shows, all through one filter."""
+    sel = summary.select
     return {
         "slots": summary.slot_summary(model, pid, slot),
         "ops": summary.ops_table(model, pid, slot),
-        "faults": summary.filter_rows(f.drop(columns=["prev_req_ts", "next_req_ts",
-                                                      "install_row"], errors="ignore"),
-                                      pid, slot),
-        "ranges": summary.filter_rows(r, None, slot),
-        "verdicts": summary.filter_rows(model.verdicts, pid, slot),
-        "errors": summary.filter_rows(model.errors, pid, slot),
-        "vmas": summary.filter_rows(model.recording["vmas"], pid, None),
-        "lost": model.lost.assign(lost_pct=_lost_pct(model.lost)),
+        "faults": sel(model.faults, model, pid, slot),
+        "ranges": sel(model.ranges, model, pid, slot),
+        "verdicts": sel(model.verdicts, model, pid, slot),
+        "errors": sel(model.errors, model, pid, slot),
+        "vmas": sel(model.recording["vmas"], model, pid, slot),
+        "lost": model.lost,  # per kind, host-wide: not placeable per process or slot
     }
-
-
-def _lost_pct(lost: pd.DataFrame) -> pd.Series:
-    seen = lost["events"] + lost["lost"]
-    return (100.0 * lost["lost"] / seen.where(seen > 0)).round(3).fillna(0.0)
 
 
 def to_json(model: Model, pid=None, slot=None, table=None) -> str:
     t = tables(model, pid, slot)
-    body = {name: json.loads(df.to_json(orient="records")) for name, df in t.items()
+    body = {name: schema.records(df) for name, df in t.items()
             if (table is None and name != "vmas") or table == name}
     if table is None:
         body = {"recording": {"path": model.recording.path, "complete": model.recording.complete,
                               "problems": model.recording.problems,
                               "schema_version": model.recording.schema_version},
+                "tables_schema_version": schema.SCHEMA_VERSION,
                 "meta": model.meta, "notes": model.notes, **body}
     return json.dumps(body, indent=1, default=str)
 
@@ -178,10 +168,10 @@ def _memslot_table(s: pd.DataFrame, console: Console):
         console.print(t)
 
 
-def _activity_table(s: pd.DataFrame, console: Console):
+def _activity_table(s: pd.DataFrame, console: Console, levels: dict[str, str]):
     t = Table(title="faults per slot", title_justify="left")
     lost = bool(s["lost"].any() or s["unpaired_installs"].any())
-    cols = ["slot", "faults", "read", "write", "exec", "4K", "2M", "1G", "spte type",
+    cols = ["slot", "faults", "read", "write", "exec", *levels.values(), "spte type",
             "prefetched", "invalidations", "MMIO exits", "p50 service"]
     cols += ["lost", "unpaired installs"] if lost else []
     for c in cols:
@@ -189,7 +179,7 @@ def _activity_table(s: pd.DataFrame, console: Console):
     for r in s.to_dict("records"):
         p50 = r["service_p50_us"]
         row = [_slot(r["slot"], r["version"]),
-               *(r[c] for c in ("faults", "read", "write", "exec", "4K", "2M", "1G")),
+               *(r[c] for c in ("faults", "read", "write", "exec", *levels)),
                r["spte_memtype"], r["prefetched"], r["invalidations"],
                r["mmio_exits"], "" if pd.isna(p50) else f"{p50:.1f} us"]
         row += [r["lost"], r["unpaired_installs"]] if lost else []
@@ -208,14 +198,14 @@ def _verdict_table(v: pd.DataFrame, console: Console):
     console.print(t)
 
 
-def _ranges_table(r: pd.DataFrame, console: Console):
+def _ranges_table(r: pd.DataFrame, console: Console, page: int):
     t = Table(title="page ranges (guest frames faulted, by level and memory types)",
               title_justify="left")
     for c in ("slot", "GPA range", "pages", "level", "VMA type", "spte type", "verdict"):
         t.add_column(c)
     for x in r.itertuples(index=False):
         style = VERDICT_STYLE.get(x.verdict, "")
-        t.add_row(*map(_c, (x.slot, f"{_hex(x.gfn_first * 4096)}-{_hex((x.gfn_last + 1) * 4096)}",
+        t.add_row(*map(_c, (x.slot, f"{_hex(x.gfn_first * page)}-{_hex((x.gfn_last + 1) * page)}",
                             x.pages, x.size, x.vma_memtype, x.spte_memtype)),
                   _c(x.verdict, style))
     console.print(t)
@@ -268,16 +258,22 @@ def to_text(model: Model, console: Console, pid=None, slot=None):
     t = tables(model, pid, slot)
     _header(model, console)
     s = t["slots"]
-    if not len(s) and not len(t["ops"]):
+    if not len(s) and not len(t["ops"]) and (pid is not None or slot is not None) \
+            and len(model.ops):
+        what = " ".join(f"--{k} {v}" for k, v in (("pid", pid), ("slot", slot)) if v is not None)
+        pids = ", ".join(map(str, sorted(set(model.ops["pid"].tolist()))))
+        console.print(_c(f"no memslot matches {what} (recorded: pids {pids}; "
+                         f"{len(model.slots)} slot versions)", "yellow"))
+    elif not len(s) and not len(t["ops"]):
         console.print("no memslots recorded: the VMM set its memslots before recording "
                       "started, or no VM ran (faults outside known slots: "
                       f"{int((model.faults['slot_row'] < 0).sum())})")
     else:
         _memslot_table(s, console)
         _ops_table(t["ops"], console)
-        _activity_table(s, console)
+        _activity_table(s, console, summary.level_labels(model))
         _verdict_table(t["verdicts"], console)
-        _ranges_table(t["ranges"], console)
+        _ranges_table(t["ranges"], console, pages.page_size(model.meta))
     outside = int((model.faults["slot_row"] < 0).sum())
     if outside:
         console.print(f"[yellow]{outside} faults outside every recorded memslot[/] "
@@ -373,7 +369,8 @@ def diff_to_json(base, new, c) -> str:
         "notes": c.notes,
         "summary": diff_summary_lines(c),
         "findings": [f.__dict__ for f in c.findings],
-        "slots": json.loads(c.slots.to_json(orient="records")),
-        "latency": json.loads(c.latency.to_json(orient="records")),
-        "vms": json.loads(c.totals.to_json(orient="records")),
+        "tables_schema_version": schema.SCHEMA_VERSION,
+        "slots": schema.records(c.slots),
+        "latency": schema.records(c.latency),
+        "vms": schema.records(c.totals),
     }, indent=1, default=str)

@@ -23,10 +23,13 @@ import numpy as np
 import pandas as pd
 
 from ..memtype import CACHEABLE
-from . import hostload, stats
+from . import hostload, schema, stats
 from .model import Model
 
 KEY = ["as_id", "gpa", "bytes"]  # a slot as the guest sees it
+PROFILE_DTYPES = {"as_id": "int64", "gpa": "uint64", "bytes": "uint64", "faults": "Int64",
+                  "pages": "Int64", "invalidations": "Int64", "mmio_exits": "Int64",
+                  "huge_share": "float64", "cacheable_share": "float64"}
 
 DEFAULT_THRESHOLDS = {
     "latency": 0.25,        # median service time ratio - 1; CI low must exceed it
@@ -70,7 +73,7 @@ def slot_profile(model: Model) -> pd.DataFrame:
         return pd.DataFrame(columns=KEY + ["slot", "backing", "flags", "faults", "pages",
                                            "huge_share", "cacheable_share", "memtypes",
                                            "invalidations", "mmio_exits", "service_ns",
-                                           "levels"])
+                                           "levels"]).astype(PROFILE_DTYPES)
     s["slot_row"] = np.arange(len(s))
     s["backing"] = [backing_class(v, f, h) for v, f, h in
                     zip(s["vma"], s["vmflags"], s["anonhuge_kb"].fillna(0))]
@@ -104,9 +107,9 @@ def slot_profile(model: Model) -> pd.DataFrame:
             "memtypes": mts.value_counts(normalize=True).round(4).to_dict(),
             "invalidations": ig.get(key, 0),
             "mmio_exits": eg.get(key, 0),
-            "service_ns": faults["service_ns"].to_numpy(dtype=float),
+            "service_ns": faults["service_ns"].to_numpy(dtype=float, na_value=np.nan),
         })
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows).astype(PROFILE_DTYPES)
 
 
 @dataclass
@@ -286,9 +289,10 @@ def _side_by_side(m: pd.DataFrame) -> pd.DataFrame:
         cols += [f"{c}_base", f"{c}_new"]
     out = m[KEY + cols].copy()
     for side in ("base", "new"):
-        out[f"p50_us_{side}"] = [np.median(x) / 1e3 if isinstance(x, np.ndarray) and len(x)
-                                 else np.nan for x in m[f"service_ns_{side}"]]
-    return out
+        out[f"p50_us_{side}"] = [np.nanmedian(x) / 1e3 if isinstance(x, np.ndarray)
+                                 and np.isfinite(x).any() else np.nan
+                                 for x in m[f"service_ns_{side}"]]
+    return schema.DIFF_SLOTS.conform(out)
 
 
 def _latency_table(base, new, pb, pn) -> pd.DataFrame:
@@ -304,12 +308,12 @@ def _latency_table(base, new, pb, pn) -> pd.DataFrame:
                                   s["gpa"].reindex(f["slot_row"]).to_numpy(), -1))
         for by in ("gpa", "spte_memtype", "size"):
             for k, g in f.groupby(by):
-                q = stats.quantiles(g["service_ns"] / 1e3)
+                q = stats.quantiles(g["service_ns"].to_numpy(dtype=float, na_value=np.nan) / 1e3)
                 rows.append({"side": side, "by": {"gpa": "slot GPA", "spte_memtype": "memtype",
                                                   "size": "level"}[by],
                              "key": f"{int(k):#x}" if by == "gpa" else str(k), **q,
                              "rate": q["count"] / secs if secs else np.nan})
-    return pd.DataFrame(rows)
+    return schema.DIFF_LATENCY.conform(pd.DataFrame(rows, columns=schema.DIFF_LATENCY.names))
 
 
 def recorded_seconds(model: Model) -> float | None:
@@ -336,7 +340,7 @@ def _totals(model: Model, side: str) -> pd.DataFrame:
                      "exits": e["reason"].astype(int).value_counts().to_dict(),
                      "errors": int((model.errors["pid"] == r.pid).sum()),
                      "recorded_s": elapsed})
-    return pd.DataFrame(rows)
+    return schema.DIFF_VMS.conform(pd.DataFrame(rows, columns=schema.DIFF_VMS.names))
 
 
 def _method(base: Model, new: Model) -> str:

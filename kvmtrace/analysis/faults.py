@@ -23,20 +23,35 @@ import numpy as np
 import pandas as pd
 
 from ..memtype import x86 as x86mt
+from . import schema
 
 # Page-fault error code bits (arch/x86/include/asm/kvm_host.h PFERR_*).
 PFERR_WRITE, PFERR_FETCH = 1 << 1, 1 << 4
 # Intel EPT violation exit qualification (older kernels trace it raw).
 EPT_QUAL_WRITE, EPT_QUAL_FETCH = 1 << 1, 1 << 2
-LEVEL_SIZE = {1: "4K", 2: "2M", 3: "1G", 4: "512G"}
+# columns pairing leaves behind that are not part of the faults table
+WORKING_COLUMNS = ("prev_req_ts", "next_req_ts", "install_row")
+
+
+def nullable(df: pd.DataFrame) -> pd.DataFrame:
+    """Integer columns as nullable integers (Int64 / UInt64), so a join that
+    finds no match leaves null instead of turning the column into float64
+    (an spte with bit 63 set, or a timestamp past 2**53 ns, is not a float)."""
+    conv = {c: ("UInt64" if df[c].dtype.kind == "u" else "Int64")
+            for c in df.columns if df[c].dtype.kind in "iu"}
+    return df.astype(conv)
 
 
 def _asof(left, right, on_left, on_right, direction, suffix_cols):
-    """merge_asof by tid, bringing right's columns renamed with a prefix."""
-    r = right.rename(columns=suffix_cols)
-    return pd.merge_asof(left.sort_values(on_left), r.sort_values(on_right),
-                         left_on=on_left, right_on=on_right, by="tid",
-                         direction=direction, allow_exact_matches=True)
+    """merge_asof by tid, bringing right's columns renamed (``suffix_cols``)
+    as nullable integers; the join key itself is a private int64 copy."""
+    r = nullable(right.rename(columns=suffix_cols)).assign(
+        _key=right[[k for k, v in suffix_cols.items() if v == on_right][0]].astype("int64"))
+    r = r.astype({"tid": left["tid"].dtype})
+    m = pd.merge_asof(left.sort_values(on_left), r.sort_values("_key"),
+                      left_on=on_left, right_on="_key", by="tid",
+                      direction=direction, allow_exact_matches=True)
+    return m.drop(columns="_key")
 
 
 def pair(tables: dict, spte_format: str) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -44,10 +59,9 @@ def pair(tables: dict, spte_format: str) -> tuple[pd.DataFrame, pd.DataFrame]:
     req = tables["spte_requested"].copy()
     cols = ["ts", "pid", "tid", "vcpu_fd", "cpu", "gfn", "pfn", "level"]
     if not len(req):
-        return pd.DataFrame(columns=cols + ["start_ts", "error_code", "install_ts", "spte",
-                                            "access", "service_ns", "start_kind"]), \
-            tables["set_spte"].copy()
-    req = req[cols].astype({"ts": "int64"}).sort_values("ts").reset_index(drop=True)
+        return schema.FAULTS.empty(), tables["set_spte"].copy()
+    req = req[cols].astype({"ts": "int64", "tid": "int64"}).sort_values("ts") \
+        .reset_index(drop=True)
     req["fault_id"] = np.arange(len(req))
     req["prev_req_ts"] = req.groupby("tid")["ts"].shift(1).fillna(-1).astype("int64")
     req["next_req_ts"] = req.groupby("tid")["ts"].shift(-1).fillna(2**62) \
@@ -72,7 +86,7 @@ def pair(tables: dict, spte_format: str) -> tuple[pd.DataFrame, pd.DataFrame]:
     if "handler_exit_ts" in f:  # the request must lie inside the handler call
         stale |= f["handler_exit_ts"] < f["ts"]
     f.loc[stale, [c for c in ("start_ts", "error_code", "handler_exit_ts", "handler_ret")
-                  if c in f]] = np.nan
+                  if c in f]] = pd.NA
 
     # install: the first spte write for this gfn after the request
     if spte_format != "legacy" and len(tables["tdp_spte_changed"]):
@@ -84,14 +98,18 @@ def pair(tables: dict, spte_format: str) -> tuple[pd.DataFrame, pd.DataFrame]:
     ins["install_row"] = np.arange(len(ins))
     f = _asof(f, ins, "ts", "install_ts",
               "forward", {"ts": "install_ts", "gfn": "install_gfn", "level": "install_level"})
-    pages = np.left_shift(1, 9 * (f["level"].astype("int64") - 1))
-    ok = (f["install_ts"].notna() & (f["install_ts"] < f["next_req_ts"])
-          & ((f["install_gfn"].fillna(-1).astype("int64") & ~(pages - 1))
-             == (f["gfn"].astype("int64") & ~(pages - 1))))
-    f.loc[~ok, ["install_ts", "spte", "install_row"]] = np.nan
+    pages = np.left_shift(np.uint64(1), np.uint64(9) * (f["level"].to_numpy(dtype="uint64")
+                                                         - np.uint64(1)))
+    mask = ~(pages - np.uint64(1))
+    has = f["install_ts"].notna().to_numpy(dtype=bool)
+    ok = (has & (f["install_ts"].fillna(0).to_numpy(dtype="int64")
+                 < f["next_req_ts"].to_numpy(dtype="int64"))
+          & ((f["install_gfn"].fillna(0).to_numpy(dtype="uint64") & mask)
+             == (f["gfn"].to_numpy(dtype="uint64") & mask)))
+    f.loc[~ok, ["install_ts", "spte", "install_row", "install_gfn", "install_level"]] = pd.NA
     prefetch = src[~np.isin(np.arange(len(src)), f.loc[ok, "install_row"].astype("int64"))]
 
-    ec = f["error_code"].fillna(0).astype("int64")
+    ec = f["error_code"].fillna(0).astype("uint64").astype("int64")
     if start_kind == "kvm_page_fault" and spte_format == "ept":
         write, fetch = (ec & EPT_QUAL_WRITE) != 0, (ec & EPT_QUAL_FETCH) != 0
     else:
@@ -99,10 +117,10 @@ def pair(tables: dict, spte_format: str) -> tuple[pd.DataFrame, pd.DataFrame]:
     access = np.where(fetch, "exec", np.where(write, "write", "read"))
     # Without a start event, the installed spte tells read vs write.
     no_start = f["start_ts"].isna()
-    spte_w = (f["spte"].fillna(0).astype("uint64") & np.uint64(2)) != 0
-    access = np.where(no_start, np.where(spte_w, "write", "read"), access)
+    spte_w = (f["spte"].fillna(0).to_numpy(dtype="uint64") & np.uint64(2)) != 0
+    access = np.where(no_start.to_numpy(dtype=bool), np.where(spte_w, "write", "read"), access)
     f["access"] = access
-    f["start_kind"] = np.where(no_start, "", start_kind)
+    f["start_kind"] = np.where(no_start.to_numpy(dtype=bool), "", start_kind)
     if "handler_exit_ts" in f:
         f["service_ns"] = f["handler_exit_ts"] - f["start_ts"]
     else:

@@ -16,7 +16,7 @@ import json
 import numpy as np
 import pandas as pd
 
-from . import identity
+from . import identity, schema
 
 # Event kinds whose loss leaves a slot's memory-type evidence incomplete: the
 # fault, its request and the entry that KVM installed.
@@ -36,12 +36,14 @@ WHERE_COLS = {"kind": "object", "pid": "int64", "gfn_start": "Int64", "count": "
 
 
 def per_kind(rec) -> pd.DataFrame:
-    """kind, events, lost (cumulative at the last flush), for every kind recorded."""
+    """kind, events, lost (cumulative at the last flush) and lost_pct, for
+    every kind recorded."""
     st = rec["stats"]
     if not len(st):
-        return pd.DataFrame({"kind": pd.Series(dtype=object), "events": pd.Series(dtype="int64"),
-                             "lost": pd.Series(dtype="int64")})
+        return schema.LOST.empty()
     last = st.groupby("kind")[["events", "lost"]].max().astype("int64").reset_index()
+    seen = last["events"] + last["lost"]
+    last["lost_pct"] = (100.0 * last["lost"] / seen.where(seen > 0)).round(3).fillna(0.0)
     return last.sort_values("kind").reset_index(drop=True)
 
 

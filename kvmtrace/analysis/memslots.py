@@ -26,10 +26,10 @@ def flag_names(flags: int) -> str:
     return "|".join(kvmapi.mem_flag_names(flags)) or "-"
 
 
-def _failure_reason(row, live: dict) -> str:
-    """Why KVM refused a memslot ioctl, as far as the request and state tell."""
+def _failure_reason(row, live: dict, page: int) -> str:
+    """Why KVM refused a memslot ioctl, as far as the request and state tell
+    (KVM checks alignment to the host's PAGE_SIZE)."""
     err = errno_name(row.ret)
-    page = 4096
     if row.read_ok == 0:
         return f"{err}: the request could not be read from user memory by the probe"
     if err == "EINVAL":
@@ -73,8 +73,9 @@ def decode_ops(memslot: pd.DataFrame) -> pd.DataFrame:
     return df
 
 
-def replay(ops: pd.DataFrame):
-    """(ops with 'op' and 'reason' columns, slot versions table)."""
+def replay(ops: pd.DataFrame, page: int = 4096):
+    """(ops with 'op' and 'reason' columns, slot versions table); ``page``:
+    the host's page size (analysis/pages.py)."""
     op_col, reason_col = [], []
     versions = []
     state: dict = {}  # (pid, proc, vm_fd) -> {(as_id, slot_id): version dict}
@@ -94,7 +95,7 @@ def replay(ops: pd.DataFrame):
             op = "no-op"
         if row.ret < 0:
             op_col.append(f"failed {op}")
-            reason_col.append(_failure_reason(row, live))
+            reason_col.append(_failure_reason(row, live, page))
             continue
         op_col.append(op)
         reason_col.append("")
@@ -116,8 +117,8 @@ def replay(ops: pd.DataFrame):
     cols = ["pid", "proc", "vm_fd", "as_id", "slot", "gpa", "size", "hva", "flags", "flag_names",
             "ioctl_name", "gmem_fd", "t_start", "t_end", "created_by", "ended_by"]
     slots = pd.DataFrame(versions, columns=cols).astype(SLOT_INT_COLS)
-    slots["gfn_start"] = (slots["gpa"] // 4096).astype("int64")
-    slots["gfn_end"] = ((slots["gpa"] + slots["size"]) // 4096).astype("int64")
+    slots["gfn_start"] = (slots["gpa"] // page).astype("int64")
+    slots["gfn_end"] = ((slots["gpa"] + slots["size"]) // page).astype("int64")
     slots["version"] = slots.groupby(["pid", "proc", "vm_fd", "as_id", "slot"]).cumcount() \
         .astype("int64")
     return ops, slots.reset_index(drop=True)

@@ -22,10 +22,11 @@ import numpy as np
 import pandas as pd
 
 from .. import kvmapi
+from ..memtype import CACHED, RANK
 from ..memtype import x86 as x86mt
 from ..recording.reader import Recording, read
 from . import faults as faults_mod
-from . import identity, loss, memslots, stage2, vmas as vmas_mod
+from . import identity, loss, memslots, pages, schema, stage2, vmas as vmas_mod
 
 EXIT_REASONS = kvmapi.EXIT_REASONS
 VERDICT_ORDER = ["upgraded", "downgraded", "rejected", "unknown", "consistent"]
@@ -85,16 +86,10 @@ def _vma_memtypes(f: pd.DataFrame, slots: pd.DataFrame, meta: dict):
     pm = in_slot & observed & pfnmap
     if pm.any():
         _, pat_list, ram = _x86_context(meta)
-        t, s = x86mt.pfn_memtype(f.loc[pm, "pfn"].to_numpy(), pat_list, ram)
+        t, s = x86mt.pfn_memtype(f.loc[pm, "pfn"].to_numpy(dtype="uint64", na_value=0),
+                                 pat_list, ram, pages.page_size(meta))
         mt[pm], src[pm] = t, ("VM_PFNMAP VMA: " + pd.Series(s, dtype=object)).to_numpy()
     return mt, src
-
-
-# How relaxed a memory type is: cacheable > write-combining / Normal-NC >
-# uncached / Device. Mapping a VMA at a lower rank loses performance.
-RANK = {"WB": 3, "WT": 3, "WP": 3, "Normal": 3, "Normal-Tagged": 3, "Normal-WT": 3,
-        "WC": 2, "Normal-NC": 2, "UC-": 1, "UC": 1, "Device": 1, "Device-nGnRE": 1,
-        "Device-nGnRnE": 1, "Device-GRE": 1}
 
 
 def _verdict(vma_mt: np.ndarray, spte_mt: np.ndarray) -> np.ndarray:
@@ -105,7 +100,7 @@ def _verdict(vma_mt: np.ndarray, spte_mt: np.ndarray) -> np.ndarray:
     out = np.full(len(vma_mt), "unknown", dtype=object)
     out[known] = "consistent"
     out[known & (vr > sr)] = "downgraded"
-    out[known & (vr < 3) & (sr == 3)] = "upgraded"
+    out[known & (vr < CACHED) & (sr == CACHED)] = "upgraded"
     return out
 
 
@@ -121,8 +116,8 @@ def _arm64_slot_types(slots, prepare_vma, kernel):
     if bpf.any():
         slots.loc[bpf, "kvm_vma_memtype"] = slots.loc[bpf, "pgprot_memtype"]
         for kvm_col, col in (("kvm_vm_flags", "vm_flags"), ("kvm_pgprot", "vm_page_prot")):
-            slots[kvm_col] = slots[kvm_col].astype(object)  # u64 exact, NaN where unknown
-            slots.loc[bpf, kvm_col] = [int(v) for v in slots.loc[bpf, col]]
+            slots[kvm_col] = slots[kvm_col].astype("UInt64")  # u64 exact, null where unknown
+            slots.loc[bpf, kvm_col] = slots.loc[bpf, col].astype("UInt64")
     ordinary = (slots["vma_count"] > 0) & ~slots["pfnmap"].astype(bool)
     slots["vma_memtype_arm64"] = slots["kvm_vma_memtype"].where(
         slots["kvm_vma_memtype"].notna(), np.where(ordinary, "Normal", None))
@@ -158,10 +153,11 @@ def build(path_or_recording) -> Model:
     exits_ = t["proc_exit"]
     ops = memslots.decode_ops(t["memslot"])
     ops["proc"] = identity.generations(ops, exits_)
-    ops, slots = memslots.replay(ops)
+    page = pages.page_size(meta)
+    ops, slots = memslots.replay(ops, page)
     sv = vmas_mod.slot_vmas(slots, t["vmas"], t["memslot"], meta, t["notes"])
     slots = pd.concat([slots, sv.drop(columns="slot_row")], axis=1) if len(slots) else \
-        slots.assign(**{c: [] for c in sv.columns if c != "slot_row"})
+        schema.SLOTS.empty().drop(columns=[c.name for c in schema.SLOTS.columns if c.optional])
 
     vm_ioctl = t["vm_ioctl"].assign(proc=identity.generations(t["vm_ioctl"], exits_))
     vcpus = memslots.vcpu_to_vm(vm_ioctl)
@@ -187,7 +183,10 @@ def build(path_or_recording) -> Model:
     # COW break makes 7.x retry); it says nothing about memory types
     f.loc[none, "verdict"] = ""
     f.loc[refused, "verdict"] = "rejected"
-    f["size"] = f["level"].map(faults_mod.LEVEL_SIZE)
+    f["size"] = f["level"].map(pages.level_names(page))
+    f["slot"] = pd.array(np.where(f["slot_row"] >= 0, slots["slot"].to_numpy()[
+        f["slot_row"].clip(lower=0)] if len(slots) else -1, -1), dtype="Int64")
+    f.loc[f["slot_row"] < 0, "slot"] = pd.NA
 
     prefetch = prefetch.reset_index(drop=True)
     prefetch["proc"] = identity.generations(prefetch, exits_)
@@ -206,10 +205,10 @@ def build(path_or_recording) -> Model:
     exits = t["mmio"].copy()
     exits["proc"] = identity.generations(exits, exits_)
     exits["vm_fd"] = faults_mod.attach_vm(exits, vcpus, slots)
-    exits["gfn"] = exits["gpa"] // 4096
+    exits["gfn"] = exits["gpa"] // page
     exits["slot_row"] = faults_mod.attribute(exits, slots, "gfn")
 
-    errors = _errors(ops, ex, f, slots, vcpus)
+    errors = _errors(ops, ex, f, slots, vcpus, page)
     lost_kinds = loss.per_kind(rec)
     lost_where = loss.where(rec, exits_)
     slot_lost = loss.per_slot(lost_where, slots)
@@ -225,8 +224,18 @@ def build(path_or_recording) -> Model:
     if spte_format == "legacy" and kvm.get("vendor") in ("amd", "intel"):
         notes.append("legacy-format sptes: the CPU combines the spte's PAT type with the "
                      "MTRRs (and on NPT with the guest's PAT); kvmtrace shows the spte's part")
-    return Model(rec, ops, slots, f, prefetch, inv, exits, errors, verdicts, ranges,
-                 lost_kinds, lost_where, notes)
+    S = schema
+    return Model(rec, S.OPS.conform(ops), S.SLOTS.conform(slots),
+                 S.FAULTS.conform(f, drop=faults_mod.WORKING_COLUMNS),
+                 S.PREFETCH.conform(prefetch, drop=PREFETCH_WORKING),
+                 S.INVALIDATIONS.conform(inv, drop=("vcpu_fd", "cpu", "hva")),
+                 S.EXITS.conform(exits, drop=("cpu",)), S.ERRORS.conform(errors),
+                 S.VERDICTS.conform(verdicts), S.RANGES.conform(ranges),
+                 S.LOST.conform(lost_kinds), S.LOST_WHERE.conform(lost_where), notes)
+
+
+# working columns of the install tables that are not part of the prefetch table
+PREFETCH_WORKING = ("cpu", "r", "x", "u", "prot", "ret", "install_row", "fault_id")
 
 
 def _loss_notes(kinds: pd.DataFrame, unplaced: int) -> list[str]:
@@ -246,7 +255,7 @@ def _loss_notes(kinds: pd.DataFrame, unplaced: int) -> list[str]:
     return out
 
 
-def _errors(ops, ex, f, slots, vcpus) -> pd.DataFrame:
+def _errors(ops, ex, f, slots, vcpus, page: int) -> pd.DataFrame:
     rows = []
     for r in ops[ops["ret"] < 0].itertuples(index=False):
         rows.append({"ts": int(r.ts), "pid": int(r.pid), "proc": int(r.proc), "vm_fd": int(r.vm_fd), "what": r.ioctl_name,
@@ -254,8 +263,8 @@ def _errors(ops, ex, f, slots, vcpus) -> pd.DataFrame:
     if "verdict" in f:
         for r in f[f["verdict"] == "rejected"].itertuples(index=False):
             rows.append({"ts": int(r.ts), "pid": int(r.pid), "proc": int(r.proc), "vm_fd": int(r.vm_fd),
-                         "what": f"{r.access} fault at IPA {int(r.gfn) * 4096:#x}",
-                         "slot": int(slots.loc[r.slot_row, "slot"]) if r.slot_row >= 0 else -1,
+                         "what": f"{r.access} fault at IPA {int(r.gfn) * page:#x}",
+                         "slot": int(slots.loc[r.slot_row, "slot"]) if r.slot_row >= 0 else None,
                          "errno": r.rule.rsplit("[", 1)[-1].rstrip("]"), "detail": r.rule})
     bad = ex[ex["errno"] < 0]
     if len(bad):
@@ -269,12 +278,10 @@ def _errors(ops, ex, f, slots, vcpus) -> pd.DataFrame:
                 where = f" after a fault at gfn {int(p.gfn):#x}" + (
                     f" (slot {int(slots.loc[p.slot_row, 'slot'])})" if p.slot_row >= 0 else "")
             rows.append({"ts": int(r.ts), "pid": int(r.pid), "proc": int(r.proc), "vm_fd": int(r.vm_fd),
-                         "what": "KVM_RUN", "slot": -1,
-                         "errno": memslots.errno_name(int(r.errno)),
-                         "detail": f"KVM_RUN failed with {memslots.errno_name(int(r.errno))}{where}"})
-    return pd.DataFrame(rows, columns=["ts", "pid", "proc", "vm_fd", "what", "slot", "errno",
-                                       "detail"]) \
-        .astype({"pid": "int64", "proc": "int64", "vm_fd": "int64", "slot": "int64"})
+                         "what": "KVM_RUN", "slot": None,
+                         "errno": kvmapi.ret_errno(int(r.errno)),
+                         "detail": f"KVM_RUN failed with {kvmapi.ret_errno(int(r.errno))}{where}"})
+    return schema.ERRORS.conform(pd.DataFrame(rows, columns=schema.ERRORS.names, dtype=object))
 
 
 def _reason(vma_mt, vma_src, spte_mts, verdict) -> str:
@@ -332,12 +339,6 @@ def _slot_verdict(g: pd.DataFrame, lost: int, installs_recorded: bool):
     return verdict, vma_mts, "/".join(sorted(spte_mts)), reason
 
 
-VERDICT_COLS = {"pid": "int64", "proc": "int64", "vm_fd": "int64", "as_id": "int64",
-                "slot": "int64", "version": "int64", "gpa": "uint64", "size": "uint64",
-                "faults": "int64", "lost": "int64", "verdict": "object", "vma_memtype": "object",
-                "spte_memtype": "object", "reason": "object"}
-
-
 def _verdicts(slots, f, ops, slot_lost, unplaced_lost: int, installs_recorded: bool):
     rows = []
     fv = f[f["slot_row"] >= 0]
@@ -360,16 +361,14 @@ def _verdicts(slots, f, ops, slot_lost, unplaced_lost: int, installs_recorded: b
                      "slot": r.slot_id, "version": -1, "gpa": r.gpa, "size": r.size,
                      "faults": 0, "lost": 0, "verdict": "rejected", "vma_memtype": "",
                      "spte_memtype": "", "reason": f"{r.ioctl_name} refused: {r.reason}"})
-    v = pd.DataFrame(rows, columns=list(VERDICT_COLS)).astype(VERDICT_COLS)
+    v = schema.VERDICTS.conform(pd.DataFrame(rows, columns=schema.VERDICTS.names, dtype=object))
     return v, _ranges(fv, slots)
 
 
 def _ranges(fv: pd.DataFrame, slots: pd.DataFrame) -> pd.DataFrame:
     """Consecutive guest pages of one slot with the same level and memory types."""
-    cols = ["slot_row", "slot", "gfn_first", "gfn_last", "pages", "size", "vma_memtype",
-            "spte_memtype", "verdict"]
     if not len(fv):
-        return pd.DataFrame(columns=cols)
+        return schema.RANGES.empty()
     d = (fv.sort_values("ts").drop_duplicates(["slot_row", "gfn"], keep="last")
          .sort_values(["slot_row", "gfn"]))
     key = d[["slot_row", "size", "vma_memtype", "spte_memtype", "verdict"]]
@@ -382,4 +381,4 @@ def _ranges(fv: pd.DataFrame, slots: pd.DataFrame) -> pd.DataFrame:
                                spte_memtype=("spte_memtype", "first"),
                                verdict=("verdict", "first")).reset_index(drop=True)
     out["slot"] = slots.loc[out["slot_row"], "slot"].to_numpy()
-    return out[cols]
+    return out[schema.RANGES.names]

@@ -17,9 +17,11 @@ import errno as errno_mod
 import numpy as np
 import pandas as pd
 
+from .. import kvmapi
 from ..memtype import arm64 as a64
+from . import pages
+from .faults import _asof, nullable
 
-SIZE_LEVEL = {4096: 1, 2 << 20: 2, 1 << 30: 3}
 EC_IABT = (0x20, 0x21)
 EC_DABT = (0x24, 0x25)
 ESR_WNR = 1 << 6
@@ -30,7 +32,7 @@ def has_stage2(tables) -> bool:
 
 
 def _access(esr: pd.Series) -> np.ndarray:
-    e = esr.fillna(0).astype("int64").to_numpy()
+    e = esr.fillna(0).to_numpy(dtype="uint64").astype("int64")
     ec = (e >> 26) & 0x3F
     exec_ = np.isin(ec, EC_IABT)
     write = np.isin(ec, EC_DABT) & ((e & ESR_WNR) != 0)
@@ -39,73 +41,81 @@ def _access(esr: pd.Series) -> np.ndarray:
 
 def _installs(tables) -> pd.DataFrame:
     cols = ["ts", "pid", "tid", "vcpu_fd", "ipa", "prot", "ret"]
-    m = tables["s2_map"][cols + ["size", "phys"]].assign(kind="map")
+    m = nullable(tables["s2_map"][cols + ["size", "phys"]]).astype(
+        {"ts": "uint64", "tid": "int64"}).assign(kind="map")
     r = tables["s2_relax"][cols].assign(kind="relax")
     if len(r) and len(m):
         # a relax keeps the mapping's size: the last map of the same 2M region
         mm = m.assign(blk=m["ipa"].astype("int64") // (1 << 21)).sort_values("ts")
         rr = r.assign(blk=r["ipa"].astype("int64") // (1 << 21)).sort_values("ts")
-        rr = pd.merge_asof(rr, mm[["ts", "blk", "size", "phys"]], on="ts", by="blk",
-                           direction="backward")
+        mm = mm[["ts", "blk"]].join(nullable(mm[["size", "phys"]]))
+        rr = pd.merge_asof(rr, mm, on="ts", by="blk", direction="backward")
         r = rr.drop(columns="blk")
     ins = pd.concat([m, r], ignore_index=True)
-    return ins.astype({"ts": "int64"}).sort_values("ts").reset_index(drop=True)
+    return ins.astype({"ts": "int64", "tid": "int64"}).sort_values("ts").reset_index(drop=True)
 
 
 def pair(tables, meta) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(faults, installs outside any fault) with the x86 fault-table columns."""
+    page = pages.page_size(meta)
     ab = tables["guest_abort"]
-    gf = tables["guest_fault"][["ts", "tid", "ipa", "esr"]].astype({"ts": "int64"})
+    gf = tables["guest_fault"][["ts", "tid", "ipa", "esr"]].astype({"ts": "int64",
+                                                                   "tid": "int64"})
     if len(ab):
         f = ab[["ts", "pid", "tid", "vcpu_fd", "cpu", "ret", "exit_ts"]].rename(
             columns={"ret": "handler_ret", "exit_ts": "handler_exit_ts"})
-        f = f.astype({"ts": "int64", "handler_exit_ts": "int64"}).sort_values("ts")
-        f = pd.merge_asof(f, gf.rename(columns={"ts": "tp_ts"}).sort_values("tp_ts"),
-                          left_on="ts", right_on="tp_ts", by="tid", direction="forward")
-        bad = f["tp_ts"].isna() | (f["tp_ts"] > f["handler_exit_ts"])
-        f.loc[bad, ["ipa", "esr"]] = np.nan
+        f = nullable(f.astype({"ts": "int64", "tid": "int64", "handler_exit_ts": "int64"})) \
+            .astype({"ts": "int64", "tid": "int64"}).sort_values("ts")
+        f = _asof(f, gf, "ts", "tp_ts", "forward", {"ts": "tp_ts"})
+        bad = (f["tp_ts"].isna() | (f["tp_ts"] > f["handler_exit_ts"])).fillna(True)
+        f.loc[bad.astype(bool), ["ipa", "esr"]] = pd.NA
         start_kind = "kvm_handle_guest_abort entry/return"
     else:
-        f = tables["guest_fault"][["ts", "pid", "tid", "vcpu_fd", "cpu", "ipa", "esr"]] \
-            .astype({"ts": "int64"}).sort_values("ts")
-        f["handler_exit_ts"] = np.nan
-        f["handler_ret"] = np.nan
+        f = nullable(tables["guest_fault"][["ts", "pid", "tid", "vcpu_fd", "cpu", "ipa", "esr"]]
+                     .astype({"ts": "int64", "tid": "int64"})) \
+            .astype({"ts": "int64", "tid": "int64"}).sort_values("ts")
+        f["handler_exit_ts"] = pd.array([pd.NA] * len(f), dtype="Int64")
+        f["handler_ret"] = pd.array([pd.NA] * len(f), dtype="Int64")
         start_kind = "kvm:kvm_guest_fault"
     f = f.reset_index(drop=True)
     f["fault_id"] = np.arange(len(f))
 
     ins = _installs(tables)
     ins["install_row"] = np.arange(len(ins))
-    inside = pd.Series(np.nan, index=ins.index)
+    inside = pd.Series(pd.NA, index=ins.index, dtype="Int64")
     if len(ins) and len(f) and len(ab):
         j = pd.merge_asof(ins[["ts", "tid", "install_row"]],
                           f[["ts", "tid", "fault_id", "handler_exit_ts"]].rename(
                               columns={"ts": "fault_ts"}),
                           left_on="ts", right_on="fault_ts", by="tid", direction="backward")
-        ok = j["fault_id"].notna() & (j["ts"] <= j["handler_exit_ts"])
-        inside = j["fault_id"].where(ok).set_axis(j["install_row"].to_numpy())
+        ok = (j["fault_id"].notna() & (j["ts"] <= j["handler_exit_ts"])).fillna(False)
+        inside = j["fault_id"].where(ok.astype(bool)).astype("Int64") \
+            .set_axis(j["install_row"].to_numpy())
         inside = inside.reindex(ins["install_row"]).set_axis(ins.index)
     ins["fault_id"] = inside
     own = ins[ins["fault_id"].notna()]
     last = own.groupby("fault_id").last()
     counts = own.groupby("fault_id").size()
-    f = f.join(last[["ts", "ipa", "size", "phys", "prot", "kind", "ret"]].rename(columns={
+    last = nullable(last[["ts", "ipa", "size", "phys", "prot", "kind", "ret"]].rename(columns={
         "ts": "install_ts", "ipa": "install_ipa", "size": "map_size", "phys": "phys",
-        "prot": "spte", "kind": "install_kind", "ret": "install_ret"}), on="fault_id")
+        "prot": "spte", "kind": "install_kind", "ret": "install_ret"}))
+    last.index = last.index.astype("int64")
+    f = f.join(last, on="fault_id")
     f["installs"] = f["fault_id"].map(counts).fillna(0).astype("int64")
-    f["ipa"] = f["ipa"].fillna(f["install_ipa"])
-    f["gfn"] = (f["ipa"] // 4096).astype("Int64")
-    f["pfn"] = (f["phys"] // 4096).astype("Int64")
-    f["level"] = f["map_size"].map(SIZE_LEVEL).fillna(1).astype("int64")
-    f["error_code"] = f["esr"]
+    f["ipa"] = f["ipa"].astype("UInt64").fillna(f["install_ipa"].astype("UInt64"))
+    f["gfn"] = f["ipa"] // page
+    f["pfn"] = f["phys"].astype("UInt64") // page
+    lvl = pages.level_of_size(f["map_size"].fillna(0).to_numpy(dtype="uint64"), page)
+    f["level"] = np.where(lvl > 0, lvl, 1)
+    f["error_code"] = f["esr"].astype("UInt64")
     f["access"] = _access(f["esr"])
     f["start_ts"] = f["ts"]
     f["start_kind"] = start_kind
     f["service_ns"] = f["handler_exit_ts"] - f["ts"]
-    f = f[f["gfn"].notna()].copy()
-    f["gfn"] = f["gfn"].astype("int64")
+    f = f[f["gfn"].notna().to_numpy(dtype=bool)].copy()
+    f["gfn"] = f["gfn"].astype("uint64")
     other = ins[ins["fault_id"].isna()].reset_index(drop=True)
-    other["gfn"] = other["ipa"].astype("int64") // 4096
+    other["gfn"] = other["ipa"].astype("uint64") // page
     return f.reset_index(drop=True), other
 
 
@@ -131,22 +141,24 @@ def slot_vma_types(slots: pd.DataFrame, prepare_vma: pd.DataFrame, kernel: str) 
                  & (pv["vm_start"] < s.hva + s["size"]) & (pv["vm_end"] > s.hva)] \
             if len(pv) else pv
         if not len(hit):
-            rows.append({"kvm_vma_memtype": None, "kvm_vm_flags": np.nan, "kvm_pgprot": np.nan})
+            rows.append({"kvm_vma_memtype": None, "kvm_vm_flags": None, "kvm_pgprot": None})
             continue
         h = hit.sort_values("ts").tail(1)  # a frame row, not a Series: keeps u64 exact
         prot, flags = int(h["vm_page_prot"].iloc[0]), int(h["vm_flags"].iloc[0])
         rows.append({"kvm_vma_memtype": str(a64.attrindx_memtype([prot], kernel)[0]),
                      "kvm_vm_flags": flags, "kvm_pgprot": prot})
     return pd.DataFrame(rows, columns=["kvm_vma_memtype", "kvm_vm_flags", "kvm_pgprot"],
-                        index=slots.index)
+                        index=slots.index).astype({"kvm_vm_flags": "UInt64",
+                                                   "kvm_pgprot": "UInt64"})
 
 
-def pfn_is_ram(pfn: pd.Series, ram) -> np.ndarray:
-    pa = pfn.fillna(-1).astype("int64").to_numpy() * 4096
+def pfn_is_ram(pfn: pd.Series, ram, page: int) -> np.ndarray:
+    known = pfn.notna().to_numpy(dtype=bool)
+    pa = pfn.fillna(0).to_numpy(dtype="uint64") * np.uint64(page)
     out = np.zeros(len(pa), bool)
     for r in ram or []:
-        out |= (pa >= r["start"]) & (pa < r["end"])
-    return out
+        out |= (pa >= np.uint64(r["start"])) & (pa < np.uint64(r["end"]))
+    return out & known
 
 
 def expected(f: pd.DataFrame, slots: pd.DataFrame, meta: dict) -> tuple[np.ndarray, np.ndarray]:
@@ -159,7 +171,7 @@ def expected(f: pd.DataFrame, slots: pd.DataFrame, meta: dict) -> tuple[np.ndarr
     if not len(f) or not len(slots):
         return exp, words
     known = f["pfn"].notna().to_numpy() & (meta.get("ram") is not None)
-    ram = pfn_is_ram(f["pfn"], meta.get("ram"))
+    ram = pfn_is_ram(f["pfn"], meta.get("ram"), pages.page_size(meta))
     # a refused fault installs nothing, so has no pfn: its slot's other faults tell
     by_slot = pd.Series(ram[known]).groupby(f["slot_row"].to_numpy()[known]).mean()
     fill = ~known & f["slot_row"].isin(by_slot.index).to_numpy()
@@ -200,7 +212,7 @@ def memslot_reasons(ops: pd.DataFrame, tables, meta: dict) -> pd.Series:
             if len(vmas) else []
         err, words = a64.expected_memslot(
             kernel, list(zip(types, vmas["vm_flags"].astype("int64"))), cpu.get("fwb"),
-            cpu.get("dic"), dirty_logging=bool(int(r["flags"]) & 1))
+            cpu.get("dic"), dirty_logging=bool(int(r["flags"]) & kvmapi.KVM_MEM_LOG_DIRTY_PAGES))
         name = errno_mod.errorcode.get(-int(r.ret), str(-int(r.ret)))
         if err == -int(r.ret):
             reasons[i] = f"{name}: kvm_arch_prepare_memory_region refused: {words}"

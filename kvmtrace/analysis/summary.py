@@ -1,7 +1,14 @@
-"""Per-slot summary: the memslot table joined with its activity and verdict.
+"""Per-slot summary: the memslot table joined with its activity and verdict,
+and the one filter every table goes through.
 
-This is the table ``kvmtrace report`` leads with and ``--format csv`` prints;
-every column is a column operation over the model's tables.
+The summary is the table ``kvmtrace report`` leads with and ``--format csv``
+prints; every column is a column operation over the model's tables. Its
+columns are declared in schema.SUMMARY.
+
+``select`` applies --pid and --slot the same way to every table (report,
+JSON, CSV, HTML): by the table's own pid / slot columns, else through the slot
+version a row belongs to (``slot_row``), else, for the host's VMA snapshots,
+by overlap with the selected slots' host address ranges.
 """
 
 from __future__ import annotations
@@ -9,8 +16,11 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from . import pages, schema
 from .model import Model
 from .vmas import vmflag_words
+
+LEVELS = ("level1", "level2", "level3")  # mappings per level: 4K / 2M / 1G on x86
 
 
 def _rel(model: Model, ts) -> pd.Series:
@@ -24,14 +34,23 @@ def _per_slot(df: pd.DataFrame, col: str, name: str) -> pd.Series:
                                                                                      dtype="int64")
 
 
+def level_labels(model: Model) -> dict[str, str]:
+    """{'level1': '4K', ...}: the summary's level columns as sizes on this
+    recording's host (analysis/pages.py)."""
+    names = pages.level_names(pages.page_size(model.meta))
+    return {c: names[i + 1] for i, c in enumerate(LEVELS)}
+
+
 def slot_summary(model: Model, pid: int | None = None, slot: int | None = None) -> pd.DataFrame:
     s = model.slots.copy()
     s["slot_row"] = np.arange(len(s))
     f = model.faults[model.faults["slot_row"] >= 0]
     if len(f):
         acc = pd.crosstab(f["slot_row"], f["access"])
-        lvl = pd.crosstab(f["slot_row"], f["size"])
-        svc = f.groupby("slot_row")["service_ns"].median().rename("service_p50_us") / 1e3
+        lvl = pd.crosstab(f["slot_row"], f["level"]).rename(
+            columns={i + 1: c for i, c in enumerate(LEVELS)})
+        svc = f.groupby("slot_row")["service_ns"].median().astype("float64") \
+            .rename("service_p50_us") / 1e3
         mts = f[f["spte_memtype"] != ""].groupby("slot_row")["spte_memtype"] \
             .agg(lambda x: "/".join(sorted(set(x)))).rename("spte_memtype")
         extra = pd.concat([f.groupby("slot_row").size().rename("faults"), acc, lvl, svc, mts],
@@ -46,7 +65,7 @@ def slot_summary(model: Model, pid: int | None = None, slot: int | None = None) 
                        _per_slot(model.invalidations, "start", "invalidations"),
                        _per_slot(model.exits, "gpa", "mmio_exits")], axis=1)
     s = s.merge(extra, left_on="slot_row", right_index=True, how="left")
-    for c in ("faults", "read", "write", "exec", "4K", "2M", "1G", "prefetched",
+    for c in ("faults", "read", "write", "exec", *LEVELS, "prefetched",
               "unpaired_installs", "invalidations", "mmio_exits"):
         s[c] = s[c].fillna(0).astype("int64") if c in s else 0
     if "spte_memtype" not in s:
@@ -70,34 +89,42 @@ def slot_summary(model: Model, pid: int | None = None, slot: int | None = None) 
     s["vm_flags"] = s["vmflags"].map(vmflag_words)
     s["t_start_s"] = _rel(model, s["t_start"])
     s["t_end_s"] = _rel(model, s["t_end"].where(s["t_end"] < np.iinfo(np.uint64).max))
-    if pid is not None:
-        s = s[s["pid"] == pid]
-    if slot is not None:
-        s = s[s["slot"] == slot]
-    cols = ["pid", "proc", "vm_fd", "as_id", "slot", "version", "gpa", "gpa_end", "size",
-            "flag_names", "hva", "ioctl_name", "vma", "vm_flags", "vmflags", "created_by",
-            "t_start_s", "ended_by", "t_end_s", "faults", "read", "write", "exec", "4K", "2M",
-            "1G", "prefetched", "unpaired_installs", "invalidations", "mmio_exits",
-            "service_p50_us", "lost", "vma_memtype", "spte_memtype", "slot_vma_memtype",
-            "verdict", "reason", "vma_source"]
-    return s[cols].sort_values(["pid", "proc", "vm_fd", "as_id", "slot", "version"]) \
-        .reset_index(drop=True)
+    s = schema.SUMMARY.conform(s[schema.SUMMARY.names])
+    s = s.sort_values(["pid", "proc", "vm_fd", "as_id", "slot", "version"]).reset_index(drop=True)
+    return select(s, model, pid, slot)
 
 
 def ops_table(model: Model, pid: int | None = None, slot: int | None = None) -> pd.DataFrame:
-    o = model.ops.copy()
-    o["t_s"] = _rel(model, o["ts"])
+    o = model.ops.assign(t_s=_rel(model, model.ops["ts"]))
+    return select(schema.OPS_VIEW.conform(o[schema.OPS_VIEW.names]), model, pid, slot)
+
+
+def select(df: pd.DataFrame, model: Model, pid: int | None = None,
+           slot: int | None = None) -> pd.DataFrame:
+    """The rows of any table that belong to process ``pid`` and slot id
+    ``slot`` (None: all). A row outside every slot (null slot) matches no
+    --slot. Tables with neither column nor a way to place their rows (the
+    per-kind loss counts: host-wide) are returned whole."""
+    keep = np.ones(len(df), dtype=bool)
+    if pid is None and slot is None:
+        return df.reset_index(drop=True)
+    slots = model.slots
+    row = df["slot_row"].to_numpy() if "slot_row" in df else None
     if pid is not None:
-        o = o[o["pid"] == pid]
+        if "pid" in df:
+            keep &= (df["pid"] == pid).to_numpy(dtype=bool)
+        elif row is not None:
+            keep &= (row >= 0) & (slots["pid"].to_numpy()[np.clip(row, 0, None)] == pid) \
+                if len(slots) else False
     if slot is not None:
-        o = o[o["slot_id"] == slot]
-    return o[["t_s", "pid", "proc", "vm_fd", "ioctl_name", "as_id", "slot_id", "op", "flag_names",
-              "gpa", "size", "hva", "ret", "errno", "reason", "latency_ns"]].reset_index(drop=True)
-
-
-def filter_rows(df: pd.DataFrame, pid=None, slot=None) -> pd.DataFrame:
-    if pid is not None and "pid" in df:
-        df = df[df["pid"] == pid]
-    if slot is not None and "slot" in df:
-        df = df[df["slot"] == slot]
-    return df.reset_index(drop=True)
+        col = "slot" if "slot" in df else "slot_id" if "slot_id" in df else None
+        if col is not None:
+            keep &= (df[col] == slot).fillna(False).to_numpy(dtype=bool)
+        elif {"start", "end", "pid"} <= set(df.columns):  # VMA snapshots: overlap
+            sel = slots[slots["slot"] == slot]
+            hit = np.zeros(len(df), dtype=bool)
+            for s in sel.itertuples(index=False):  # slot versions: few
+                hit |= ((df["pid"] == s.pid) & (df["start"] < s.hva + s.size)
+                        & (df["end"] > s.hva)).to_numpy(dtype=bool)
+            keep &= hit
+    return df[keep].reset_index(drop=True)

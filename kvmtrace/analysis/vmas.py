@@ -200,10 +200,10 @@ def slot_vmas(slots: pd.DataFrame, vmas: pd.DataFrame, memslot: pd.DataFrame | N
         row = {"slot_row": i, "vma_start": None, "vma_end": None, "vm_flags": None,
                "vm_page_prot": None, "vm_pgoff": None, "vma_has_file": None, "vma_ino": None,
                "vma_dev": "", "pgprot_memtype": None, "pgprot_memtype_source": "",
-               "kernelpagesize_kb": np.nan, "anonhuge_kb": 0, "snapshot_delay_ms": np.nan}
+               "kernelpagesize_kb": None, "anonhuge_kb": 0, "snapshot_delay_ms": np.nan}
         if hit is not None and len(hit):
             first = hit.iloc[0]
-            row.update(kernelpagesize_kb=float(first.kernelpagesize_kb),
+            row.update(kernelpagesize_kb=int(first.kernelpagesize_kb),
                        anonhuge_kb=int(hit["anonhugepages_kb"].sum()),
                        snapshot_delay_ms=(int(first.ts) - int(s.t_start)) / 1e6)
         if ev is not None and ev.vma_status == FOUND:
@@ -229,6 +229,7 @@ def slot_vmas(slots: pd.DataFrame, vmas: pd.DataFrame, memslot: pd.DataFrame | N
     out = pd.DataFrame(rows, columns=COLUMNS)
     for c in ("vma_start", "vma_end", "vm_flags", "vm_page_prot", "vm_pgoff", "vma_ino"):
         out[c] = pd.array([r[c] for r in rows], dtype="UInt64")  # exact, not via float64
+    out["kernelpagesize_kb"] = pd.array([r["kernelpagesize_kb"] for r in rows], dtype="Int64")
     out["vma_has_file"] = out["vma_has_file"].astype("boolean")
     return out
 
@@ -256,12 +257,12 @@ def _from_bpf(row: dict, ev, hit, g, meta: dict) -> dict:
         name = describe_path(first.path, first.vmflags)
         if hit is None or not len(hit) or int(hit.iloc[0].start) != int(first.start) \
                 or int(hit.iloc[0].ts) != int(first.ts):
-            row.update(kernelpagesize_kb=float(first.kernelpagesize_kb),
+            row.update(kernelpagesize_kb=int(first.kernelpagesize_kb),
                        anonhuge_kb=int(first.anonhugepages_kb))
     else:
         name = (f"file inode {ino} on {dev_name(dev)}" if has_file else
                 "[no file, VM_PFNMAP]" if flags & (VM_PFNMAP | VM_MIXEDMAP) else "[anon]")
-        row.update(kernelpagesize_kb=np.nan, anonhuge_kb=0)  # smaps showed another mapping
+        row.update(kernelpagesize_kb=None, anonhuge_kb=0)  # smaps showed another mapping
     count = int(ev.vma_count)
     mt, mt_src = pgprot_memtype(prot, meta)
     row.update(

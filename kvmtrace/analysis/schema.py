@@ -1,0 +1,470 @@
+"""Every derived table, declared once: its columns, their dtypes, units and
+meaning (as probes/events.py declares the raw events).
+
+The analysis builds its DataFrames freely, then hands each to
+``TABLE.conform(df)``, which orders the columns as declared, fills the
+optional ones that this recording cannot have (an arm64-only column on x86),
+casts to the declared dtype and refuses what would lose information: a float
+column where an integer is declared (an spte with bit 63 set is not a
+float64), an undeclared column (a new column must be declared first). JSON
+and CSV output (``records``), the library's DataFrames and docs/tables.md
+(``python -m kvmtrace.analysis.schema``) all come from these declarations.
+
+Dtypes: ``int64`` / ``uint64`` never missing; ``Int64`` / ``UInt64``
+nullable integers (pandas' masked arrays: null stays null, 2**63 stays
+exact); ``str`` text ("" means empty, null means not known); ``bool``;
+``float64`` only for true fractions (shares, seconds relative to the start,
+percentiles in microseconds); ``object`` for nested values (dicts) in the
+diff's tables.
+
+To add a derived column: compute it where the table is built, then add one
+``C(...)`` line below; the tests (tests/test_schema.py) fail until both exist.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+SCHEMA_VERSION = 1  # of the JSON / CSV tables: bump when a column changes meaning or goes
+
+_INT = {"int64", "uint64", "Int64", "UInt64"}
+
+
+@dataclass(frozen=True)
+class Column:
+    name: str
+    dtype: str
+    unit: str
+    doc: str
+    optional: bool = False  # may be absent (filled with nulls): arch- or probe-specific
+
+
+def C(name: str, dtype: str, unit: str, doc: str, optional: bool = False) -> Column:
+    return Column(name, dtype, unit, doc, optional)
+
+
+class SchemaError(TypeError):
+    """A derived table does not match its declaration: a bug in the analysis."""
+
+
+@dataclass(frozen=True)
+class Table:
+    name: str
+    doc: str
+    columns: tuple[Column, ...]
+
+    @property
+    def names(self) -> list[str]:
+        return [c.name for c in self.columns]
+
+    @property
+    def dtypes(self) -> dict[str, str]:
+        return {c.name: c.dtype for c in self.columns}
+
+    def empty(self) -> pd.DataFrame:
+        return pd.DataFrame({c.name: pd.Series(dtype=c.dtype) for c in self.columns})
+
+    def conform(self, df: pd.DataFrame, drop: tuple[str, ...] = ()) -> pd.DataFrame:
+        """``df`` with exactly the declared columns, in order, in their dtypes.
+        ``drop`` names the working columns the builder knows it leaves behind."""
+        extra = [c for c in df.columns if c not in self.dtypes and c not in drop]
+        if extra:
+            raise SchemaError(f"table {self.name}: undeclared columns {extra}")
+        out = {}
+        for c in self.columns:
+            if c.name not in df:
+                if not c.optional:
+                    raise SchemaError(f"table {self.name}: column {c.name} missing")
+                out[c.name] = pd.Series(pd.NA if c.dtype in _INT | {"str"} else np.nan,
+                                        index=df.index, dtype=c.dtype) \
+                    if c.dtype != "object" else pd.Series(None, index=df.index, dtype=object)
+                continue
+            out[c.name] = _cast(df[c.name], c, self.name)
+        return pd.DataFrame(out, index=df.index).reset_index(drop=True)
+
+
+def _cast(s: pd.Series, c: Column, table: str) -> pd.Series:
+    if str(s.dtype) == c.dtype:
+        return s
+    if c.dtype in _INT:
+        if s.dtype.kind == "f":
+            raise SchemaError(f"table {table}: column {c.name} is {s.dtype}, declared "
+                              f"{c.dtype}: an integer must not pass through float")
+        if s.dtype == object:
+            s = s.where(pd.notna(s), None)
+        try:
+            return s.astype(c.dtype)
+        except (TypeError, ValueError, OverflowError) as e:
+            raise SchemaError(f"table {table}: column {c.name} ({s.dtype}) does not fit "
+                              f"{c.dtype}: {e}") from None
+    if c.dtype == "str":
+        return s.astype("str").where(pd.notna(s), None) if s.dtype == object else s.astype("str")
+    return s.astype(c.dtype)
+
+
+def records(df: pd.DataFrame) -> list[dict]:
+    """Rows as JSON-ready dicts: integers as Python ints (exact to 2**64),
+    null for missing, floats as floats, nested values as they are."""
+    plain = [c for c in df.columns if df[c].dtype != object]
+    nested = [c for c in df.columns if df[c].dtype == object]
+    rows = pa.Table.from_pandas(df[plain], preserve_index=False).to_pylist() if plain \
+        else [{} for _ in range(len(df))]
+    for c in nested:
+        for row, v in zip(rows, df[c].tolist()):
+            row[c] = _plain(v)
+    for row in rows:
+        for k, v in row.items():
+            if isinstance(v, float) and not np.isfinite(v):
+                row[k] = None
+    return [{c: r[c] for c in df.columns} for r in rows]
+
+
+def _plain(v):
+    """A nested value (dict, array, numpy scalar) as plain JSON types."""
+    if isinstance(v, dict):
+        return {str(k): _plain(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple, np.ndarray)):
+        return [_plain(x) for x in v]
+    if isinstance(v, np.integer):
+        return int(v)
+    if isinstance(v, np.floating):
+        return float(v) if np.isfinite(v) else None
+    if v is pd.NA or v is pd.NaT or (isinstance(v, float) and not np.isfinite(v)):
+        return None
+    return v
+
+
+def json_schema(t: Table) -> dict:
+    """The table as a JSON Schema fragment (an array of row objects)."""
+    kinds = {"int64": "integer", "uint64": "integer", "Int64": ["integer", "null"],
+             "UInt64": ["integer", "null"], "str": ["string", "null"], "bool": "boolean",
+             "boolean": ["boolean", "null"], "float64": ["number", "null"], "object": {}}
+    props = {}
+    for c in t.columns:
+        k = kinds[c.dtype]
+        p = dict(k) if isinstance(k, dict) else {"type": k}
+        p["description"] = c.doc + (f" [{c.unit}]" if c.unit else "")
+        props[c.name] = p
+    return {"type": "array", "description": t.doc,
+            "items": {"type": "object", "properties": props, "required": t.names}}
+
+
+# -- identity columns every per-VM table shares ---------------------------
+
+PID = C("pid", "int64", "", "VMM process id")
+PROC = C("proc", "int64", "", "which process with this pid in the recording (0 first; "
+         "pids are reused: see analysis/identity.py)")
+VM_FD = C("vm_fd", "int64", "", "the VM's file descriptor in the VMM (-1 when unknown)")
+AS_ID = C("as_id", "int64", "", "KVM address space (1 = x86 SMM)")
+TS = C("ts", "int64", "ns", "CLOCK_MONOTONIC time of the event")
+TID = C("tid", "int64", "", "thread id (the vCPU thread for faults)")
+VCPU_FD = C("vcpu_fd", "int64", "", "vCPU fd of the thread's last KVM_RUN (-1 when none)")
+SLOT_ROW = C("slot_row", "int64", "", "row of the slots table (slot version) the event "
+             "falls in; -1 outside every recorded slot")
+
+OPS = Table("ops", "every memslot ioctl, decoded and classified by KVM's rules "
+            "(analysis/memslots.py)", (
+    TS, PID, TID, VCPU_FD, C("cpu", "int64", "", "CPU"), VM_FD,
+    C("ioctl", "int64", "", "1: KVM_SET_USER_MEMORY_REGION, 2: ..._REGION2"),
+    C("slot", "int64", "", "the raw slot field: as_id << 16 | slot id"),
+    C("flags", "int64", "", "KVM_MEM_* flags"),
+    C("gpa", "uint64", "bytes", "guest_phys_addr"),
+    C("size", "uint64", "bytes", "memory_size (0 deletes)"),
+    C("hva", "uint64", "bytes", "userspace_addr"),
+    C("gmem_offset", "uint64", "bytes", "guest_memfd_offset (REGION2)"),
+    C("gmem_fd", "int64", "", "guest_memfd (REGION2)"),
+    C("read_ok", "int64", "", "1 when the probe could read the request"),
+    C("ret", "int64", "", "the ioctl's return value"),
+    C("enter_ts", "int64", "ns", "when the ioctl was entered"),
+    C("vma_status", "int64", "", "VMA lookup at the ioctl (probes/events.py VMA_STATUS)"),
+    C("vma_has_file", "int64", "", "the VMA has a file"),
+    C("vma_covers", "int64", "", "one VMA covers the whole slot"),
+    C("vma_count", "int64", "", "VMAs the slot spans (capped)"),
+    C("vma_err", "int64", "", "errno of a failed VMA lookup"),
+    C("vma_dev", "int64", "", "kernel dev_t of the VMA's file"),
+    C("vma_start", "uint64", "bytes", "VMA start"), C("vma_end", "uint64", "bytes", "VMA end"),
+    C("vm_flags", "uint64", "", "VMA vm_flags"),
+    C("vm_page_prot", "uint64", "", "VMA vm_page_prot"),
+    C("vm_pgoff", "uint64", "pages", "VMA vm_pgoff"),
+    C("vma_ino", "uint64", "", "inode of the VMA's file"),
+    AS_ID, C("slot_id", "int64", "", "slot id within the address space"),
+    C("ioctl_name", "str", "", "the ioctl's name"),
+    C("errno", "str", "", "errno name of a failure, '' on success"),
+    C("flag_names", "str", "", "flags by name ('-' for none)"),
+    C("latency_ns", "int64", "ns", "time in the ioctl"),
+    PROC,
+    C("op", "str", "", "create / delete / move / flags / no-op, 'failed <op>' on failure"),
+    C("reason", "str", "", "why KVM refused it, '' on success"),
+))
+
+SLOTS = Table("slots", "slot versions over time: one row per create, move or flags change, "
+              "with the VMA behind it (analysis/memslots.py, analysis/vmas.py)", (
+    PID, PROC, VM_FD, AS_ID, C("slot", "int64", "", "slot id"),
+    C("gpa", "uint64", "bytes", "guest physical start"),
+    C("size", "uint64", "bytes", "size"),
+    C("hva", "uint64", "bytes", "host virtual start"),
+    C("flags", "int64", "", "KVM_MEM_* flags"), C("flag_names", "str", "", "flags by name"),
+    C("ioctl_name", "str", "", "the ioctl that set this version"),
+    C("gmem_fd", "int64", "", "guest_memfd (-1 without)"),
+    C("t_start", "uint64", "ns", "when this version began"),
+    C("t_end", "uint64", "ns", "when it ended (2**64-1: still live at the end)"),
+    C("created_by", "str", "", "create / move / flags"),
+    C("ended_by", "str", "", "delete / move / flags, '' while live"),
+    C("gfn_start", "int64", "pages", "first guest frame"),
+    C("gfn_end", "int64", "pages", "guest frame after the last"),
+    C("version", "int64", "", "0 for the slot's first version, +1 per move / flags change"),
+    C("vma", "str", "", "the VMA's name ([anon], memfd:x, a path)"),
+    C("vmflags", "str", "", "smaps VmFlags mnemonics"),
+    C("pfnmap", "bool", "", "VM_PFNMAP or VM_MIXEDMAP"),
+    C("vma_count", "int64", "", "VMAs seen behind the slot"),
+    C("kernelpagesize_kb", "Int64", "KiB", "smaps KernelPageSize"),
+    C("anonhuge_kb", "int64", "KiB", "smaps AnonHugePages"),
+    C("snapshot_delay_ms", "float64", "ms", "smaps snapshot delay after the ioctl"),
+    C("vma_covers", "bool", "", "one VMA covers the slot"),
+    C("vma_source", "str", "", "where the VMA came from, or why it is missing"),
+    C("vma_start", "UInt64", "bytes", "VMA start"), C("vma_end", "UInt64", "bytes", "VMA end"),
+    C("vm_flags", "UInt64", "", "vm_flags"), C("vm_page_prot", "UInt64", "", "vm_page_prot"),
+    C("vm_pgoff", "UInt64", "pages", "vm_pgoff"),
+    C("vma_has_file", "boolean", "", "the VMA has a file"),
+    C("vma_ino", "UInt64", "", "inode"), C("vma_dev", "str", "", "device (major:minor)"),
+    C("pgprot_memtype", "str", "", "memory type decoded from vm_page_prot"),
+    C("pgprot_memtype_source", "str", "", "how it was decoded"),
+    C("kvm_vma_memtype", "str", "", "arm64: the VMA memory type KVM looked up", True),
+    C("kvm_vm_flags", "UInt64", "", "arm64: vm_flags KVM looked up", True),
+    C("kvm_pgprot", "UInt64", "", "arm64: vm_page_prot KVM looked up", True),
+    C("vma_memtype_arm64", "str", "", "arm64: the VMA's memory type used by verdicts", True),
+))
+
+FAULTS = Table("faults", "one row per guest fault, paired from tracepoints (or kprobes), "
+               "attributed to a slot, with both memory types and a verdict "
+               "(analysis/faults.py on x86, analysis/stage2.py on arm64)", (
+    TS, PID, TID, VCPU_FD, C("cpu", "int64", "", "CPU"),
+    C("fault_id", "int64", "", "order of the fault in the recording"),
+    C("gfn", "uint64", "pages", "guest frame number"),
+    C("pfn", "UInt64", "pages", "host frame number (null: nothing installed)"),
+    C("level", "int64", "", "mapping level: 1 = 4K, 2 = 2M, 3 = 1G"),
+    C("start_ts", "Int64", "ns", "start of the fault (null: start event not seen)"),
+    C("error_code", "UInt64", "", "x86 page-fault error code / EPT qualification; "
+      "arm64 ESR_EL2"),
+    C("install_ts", "Int64", "ns", "when KVM installed the entry (null: none seen)"),
+    C("spte", "UInt64", "", "x86: the installed spte; arm64: the stage-2 prot"),
+    C("access", "str", "", "read / write / exec"),
+    C("start_kind", "str", "", "which event started the fault"),
+    C("service_ns", "Int64", "ns", "fault service time (start to install, or handler "
+      "entry to return)"),
+    C("install_gfn", "UInt64", "pages", "x86: gfn of the install", True),
+    C("install_level", "Int64", "", "x86: level of the install", True),
+    C("handler_exit_ts", "Int64", "ns", "fault handler return (kprobes)", True),
+    C("handler_ret", "Int64", "", "fault handler return value (kprobes)", True),
+    C("tp_ts", "Int64", "ns", "arm64: kvm_guest_fault time", True),
+    C("ipa", "UInt64", "bytes", "arm64: faulting IPA", True),
+    C("esr", "UInt64", "", "arm64: ESR_EL2", True),
+    C("install_ipa", "UInt64", "bytes", "arm64: IPA of the stage-2 map", True),
+    C("map_size", "UInt64", "bytes", "arm64: size of the stage-2 map", True),
+    C("phys", "UInt64", "bytes", "arm64: host physical address mapped", True),
+    C("install_kind", "str", "", "arm64: map / relax", True),
+    C("install_ret", "Int64", "", "arm64: kvm_pgtable_stage2_map's return", True),
+    C("installs", "Int64", "", "arm64: stage-2 updates within the fault", True),
+    PROC, VM_FD, SLOT_ROW,
+    C("slot", "Int64", "", "slot id (null outside every slot)"),
+    C("spte_memtype", "str", "", "memory type KVM installed ('' when nothing)"),
+    C("vma_memtype", "str", "", "memory type of the host VMA"),
+    C("vma_memtype_source", "str", "", "how the VMA memory type was found"),
+    C("expected_memtype", "str", "", "arm64: what the kernel's rule gives"),
+    C("rule", "str", "", "arm64: the kernel rule that applied"),
+    C("verdict", "str", "", "consistent / downgraded / upgraded / rejected / unknown; '' "
+      "when nothing was installed"),
+    C("size", "str", "", "mapping size (4K / 2M / 1G)"),
+))
+
+PREFETCH = Table("prefetch", "installs that answer no fault (x86 prefetch of neighbours; "
+                 "arm64 stage-2 updates outside a fault)", (
+    C("ts", "int64", "ns", "time"), PID, TID, VCPU_FD,
+    C("gfn", "uint64", "pages", "guest frame"),
+    C("spte", "UInt64", "", "x86: the spte", True),
+    C("level", "Int64", "", "x86: level", True),
+    C("ipa", "UInt64", "bytes", "arm64: IPA", True),
+    C("size", "UInt64", "bytes", "arm64: size", True),
+    C("phys", "UInt64", "bytes", "arm64: physical address", True),
+    C("kind", "str", "", "arm64: map / relax", True),
+    PROC, VM_FD, SLOT_ROW,
+    C("request_lost", "bool", "", "its request may have been lost (ring full)"),
+))
+
+INVALIDATIONS = Table("invalidations", "MMU-notifier invalidations of host ranges "
+                      "(kvm_unmap_hva_range)", (
+    TS, PID, TID, C("start", "uint64", "bytes", "HVA start"),
+    C("end", "uint64", "bytes", "HVA end"), PROC, VM_FD, SLOT_ROW,
+))
+
+EXITS = Table("exits", "MMIO exits to the VMM (kvm_mmio)", (
+    TS, PID, TID, VCPU_FD, C("type", "int64", "", "KVM_TRACE_MMIO_* type"),
+    C("len", "int64", "bytes", "access size"), C("gpa", "uint64", "bytes", "guest address"),
+    C("val", "uint64", "", "value"), C("gfn", "uint64", "pages", "guest frame"),
+    PROC, VM_FD, SLOT_ROW,
+))
+
+ERRORS = Table("errors", "failed memslot ioctls, faults KVM refused and failed KVM_RUNs", (
+    TS, PID, PROC, VM_FD, C("what", "str", "", "what failed"),
+    C("slot", "Int64", "", "slot id (null when not about one slot)"),
+    C("errno", "str", "", "errno name"), C("detail", "str", "", "why"),
+))
+
+VERDICTS = Table("verdicts", "per slot version (and per refused memslot ioctl): does the "
+                 "memory type KVM installed match the host VMA's?", (
+    PID, PROC, VM_FD, AS_ID, C("slot", "int64", "", "slot id"),
+    C("version", "int64", "", "slot version; -1 for a refused ioctl"),
+    C("gpa", "uint64", "bytes", "guest physical start"), C("size", "uint64", "bytes", "size"),
+    C("faults", "int64", "", "faults seen in the slot"),
+    C("lost", "int64", "", "events lost in the slot's guest range"),
+    C("verdict", "str", "", "consistent / downgraded / upgraded / rejected / unknown"),
+    C("vma_memtype", "str", "", "host VMA memory type(s)"),
+    C("spte_memtype", "str", "", "installed memory type(s)"),
+    C("reason", "str", "", "why, with the kernel rule"),
+))
+
+RANGES = Table("ranges", "runs of consecutive guest pages of one slot with the same level "
+               "and memory types", (
+    SLOT_ROW, C("slot", "int64", "", "slot id"),
+    C("gfn_first", "uint64", "pages", "first guest frame"),
+    C("gfn_last", "uint64", "pages", "last guest frame"),
+    C("pages", "int64", "pages", "frames in the run"),
+    C("size", "str", "", "mapping size"), C("vma_memtype", "str", "", "VMA type"),
+    C("spte_memtype", "str", "", "installed type"), C("verdict", "str", "", "verdict"),
+))
+
+LOST = Table("lost", "events per kind: recorded and lost (ring buffer full)", (
+    C("kind", "str", "", "event kind (probes/events.py)"),
+    C("events", "int64", "", "events recorded"), C("lost", "int64", "", "events lost"),
+    C("lost_pct", "float64", "%", "lost / (recorded + lost)"),
+))
+
+LOST_WHERE = Table("lost_where", "lost events per process, kind and 2 MiB guest region "
+                   "(analysis/loss.py)", (
+    C("kind", "str", "", "event kind"), PID,
+    C("gfn_start", "Int64", "pages", "region start (null: no guest address)"),
+    C("count", "int64", "", "events lost"),
+    C("first_ts", "int64", "ns", "first loss"), C("last_ts", "int64", "ns", "last loss"),
+    C("gfn_end", "Int64", "pages", "region end"), PROC,
+))
+
+# -- the views report prints (analysis/summary.py) ------------------------
+
+SUMMARY = Table("summary", "the memslot table joined with its activity and verdict: what "
+                "`kvmtrace report` leads with and --format csv prints", (
+    PID, PROC, VM_FD, AS_ID, C("slot", "int64", "", "slot id"),
+    C("version", "int64", "", "slot version"),
+    C("gpa", "uint64", "bytes", "guest physical start"),
+    C("gpa_end", "uint64", "bytes", "guest physical end"),
+    C("size", "uint64", "bytes", "size"), C("flag_names", "str", "", "KVM_MEM_* flags"),
+    C("hva", "uint64", "bytes", "host virtual start"),
+    C("ioctl_name", "str", "", "the ioctl that set it"),
+    C("vma", "str", "", "VMA name"), C("vm_flags", "str", "", "VM_* flags in words"),
+    C("vmflags", "str", "", "smaps VmFlags mnemonics"),
+    C("created_by", "str", "", "create / move / flags"),
+    C("t_start_s", "float64", "s", "start, from the recording's start"),
+    C("ended_by", "str", "", "delete / move / flags"),
+    C("t_end_s", "float64", "s", "end, from the recording's start (null: live)"),
+    C("faults", "int64", "", "faults"), C("read", "int64", "", "read faults"),
+    C("write", "int64", "", "write faults"), C("exec", "int64", "", "exec faults"),
+    C("level1", "int64", "", "faults mapped at level 1: a base page (4K on x86)"),
+    C("level2", "int64", "", "faults mapped at level 2 (2M with 4K pages)"),
+    C("level3", "int64", "", "faults mapped at level 3 (1G with 4K pages)"),
+    C("prefetched", "int64", "", "installs without a fault (prefetch)"),
+    C("unpaired_installs", "int64", "", "installs whose request may have been lost"),
+    C("invalidations", "int64", "", "MMU-notifier invalidations"),
+    C("mmio_exits", "int64", "", "MMIO exits"),
+    C("service_p50_us", "float64", "us", "median fault service time"),
+    C("lost", "int64", "", "events lost in the slot"),
+    C("vma_memtype", "str", "", "host VMA type(s) from faults"),
+    C("spte_memtype", "str", "", "installed type(s)"),
+    C("slot_vma_memtype", "str", "", "the VMA type even without faults"),
+    C("verdict", "str", "", "verdict"), C("reason", "str", "", "why"),
+    C("vma_source", "str", "", "where the VMA came from"),
+))
+
+OPS_VIEW = Table("ops_view", "the memslot ioctls as report prints them", (
+    C("t_s", "float64", "s", "time from the recording's start"), PID, PROC, VM_FD,
+    C("ioctl_name", "str", "", "ioctl"), AS_ID, C("slot_id", "int64", "", "slot id"),
+    C("op", "str", "", "KVM's classification"), C("flag_names", "str", "", "flags"),
+    C("gpa", "uint64", "bytes", "guest physical start"), C("size", "uint64", "bytes", "size"),
+    C("hva", "uint64", "bytes", "host virtual start"), C("ret", "int64", "", "return value"),
+    C("errno", "str", "", "errno name"), C("reason", "str", "", "why refused"),
+    C("latency_ns", "int64", "ns", "time in the ioctl"),
+))
+
+# -- diff (analysis/compare.py) ---------------------------------------------
+
+
+def _sides(c: Column) -> tuple[Column, Column]:
+    return (Column(f"{c.name}_base", c.dtype, c.unit, f"{c.doc} (BASE)", True),
+            Column(f"{c.name}_new", c.dtype, c.unit, f"{c.doc} (NEW)", True))
+
+
+_PROFILE = (C("slot", "str", "", "slot id(s)"), C("backing", "str", "", "what backs the slot"),
+            C("flags", "str", "", "flags over time"), C("faults", "Int64", "", "faults"),
+            C("pages", "Int64", "pages", "distinct guest pages faulted"),
+            C("huge_share", "float64", "", "share of 2M / 1G mappings"),
+            C("levels", "object", "", "mappings per size {size: count}"),
+            C("cacheable_share", "float64", "", "share of cacheable installs"),
+            C("invalidations", "Int64", "", "invalidations"),
+            C("mmio_exits", "Int64", "", "MMIO exits"),
+            C("p50_us", "float64", "us", "median service time"))
+
+DIFF_SLOTS = Table("diff_slots", "slots of both recordings matched by (address space, GPA, "
+                   "size), side by side", (
+    AS_ID, C("gpa", "uint64", "bytes", "guest physical start"),
+    C("bytes", "uint64", "bytes", "size"),
+    *[x for c in _PROFILE for x in _sides(c)],
+))
+
+DIFF_LATENCY = Table("diff_latency", "fault service-time quantiles by slot, memory type "
+                     "and level, per side", (
+    C("side", "str", "", "base / new"), C("by", "str", "", "slot GPA / memtype / level"),
+    C("key", "str", "", "the slot's GPA, the memory type or the level"),
+    C("count", "int64", "", "faults"), C("p50", "float64", "us", "median"),
+    C("p90", "float64", "us", "90th percentile"), C("p99", "float64", "us", "99th percentile"),
+    C("max", "float64", "us", "maximum"), C("rate", "float64", "1/s", "faults per second"),
+))
+
+DIFF_VMS = Table("diff_vms", "per recording and VM totals", (
+    C("side", "str", "", "base / new"), PID, PROC, VM_FD,
+    C("faults", "int64", "", "faults"),
+    C("huge_share", "float64", "", "share of 2M / 1G mappings"),
+    C("p50_us", "float64", "us", "median service time"),
+    C("userspace_exits", "int64", "", "exits to the VMM"),
+    C("exits", "object", "", "exits to the VMM per KVM_EXIT_* reason {reason: count}"),
+    C("errors", "int64", "", "errors"),
+    C("recorded_s", "float64", "s", "how long the recording ran (null: not closed)"),
+))
+
+TABLES = {t.name: t for t in (OPS, SLOTS, FAULTS, PREFETCH, INVALIDATIONS, EXITS, ERRORS,
+                              VERDICTS, RANGES, LOST, LOST_WHERE, SUMMARY, OPS_VIEW,
+                              DIFF_SLOTS, DIFF_LATENCY, DIFF_VMS)}
+
+
+def markdown() -> str:
+    """docs/tables.md: every derived table and column."""
+    out = ["# Derived tables", "",
+           "Generated from kvmtrace/analysis/schema.py by "
+           "`python -m kvmtrace.analysis.schema > docs/tables.md`; do not edit.", "",
+           f"JSON / CSV schema version {SCHEMA_VERSION}. Integers are exact (no floats), "
+           "null means not known.", ""]
+    for t in TABLES.values():
+        out += [f"## {t.name}", "", t.doc[0].upper() + t.doc[1:] + ".", "",
+                "| column | type | unit | meaning |", "|---|---|---|---|"]
+        out += [f"| `{c.name}` | {c.dtype}{' (optional)' if c.optional else ''} | {c.unit} | "
+                f"{c.doc} |" for c in t.columns]
+        out.append("")
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    print(markdown(), end="")
+    if "--json-schema" in __import__("sys").argv:
+        print(json.dumps({n: json_schema(t) for n, t in TABLES.items()}, indent=1))
