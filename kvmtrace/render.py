@@ -249,7 +249,7 @@ def _errors_table(e: pd.DataFrame, console: Console):
     for c in ("pid", "vm", "what", "slot", "errno", "detail"):
         t.add_column(c, overflow="fold")
     for r in e.itertuples(index=False):
-        t.add_row(_c(identity.label(r.pid, r.proc)), _c(r.vm_fd), _c(r.what), _c("" if r.slot < 0 else r.slot),
+        t.add_row(_c(identity.label(r.pid, r.proc)), _c(r.vm_fd), _c(r.what), _c("" if pd.isna(r.slot) else r.slot),
                   _c(r.errno, "red"), _c(r.detail))
     console.print(t)
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from .. import kvmapi
 from ..memtype import CACHEABLE
 from . import hostload, schema, stats
 from .model import Model
@@ -70,7 +71,8 @@ def slot_profile(model: Model) -> pd.DataFrame:
     """One row per (as_id, gpa, size) with the slot's activity, all VMs pooled."""
     s = model.slots.rename(columns={"size": "bytes"})
     if not len(s):
-        return pd.DataFrame(columns=KEY + ["slot", "backing", "flags", "faults", "pages",
+        return pd.DataFrame(columns=KEY + ["slot", "backing", "flags", "dirty_logging",
+                                           "faults", "pages",
                                            "huge_share", "cacheable_share", "memtypes",
                                            "invalidations", "mmio_exits", "service_ns",
                                            "levels"]).astype(PROFILE_DTYPES)
@@ -99,6 +101,7 @@ def slot_profile(model: Model) -> pd.DataFrame:
             "slot": "/".join(str(x) for x in sorted(set(g["slot"]))),
             "backing": "/".join(dict.fromkeys(g["backing"])),
             "flags": " -> ".join(dict.fromkeys(g["flag_names"])),
+            "dirty_logging": bool((g["flags"] & kvmapi.KVM_MEM_LOG_DIRTY_PAGES).any()),
             "faults": n,
             "pages": faults["gfn"].nunique() if n else 0,
             "huge_share": float((faults["level"] > 1).mean()) if n else np.nan,
@@ -169,11 +172,9 @@ def _causes(r) -> list[str]:
     if r["backing_base"] != r["backing_new"]:
         out.append(f"backing {r['backing_base']} -> {r['backing_new']}")
     if r["flags_base"] != r["flags_new"]:
-        fb, fn = set(r["flags_base"].split(" -> ")), set(r["flags_new"].split(" -> "))
-        if any("LOG_DIRTY_PAGES" in x for x in fn) and not any("LOG_DIRTY_PAGES" in x for x in fb):
+        if r["dirty_logging_new"] and not r["dirty_logging_base"]:
             out.append("dirty logging turned on")
-        elif any("LOG_DIRTY_PAGES" in x for x in fb) and not any("LOG_DIRTY_PAGES" in x
-                                                                  for x in fn):
+        elif r["dirty_logging_base"] and not r["dirty_logging_new"]:
             out.append("dirty logging turned off")
         else:
             out.append(f"flags {r['flags_base']} -> {r['flags_new']}")

@@ -90,7 +90,7 @@ def pair(tables: dict, spte_format: str) -> tuple[pd.DataFrame, pd.DataFrame]:
 
     # install: the first spte write for this gfn after the request
     if spte_format != "legacy" and len(tables["tdp_spte_changed"]):
-        src = tables["tdp_spte_changed"].rename(columns={"new_spte": "spte"})
+        src = tdp_leaf_installs(tables["tdp_spte_changed"].rename(columns={"new_spte": "spte"}))
     else:
         src = tables["set_spte"]
     src = src.reset_index(drop=True)
@@ -126,6 +126,21 @@ def pair(tables: dict, spte_format: str) -> tuple[pd.DataFrame, pd.DataFrame]:
     else:
         f["service_ns"] = f["install_ts"] - f["start_ts"]
     return f.sort_values("fault_id").reset_index(drop=True), prefetch
+
+
+def tdp_leaf_installs(changed: pd.DataFrame) -> pd.DataFrame:
+    """The TDP MMU's spte changes that install a leaf mapping.
+
+    kvm_tdp_mmu_map() (arch/x86/kvm/mmu/tdp_mmu.c, 5.10-6.18) links each
+    missing page table on the way down (a non-leaf change, traced too) before
+    it sets the leaf; zaps trace a non-present new spte. A leaf is level 1 or
+    a large page (bit 7, PT_PAGE_SIZE_MASK, on EPT and NPT alike), and present
+    (EPT: any of R/W/X, bits 0-2; NPT: the present bit 0)."""
+    spte = changed["spte"].to_numpy(dtype="uint64")
+    level = changed["level"].to_numpy(dtype="int64")
+    present = (spte & np.uint64(0x7)) != 0
+    leaf = (level == 1) | ((spte >> np.uint64(7)) & np.uint64(1) == 1)
+    return changed[present & leaf]
 
 
 def spte_memtypes(f: pd.DataFrame, spte_format: str, pat) -> np.ndarray:

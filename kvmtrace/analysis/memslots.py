@@ -109,7 +109,8 @@ def replay(ops: pd.DataFrame, page: int = 4096):
         new = {"pid": row.pid, "proc": row.proc, "vm_fd": row.vm_fd, "as_id": row.as_id, "slot": row.slot_id,
                "gpa": int(row.gpa), "size": int(row.size), "hva": int(row.hva),
                "flags": int(row.flags), "flag_names": row.flag_names,
-               "ioctl_name": row.ioctl_name, "gmem_fd": int(row.gmem_fd) if row.ioctl == 2 else -1,
+               "ioctl_name": row.ioctl_name, "gmem_fd": int(row.gmem_fd) if row.ioctl == 2
+               and row.flags & kvmapi.KVM_MEM_GUEST_MEMFD else -1,
                "t_start": int(row.ts), "t_end": INF, "created_by": op, "ended_by": ""}
         live[key] = new
         versions.append(new)

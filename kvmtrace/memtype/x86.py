@@ -1,17 +1,55 @@
 """x86 memory types: PAT indices in legacy sptes / PTEs, EPT memtype bits.
 
-Holds for Linux 4.2 onwards (the PAT layout below was fixed by commit
-"x86/mm/pat: Change PAT layout to include WT and WP", arch/x86/mm/pat/memtype.c)
-and for every KVM x86 spte format up to 6.18 (arch/x86/kvm/mmu/spte.h,
-arch/x86/include/asm/vmx.h):
+Which format an spte has depends on the MMU KVM runs (recorded as
+``meta['kvm']['spte_format']``, kvmtrace.host.kvm):
 
-- Legacy format (shadow paging and AMD NPT): the memory type is the PAT entry
-  indexed by PAT:PCD:PWT; PWT is bit 3, PCD bit 4, PAT bit 7 in a 4K entry and
-  bit 12 in a 2M / 1G entry (_PAGE_PAT_LARGE).
-- EPT format (Intel): bits 5:3 are the memory type (0 UC, 1 WC, 4 WT, 5 WP,
-  6 WB); bit 6 (IPAT) makes it ignore the guest's PAT.
-- KVM-PVM (shadow paging) writes PAT/PCD/PWT = 0, i.e. PAT entry 0 (WB), for
-  every spte seen on the development host, whatever the guest PTE asked for.
+- Legacy format: shadow paging (no EPT / NPT, and KVM-PVM) and AMD NPT,
+  legacy or TDP MMU. The memory type is the host PAT entry indexed by
+  PAT:PCD:PWT; PWT is bit 3, PCD bit 4, PAT bit 7 in a 4K entry and bit 12 in
+  a 2M / 1G entry (_PAGE_PAT_LARGE; bit 7 is then PS). The host PAT is read
+  from the boot log into the recording; Linux programs it, since 4.2
+  (arch/x86/mm/pat/memtype.c, pat_init() / init_cache_modes(); "x86/mm/pat:
+  Change PAT layout to include WT and WP"), as
+  WB WC UC- UC WB WP UC- WT (LINUX_PAT). Xen PV guests and CPUs with the PAT
+  errata use other layouts, hence ``pat``.
+  KVM itself never puts a memory type in a legacy-format spte: make_spte()
+  (arch/x86/kvm/mmu/spte.c) adds one only through kvm_x86_ops.get_mt_mask,
+  which only VMX implements (SVM's returned 0, and was later dropped); the
+  call was gated by shadow_memtype_mask, non-zero only once
+  kvm_mmu_set_ept_masks() set up EPT, until commit 3fee4837ef40 ("KVM: x86:
+  remove shadow_memtype_mask") replaced the gate by a kvm_x86_ops.get_mt_mask
+  check. So KVM's legacy sptes have PAT:PCD:PWT = 0, host PAT entry 0 (WB);
+  the CPU combines that with the MTRRs, and under NPT with the guest's PAT
+  too (AMD APM vol. 2, "Combining Guest and Host PAT Types"). KVM-PVM wrote
+  0 for every spte seen on the development host, whatever the guest PTE
+  asked for.
+- EPT format (Intel, legacy or TDP MMU): bits 5:3 are the memory type
+  (0 UC, 1 WC, 4 WT, 5 WP, 6 WB; 2, 3 and 7 are reserved: an EPT
+  misconfiguration), bit 6 IPAT makes the CPU ignore the guest's PAT
+  (VMX_EPT_MT_EPTE_SHIFT, VMX_EPT_IPAT_BIT in arch/x86/include/asm/vmx.h;
+  Intel SDM vol. 3, "EPT Translation Mechanism"). A leaf at any level (4K,
+  2M, 1G) uses the same bits. KVM's vmx_get_mt_mask() (arch/x86/kvm/vmx/vmx.c)
+  chooses them; from the code of 4.x, 6.1-6.14 and the 2025 quirk patches:
+  * an MMIO pfn (kvm_is_mmio_pfn(): reserved and not WB in the host PAT, or
+    outside E820 RAM): UC with IPAT clear, in every version;
+  * a VM without non-coherent DMA (no VFIO device lacking snoop control):
+    WB | IPAT; since KVM_X86_QUIRK_IGNORE_GUEST_PAT (2025; mainline 6.15 or
+    6.16, backported to 6.12.78 stable, whose api.rst documents it) only
+    while that quirk is on, its default; a VMM that disables it on a
+    self-snooping CPU gets WB with IPAT clear;
+  * a VM with non-coherent DMA: older kernels used the guest's MTRR type
+    (and CR0.CD rules, changed in 6.7); once guest MTRR virtualization was
+    dropped (6.11), WB with IPAT clear: the guest's PAT decides.
+  (Version numbers other than 6.12.78 are from the kernel history as
+  remembered, not checked against a tree.) Without IPAT the effective type
+  is the EPT type combined with the guest's PAT (SDM "Memory Type Used for
+  Translated Guest-Physical Addresses"): ``spte_memtype`` names KVM's part,
+  ``ept_ipat`` says whether the guest's part counts.
+
+Every decoder takes the spte as the full 64-bit word: NX (bit 63 in the
+legacy format) or suppress-#VE (bit 63 in EPT) is commonly set, and a value
+that went through float64 has lost its low bits (PWT, PCD, the EPT type).
+Such input is refused rather than decoded wrong.
 """
 
 from __future__ import annotations
@@ -26,13 +64,53 @@ EPT_MT_SHIFT, EPT_MT_MASK, EPT_IPAT = 3, 0x7, 1 << 6
 EPT_TYPES = {0: "UC", 1: "WC", 4: "WT", 5: "WP", 6: "WB"}
 
 # Cache modes a PAT memtype list entry names (arch/x86/mm/pat/memtype.c,
-# cattr_name()).
+# cattr_name(), unchanged since 4.2).
 PAT_LIST_NAMES = {"write-back": "WB", "write-combining": "WC", "uncached-minus": "UC-",
                   "uncached": "UC", "write-through": "WT", "write-protected": "WP"}
 
+_EXACT = 1 << 53  # float64 holds every integer below this exactly
 
-def legacy_pat_index(spte: np.ndarray, level: np.ndarray) -> np.ndarray:
-    spte = np.asarray(spte, dtype=np.uint64)
+
+def _u64(values) -> np.ndarray:
+    """``values`` (array-like of 64-bit words) as uint64, exactly.
+
+    Integers of any width are taken bit for bit (a negative int64 is the
+    same 64-bit word). Floats are accepted only while every value is an
+    integer below 2**53: anything else has already lost bits, and decoding
+    it would give a confident wrong answer (e.g. NX|PCD|PWT read as WB)."""
+    if not hasattr(values, "dtype"):  # a list / tuple / int: numpy would make
+        values = np.array(values, dtype=object)  # float64 of ints past 2**63
+    a = np.asarray(values)
+    if a.dtype == object:
+        out = np.empty(a.shape, dtype=np.uint64)
+        flat = out.reshape(-1)
+        for i, v in enumerate(a.reshape(-1)):
+            if isinstance(v, (float, np.floating)):
+                v = _exact_float(np.asarray([v]))[0]
+            flat[i] = int(v) & 0xFFFF_FFFF_FFFF_FFFF
+        return out
+    if a.dtype.kind == "f":
+        return _exact_float(a)
+    if a.dtype.kind == "b":
+        return a.astype(np.uint64)
+    if a.dtype.kind not in "iu":
+        raise TypeError(f"64-bit words expected, not {a.dtype}")
+    return a.astype(np.uint64)
+
+
+def _exact_float(a: np.ndarray) -> np.ndarray:
+    bad = ~np.isfinite(a) | (a < 0) | (a >= _EXACT) | (a != np.floor(a))
+    if np.any(bad):
+        raise TypeError("sptes went through float64 (a value is missing, negative or "
+                        f"past 2**53, e.g. {a[bad].reshape(-1)[0]!r}): their low bits are "
+                        "lost; pass them as unsigned 64-bit integers")
+    return a.astype(np.uint64)
+
+
+def legacy_pat_index(spte, level) -> np.ndarray:
+    """PAT:PCD:PWT of legacy-format entries (sptes or host PTEs), 0-7.
+    ``level``: 1 for a 4K entry, 2 / 3 for 2M / 1G (PAT at bit 12)."""
+    spte = _u64(spte)
     level = np.asarray(level)
     pat_bit = np.where(level > 1, PAT_LARGE, PAT_4K).astype(np.uint64)
     return (((spte & np.uint64(PWT)) != 0).astype(np.uint8)
@@ -40,14 +118,26 @@ def legacy_pat_index(spte: np.ndarray, level: np.ndarray) -> np.ndarray:
             | (((spte & pat_bit) != 0).astype(np.uint8) << 2))
 
 
+def ept_ipat(spte) -> np.ndarray:
+    """True where an EPT entry has IPAT set (the guest's PAT is ignored)."""
+    return (_u64(spte) & np.uint64(EPT_IPAT)) != 0
+
+
 def spte_memtype(spte, level, spte_format: str, pat=LINUX_PAT) -> np.ndarray:
-    """Memory type names for an array of sptes."""
-    spte = np.asarray(spte, dtype=np.uint64)
+    """Memory type names for an array of sptes.
+
+    ``spte_format``: 'ept' (bits 5:3) or the legacy format (anything else:
+    'legacy', shadow paging, NPT); ``pat``: the host PAT's eight entries,
+    indexed by a legacy entry's PAT:PCD:PWT; ``level``: the entries' levels
+    (1 = 4K), scalar or per spte."""
+    spte = _u64(spte)
     if spte_format == "ept":
         mt = ((spte >> np.uint64(EPT_MT_SHIFT)) & np.uint64(EPT_MT_MASK)).astype(np.int64)
         names = np.array([EPT_TYPES.get(i, f"reserved({i})") for i in range(8)], dtype=object)
         return names[mt]
     names = np.array(list(pat), dtype=object)
+    if len(names) != 8:
+        raise ValueError(f"a host PAT has 8 entries, not {len(names)}")
     return names[legacy_pat_index(spte, level)]
 
 
@@ -57,22 +147,30 @@ def pfn_memtype(pfn, pat_list: list[dict] | None, ram: list[dict] | None, page_s
     A frame inside a PAT memtype list range has that range's type (ioremap,
     PCI BAR mmap, ...). Otherwise a frame in System RAM is write-back (the
     kernel's direct map and every normal page use PAT entry 0). Anything else
-    is unknown. Returns (types, sources) arrays.
+    is unknown. ``pat_list`` / ``ram``: [{'start', 'end' (exclusive),
+    'memtype'}] as recorded, None when they could not be read. Returns
+    (types, sources) arrays.
     """
-    pa = np.asarray(pfn, dtype=np.uint64) * np.uint64(page_size)
+    pa = _u64(pfn) * np.uint64(page_size)
     types = np.full(pa.shape, "unknown", dtype=object)
     source = np.full(pa.shape, "PFN is neither in System RAM nor in the PAT memtype list",
                      dtype=object)
     if ram:
         for r in ram:
-            hit = (pa >= r["start"]) & (pa < r["end"])
+            hit = (pa >= np.uint64(r["start"])) & (pa < np.uint64(r["end"]))
             types[hit], source[hit] = "WB", "PFN is System RAM (write-back)"
     if pat_list:
         for r in pat_list:
-            hit = (pa >= r["start"]) & (pa < r["end"])
+            hit = (pa >= np.uint64(r["start"])) & (pa < np.uint64(r["end"]))
             types[hit] = PAT_LIST_NAMES.get(r["memtype"], r["memtype"])
             source[hit] = f"PAT memtype list: {r['memtype']}"
+    unknown = types == "unknown"
     if pat_list is None:
-        unknown = types == "unknown"
         source[unknown] = "PFN not in System RAM; PAT memtype list not readable (debugfs)"
+        if ram is None:
+            source[unknown] = ("neither System RAM ranges nor the PAT memtype list were "
+                               "recorded")
+    elif ram is None:
+        source[unknown] = ("PFN not in the PAT memtype list; System RAM ranges were not "
+                           "recorded")
     return types, source
