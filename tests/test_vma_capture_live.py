@@ -23,6 +23,7 @@ import subprocess
 import sys
 import time
 
+import pandas as pd
 import pytest
 
 import kvmtrace
@@ -151,11 +152,12 @@ def test_verifier_summary_names_the_reason():
 # /proc/self/maps showed for it, then unmaps it (or exits) at once.
 QUICK_VMM = r"""
 import ctypes, json, mmap, os, sys, time
-from kvmtrace.guest import kvmapi
+from kvmtrace import kvmapi
+from testvmm.kvmcall import ioctl, open_kvm
 mode = sys.argv[1]
 libc = ctypes.CDLL(None)
-kvm = kvmapi.open_kvm()
-vm = kvmapi.ioctl(kvm, kvmapi.KVM_CREATE_VM, 0)
+kvm = open_kvm()
+vm = ioctl(kvm, kvmapi.KVM_CREATE_VM, 0)
 m = mmap.mmap(-1, 256 << 10, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
 addr = ctypes.addressof(ctypes.c_char.from_buffer(m))
 line = next(l for l in open("/proc/self/maps") if int(l.split("-")[0], 16) <= addr
@@ -163,7 +165,7 @@ line = next(l for l in open("/proc/self/maps") if int(l.split("-")[0], 16) <= ad
 r = kvmapi.kvm_userspace_memory_region(slot=3, flags=0, guest_phys_addr=1 << 20,
                                        memory_size=256 << 10, userspace_addr=addr)
 print(json.dumps({"pid": os.getpid(), "hva": addr, "maps": line}), flush=True)
-kvmapi.ioctl(vm, kvmapi.KVM_SET_USER_MEMORY_REGION, r)
+ioctl(vm, kvmapi.KVM_SET_USER_MEMORY_REGION, r)
 if mode == "exit":
     os._exit(0)
 assert libc.munmap(ctypes.c_void_p(addr), ctypes.c_size_t(256 << 10)) == 0
@@ -327,7 +329,7 @@ def test_without_the_lookup_recording_works_and_says_why(tmp_path, mode):
     ev = model.recording["memslot"]
     assert (ev.loc[ev["pid"] == said["pid"], "vma_status"] == 0).all()
     # and the verdict of a fault there would say so: the slot's type is unknown
-    assert model.slots.loc[row.name, "pgprot_memtype"] is None
+    assert pd.isna(model.slots.loc[row.name, "pgprot_memtype"])
 
 
 @pytest.mark.usefixtures("live")

@@ -40,11 +40,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..host import bccload
-from ..host import btf
-from ..host import headers as bcc_headers
-from ..host import procfs, tracefs
-from ..probes import catalogue, codegen, program
+from ..host import btf, procfs
+from ..probes import codegen
+from ..probes.load import LoadedProbes, ProbeLoadError, load_probes
 from .. import outputs
 from ..recording.writer import RecordingWriter
 from . import child, context, hostload, loss
@@ -137,37 +135,14 @@ class Session:
         self.load: hostload.HostLoad | None = None
 
     # -- setup --------------------------------------------------------------
-    def _select(self):
+    def _load_probes(self, filter_pids: bool) -> LoadedProbes:
+        """Select, build, load and attach the probes (kvmtrace.probes.load, as doctor)."""
         try:
-            wanted = catalogue.parse_selection(self.opts.probes)
-        except catalogue.SelectionError as e:
-            raise RecordError(str(e), code=2) from None
-        try:
-            root = tracefs.ensure_mounted()
-        except tracefs.TracefsError as e:
-            raise RecordError(str(e)) from None
-        self.btf = btf.open_kernel()
-        avail = catalogue.availability(wanted, root, self.btf)
-        usable = [p for p in wanted if avail[p.name] is None]
-        if not any(p.group == "memslots" for p in usable) and not any(
-                p.group == "faults" for p in usable):
-            raise RecordError("none of the chosen probes can attach here: "
-                              + "; ".join(f"{k}: {v}" for k, v in avail.items() if v))
-        return root, wanted, avail, usable
-
-    def _compile(self, usable, filter_pids: bool):
-        hdr = bcc_headers.find()
-        if hdr is None:
-            raise RecordError(bcc_headers.missing_hint())
-        cflags = bcc_headers.apply(hdr)
-        prog = program.build(usable, filter_pids,
-                             catalogue.offsets(usable, self.btf) if self.btf else {},
-                             buffer_pages=self.opts.buffer_pages)
-        try:
-            b = bccload.load(prog.text, cflags + prog.cflags, after=prog.attach_all)
-        except bccload.BPFLoadError as e:
-            raise RecordError(f"BPF program failed to load: {e}") from None
-        return b, prog, hdr
+            return load_probes(self.opts.probes, filter_pids=filter_pids,
+                               buffer_pages=self.opts.buffer_pages)
+        except ProbeLoadError as e:
+            raise RecordError(f"BPF program failed to load: {e}" if e.stage == "bpf" else str(e),
+                              code=2 if e.stage == "selection" else 1) from None
 
     def _precheck(self):
         """Usage errors, before seconds of BPF compile and before any file exists."""
@@ -296,9 +271,9 @@ class Session:
     def _run(self, live):
         opts = self.opts
         self._precheck()
-        root, wanted, avail, usable = self._select()
-        filter_pids = bool(opts.pids or opts.command)
-        b, prog, hdr = self._compile(usable, filter_pids)
+        loaded = self._load_probes(filter_pids=bool(opts.pids or opts.command))
+        b, prog, hdr = loaded.bpf, loaded.program, loaded.headers
+        self.btf = loaded.selection.btf
         for pid in opts.pids:
             if not os.path.exists(f"/proc/{pid}"):
                 raise RecordError(f"process {pid} exited before recording began", code=2)
@@ -313,12 +288,12 @@ class Session:
             "command_line": sys.argv,
             "probes": {
                 "requested": opts.probes,
-                "attached": [p.name for p in usable],
-                "unavailable": {k: v for k, v in avail.items() if v},
+                "attached": loaded.attached,
+                "unavailable": loaded.unavailable,
                 "events": [e.name for e in prog.events],
             },
             "filter": {"pids": list(opts.pids), "command": list(opts.command)},
-            "tracefs": root,
+            "tracefs": loaded.selection.tracefs,
             "bcc_headers": {"source": hdr.source, "version": hdr.version,
                             "matches_kernel": hdr.matches_kernel},
             "btf": btf.context(self.btf, prog.cflags),

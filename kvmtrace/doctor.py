@@ -1,8 +1,16 @@
-"""What this host can trace, tried rather than guessed.
+"""What this host can trace, tried rather than guessed (`kvmtrace doctor`).
 
 Every attach type is tested by loading and attaching a tiny program; the
-probe set ``record`` would use is compiled and loaded for real. Each check
-gives ok / missing and, when it matters for recording, the fix.
+probe set ``record`` would use is selected, compiled, loaded and attached for
+real by the same function record uses (kvmtrace.probes.load.load_probes).
+Each check gives ok / missing and, when it matters for recording, the fix.
+
+Where it sits: doctor is a command over the layers, like record, not a fact
+about the machine. It reads host facts (kvmtrace.host) and exercises the
+probes (kvmtrace.probes), and since probes use host facts, doctor has to sit
+above both: inside kvmtrace.host it made host and probes import each other.
+It is not a collector either (it records nothing), so it is its own module,
+imported by the cli alone.
 """
 
 from __future__ import annotations
@@ -11,9 +19,10 @@ import os
 import platform
 from dataclasses import dataclass
 
-from . import bccload
-from . import headers as bcc_headers
-from . import arm64, btf, kprobes, kvm, tracefs
+from .host import bccload
+from .host import headers as bcc_headers
+from .host import arm64, kprobes, kvm, tracefs
+from .probes.load import ProbeLoadError, load_probes
 
 
 @dataclass
@@ -136,39 +145,41 @@ def run() -> list[Check]:
                            "handler's entry/return are not traced (tracepoints cover the rest)")
             add(Check(f"attach {kind}", ok, detail,
                       blocks_record=(kind == "tracepoint" and not ok)))
-        checks += probe_set_checks(cflags, troot)
+        checks += probe_set_checks()
     return checks
 
 
-def probe_set_checks(cflags, troot) -> list[Check]:
-    """The probes record would use, and a real compile + load of their program."""
-    from ..probes import catalogue, program
-
-    out = []
-    b = btf.open_kernel()
-    avail = catalogue.availability(catalogue.PROBES, troot, b)
-    usable = [p for p in catalogue.PROBES if avail[p.name] is None]
-    for p in catalogue.PROBES:
-        out.append(Check(f"probe {p.name}", avail[p.name] is None,
-                         p.group + (f": {avail[p.name]}" if avail[p.name] else "")))
-    prog = program.build(usable, True, catalogue.offsets(usable, b) if b else {})
+def probe_set_checks() -> list[Check]:
+    """Every probe and whether it can attach here, then record's program
+    loaded for real (load_probes, as record does, with the pid filter in)."""
     try:
-        bccload.load(prog.text, cflags + prog.cflags, after=prog.attach_all).cleanup()
-        out.append(Check("record's program", True,
-                         f"{len(usable)} probes, {len(prog.events)} event kinds: "
-                         "compiled, loaded and attached"))
-        if prog.enter_ioctl:
-            vl = prog.vma_lookup
-            out.append(Check(
-                "VMA lookup in BPF", bool(vl.get("available")),
-                f"bpf_find_vma at each memslot ioctl's entry: loaded ({vl.get('load_ms')} ms to "
-                "link and load); a slot's VMA is captured even if the VMM exits at once"
-                if vl.get("available") else vl.get("reason", "not loaded"),
-                "" if vl.get("available") else
-                "slots' VMAs then come from /proc/PID/smaps snapshots taken after the ioctl "
-                "(missing when the VMM exits or remaps first; no page protection)"))
-    except bccload.BPFLoadError as e:
-        out.append(Check("record's program", False, str(e),
-                         "report this with `kvmtrace doctor --format json`",
+        loaded = load_probes("all", filter_pids=True)
+        sel, err = loaded.selection, None
+    except ProbeLoadError as e:
+        loaded, sel, err = None, e.selection, e
+    out = []
+    for p in sel.requested if sel else ():
+        why = sel.availability[p.name]
+        out.append(Check(f"probe {p.name}", why is None, p.group + (f": {why}" if why else "")))
+    if loaded is None:
+        out.append(Check("record's program", False, str(err),
+                         "report this with `kvmtrace doctor --format json`"
+                         if err.stage == "bpf" else "",
                          blocks_record=True))
+        return out
+    loaded.cleanup()
+    prog = loaded.program
+    out.append(Check("record's program", True,
+                     f"{len(loaded.attached)} probes, {len(prog.events)} event kinds: "
+                     "compiled, loaded and attached"))
+    if prog.enter_ioctl:
+        vl = prog.vma_lookup
+        out.append(Check(
+            "VMA lookup in BPF", bool(vl.get("available")),
+            f"bpf_find_vma at each memslot ioctl's entry: loaded ({vl.get('load_ms')} ms to "
+            "link and load); a slot's VMA is captured even if the VMM exits at once"
+            if vl.get("available") else vl.get("reason", "not loaded"),
+            "" if vl.get("available") else
+            "slots' VMAs then come from /proc/PID/smaps snapshots taken after the ioctl "
+            "(missing when the VMM exits or remaps first; no page protection)"))
     return out
