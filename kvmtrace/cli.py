@@ -324,7 +324,7 @@ def doctor(fmt):
     from rich.markup import escape
     from rich.table import Table
 
-    from .host import doctor as doc
+    from . import doctor as doc
 
     checks = doc.run()
     blocked = [c for c in checks if c.blocks_record and not c.ok]
@@ -453,6 +453,74 @@ def diff(base, new, metrics, thresholds, fmt, output, force, fail_on_regression)
         _emit(diff_html(mb, mn, c), output or "diff.html", force)
     if fail_on_regression and c.regressions:
         sys.exit(1)
+
+
+@main.command()
+@click.option("--pid", required=True, type=int, callback=_id_option("a process id", 1, 2**31 - 1),
+              help="the VMM process")
+@click.option("--gpa", metavar="A[+SIZE]",
+              help="guest-physical range (SIZE default one page; 0x hex, K/M/G suffixes)")
+@click.option("--hva", metavar="A[+SIZE]", help="host-virtual range in the VMM")
+@click.option("--slot", type=int, callback=_id_option("a memslot id", 0, 2**32 - 1),
+              help="one memslot (as_id << 16 | slot, as in KVM_SET_USER_MEMORY_REGION)")
+@click.option("--vm-fd", type=int, callback=_id_option("a file descriptor", 0, 2**31 - 1),
+              help="only this VM fd of the process (default: all its VMs)")
+@click.option("--window", metavar="SECONDS", default="0",
+              callback=lambda ctx, param, v: 0.0 if v in (None, "0") else
+              _seconds(0, 3600, "the recording window")(ctx, param, v),
+              help="also record this long and show what KVM installs meanwhile (x86 has no "
+                   "page-table dump; default 0: don't record)")
+@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text",
+              show_default=True)
+def query(pid, gpa, hva, slot, vm_fd, window, fmt):
+    """The memory type of a guest range of a running VM, now.
+
+    Per memslot: GPA, HVA, flags; the VMA behind it with its VM_* flags and
+    the memory type its vm_page_prot selects; what KVM installed (seen in a
+    --window recording); who decides the final type on this host; a verdict.
+    Memslots and VMAs are read live by BPF iterators (root).
+
+    \b
+    Exit status: 0 consistent, 1 mismatch (downgraded / upgraded), 2 cannot
+    tell (the reason on stderr) or a usage error.
+    """
+    import json
+
+    from .analysis import query as q
+
+    if sum(x is not None for x in (gpa, hva, slot)) > 1:
+        _fail("give one of --gpa, --hva, --slot")
+    try:
+        g = q.parse_range(gpa, "--gpa") if gpa is not None else None
+        h = q.parse_range(hva, "--hva") if hva is not None else None
+    except q.QueryError as e:
+        _fail(str(e))
+    if os.geteuid() != 0:
+        _fail("query needs root (BPF iterators, /proc/PID of another process); try: "
+              "sudo kvmtrace query ...")
+    if not os.path.exists(f"/proc/{pid}"):
+        _fail(f"--pid {pid}: no such process")
+    from . import query as run_query  # kvmtrace.query()
+    from .collectors.snapshot import SnapshotError
+
+    rng = g or h
+    try:
+        df = run_query(pid, gpa=g[0] if g else None, hva=h[0] if h else None,
+                       size=rng[1] if rng else None, slot=slot, window=window, vm_fd=vm_fd)
+    except (SnapshotError, q.QueryError) as e:
+        _fail(str(e))
+    if fmt == "json":
+        _emit(json.dumps({k: v for k, v in df.attrs.items()} | {"rows": q.to_records(df)},
+                         indent=1, default=str) + "\n", None)
+    else:
+        _emit(q.to_text(df), None)
+    code = df.attrs["exit_code"]
+    if code == 2:
+        click.echo(f"kvmtrace: cannot tell: {q.first_unknown(df)}", err=True)
+    elif code == 1:
+        bad = df[df["verdict"].isin(q.MISMATCH)].iloc[0]
+        click.echo(f"kvmtrace: mismatch: slot {bad['slot']}: {bad['reason']}", err=True)
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -146,6 +146,10 @@ def run() -> list[Check]:
             add(Check(f"attach {kind}", ok, detail,
                       blocks_record=(kind == "tracepoint" and not ok)))
         checks += probe_set_checks()
+        from .collectors import snapshot  # kvmtrace query's live sources
+
+        for what, (ok, detail) in snapshot.sources().items():
+            add(Check(f"query: {what} of a running VM", ok, detail))
     return checks
 
 

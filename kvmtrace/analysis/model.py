@@ -92,7 +92,7 @@ def _vma_memtypes(f: pd.DataFrame, slots: pd.DataFrame, meta: dict):
     return mt, src
 
 
-def _verdict(vma_mt: np.ndarray, spte_mt: np.ndarray) -> np.ndarray:
+def compare_memtypes(vma_mt: np.ndarray, spte_mt: np.ndarray) -> np.ndarray:
     """consistent / downgraded / upgraded / unknown, one column operation each."""
     vr = pd.Series(vma_mt, dtype=object).map(RANK).to_numpy(dtype=float)
     sr = pd.Series(spte_mt, dtype=object).map(RANK).to_numpy(dtype=float)
@@ -176,7 +176,7 @@ def build(path_or_recording) -> Model:
         f["spte_memtype"] = faults_mod.spte_memtypes(f, spte_format, pat)
         f["vma_memtype"], f["vma_memtype_source"] = _vma_memtypes(f, slots, meta)
         f["expected_memtype"], f["rule"] = None, ""
-    f["verdict"] = _verdict(f["vma_memtype"].to_numpy(), f["spte_memtype"].to_numpy())
+    f["verdict"] = compare_memtypes(f["vma_memtype"].to_numpy(), f["spte_memtype"].to_numpy())
     none = (f["spte_memtype"] == "").to_numpy()
     refused = none & f["rule"].astype(str).str.contains(r"\[E").to_numpy()
     # nothing installed and nothing refused: a retried or spurious fault (e.g. a

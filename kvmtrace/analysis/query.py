@@ -35,7 +35,7 @@ import pandas as pd
 from .. import kvmapi
 from ..memtype import x86 as x86mt
 from . import vmas as vmas_mod
-from .model import VERDICT_ORDER, _verdict
+from .model import VERDICT_ORDER, compare_memtypes
 
 PAGE = 4096
 MISMATCH = ("downgraded", "upgraded")
@@ -400,7 +400,7 @@ def _kvm_side(row: dict, installs, s, lo: int, hi: int, over: list[_Vma], pat_li
         pat_note = "; ".join(f"{n} page(s): {t}" for t, n in
                              pd.Series(psrc).value_counts().items())
     spte_mt = g["spte_memtype"].to_numpy(dtype=object)
-    v = _verdict(vma_mt_page, spte_mt)
+    v = compare_memtypes(vma_mt_page, spte_mt)
     counts = pd.Series(v).value_counts()
     verdict = next(x for x in VERDICT_ORDER if x in counts.index)
     worst = int(np.flatnonzero(v == verdict)[0])
