@@ -71,7 +71,8 @@ def pair(tables: dict, spte_format: str) -> tuple[pd.DataFrame, pd.DataFrame]:
     # then ends the fault), else kvm_page_fault, else the shadow page-table walk
     handler = tables.get("fault_handler")
     if handler is not None and len(handler):
-        st = handler[["ts", "tid", "error_code", "exit_ts", "ret"]].rename(
+        st = handler[["ts", "tid", "error_code", "exit_ts", "ret"]].astype(
+            {"exit_ts": "int64", "ret": "int64"}).rename(
             columns={"exit_ts": "handler_exit_ts", "ret": "handler_ret"})
         start_kind = "kvm_mmu_page_fault entry/return"
     elif len(tables["page_fault"]):

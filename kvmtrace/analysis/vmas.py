@@ -229,7 +229,9 @@ def slot_vmas(slots: pd.DataFrame, vmas: pd.DataFrame, memslot: pd.DataFrame | N
     out = pd.DataFrame(rows, columns=COLUMNS)
     for c in ("vma_start", "vma_end", "vm_flags", "vm_page_prot", "vm_pgoff", "vma_ino"):
         out[c] = pd.array([r[c] for r in rows], dtype="UInt64")  # exact, not via float64
-    out["kernelpagesize_kb"] = pd.array([r["kernelpagesize_kb"] for r in rows], dtype="Int64")
+    out["kernelpagesize_kb"] = pd.array(  # a corrupt smaps value past int64 is no page size
+        [k if k is not None and k < 1 << 63 else None for k in
+         (r["kernelpagesize_kb"] for r in rows)], dtype="Int64")
     out["vma_has_file"] = out["vma_has_file"].astype("boolean")
     return out
 
