@@ -1,5 +1,5 @@
 # Two commands do everything (see README):
-#   make demo   install what is missing, record the built-in guest, print the report
+#   make demo   install what is missing, record the test VMM (testvmm), print the report
 #   make test   install what is missing, run the whole test suite
 PY := .venv/bin/python
 OUT := out
@@ -12,7 +12,7 @@ setup:
 demo: setup
 	@mkdir -p $(OUT)
 	$(PY) -m kvmtrace.cli record -o $(OUT)/demo.kvt --force -- \
-	    $(PY) -m kvmtrace.guest --scenario demo --report $(OUT)/demo-guest.json
+	    $(PY) -m testvmm --scenario demo --report $(OUT)/demo-guest.json
 	$(PY) -m kvmtrace.cli report $(OUT)/demo.kvt
 
 test: setup

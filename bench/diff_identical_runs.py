@@ -1,6 +1,6 @@
 """How often does `kvmtrace diff` flag a regression between identical runs?
 
-Records the same built-in guest scenario 2*N times (N pairs, real KVM, real
+Records the same test VMM (testvmm) scenario 2*N times (N pairs, real KVM, real
 BPF), diffs each pair with --fail-on-regression, and prints how many pairs
 were (wrongly) flagged and which findings did it. Run as root from the
 project root:
@@ -20,7 +20,7 @@ PY = sys.executable
 
 def record(out, scenario):
     subprocess.run([PY, "-m", "kvmtrace.cli", "record", "-o", out, "--force", "--",
-                    PY, "-m", "kvmtrace.guest", "--scenario", scenario, "-q"],
+                    PY, "-m", "testvmm", "--scenario", scenario, "-q"],
                    check=True, capture_output=True, text=True)
 
 

@@ -27,9 +27,10 @@ import time
 
 sys.path.insert(0, os.getcwd())
 
-from kvmtrace.guest import kvmapi  # noqa: E402
+from kvmtrace import kvmapi  # noqa: E402
 from kvmtrace.host import bccload, headers, tracefs  # noqa: E402
 from kvmtrace.probes import catalogue, program  # noqa: E402
+from testvmm.kvmcall import ioctl, open_kvm  # noqa: E402
 
 STATS = "/proc/sys/kernel/bpf_stats_enabled"
 
@@ -52,8 +53,8 @@ def run(lookup: bool, pairs: int, cflags) -> dict:
     b["kvmtrace_pids"][ctypes.c_uint32(os.getpid())] = ctypes.c_uint8(1)
     name = program.ENTER_IOCTL if lookup else program.ENTER_IOCTL_NOVMA
     fd = b.funcs[name.encode()].fd
-    kvm = kvmapi.open_kvm()
-    vm = kvmapi.ioctl(kvm, kvmapi.KVM_CREATE_VM, 0)
+    kvm = open_kvm()
+    vm = ioctl(kvm, kvmapi.KVM_CREATE_VM, 0)
     mem = mmap.mmap(-1, 64 << 10, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     addr = ctypes.addressof(ctypes.c_char.from_buffer(mem))
     r = kvmapi.kvm_userspace_memory_region(slot=0, flags=0, guest_phys_addr=0,
@@ -64,9 +65,9 @@ def run(lookup: bool, pairs: int, cflags) -> dict:
     walls = []
     for _ in range(pairs):
         t = time.perf_counter_ns()
-        kvmapi.ioctl(vm, kvmapi.KVM_SET_USER_MEMORY_REGION, r)
+        ioctl(vm, kvmapi.KVM_SET_USER_MEMORY_REGION, r)
         walls.append(time.perf_counter_ns() - t)
-        kvmapi.ioctl(vm, kvmapi.KVM_SET_USER_MEMORY_REGION, d)
+        ioctl(vm, kvmapi.KVM_SET_USER_MEMORY_REGION, d)
     after = fdinfo(fd)
     runs = int(after["run_cnt"]) - int(before["run_cnt"])
     ns = int(after["run_time_ns"]) - int(before["run_time_ns"])

@@ -48,7 +48,7 @@ def kvmtrace(*args, timeout=120, **kw):
 
 
 def guest_cmd(*args):
-    return [sys.executable, "-m", "kvmtrace.guest", *map(str, args)]
+    return [sys.executable, "-m", "testvmm", *map(str, args)]
 
 
 def load_json(path):

@@ -1,4 +1,4 @@
-"""Tests of kvmtrace.guest, the built-in guest.
+"""Tests of testvmm, the test VMM (the built-in guest kvmtrace is checked against).
 
 The live tests run real guests on this machine's /dev/kvm; they are skipped
 only when /dev/kvm is absent, and fail instead when KVMTRACE_REQUIRE_LIVE=1.
@@ -23,8 +23,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from kvmtrace.guest import faults, kvmapi, scenario, x86  # noqa: E402
-from kvmtrace.guest.scenario import Scenario, ScenarioError, Step  # noqa: E402
+from kvmtrace import kvmapi  # noqa: E402
+from testvmm import faults, scenario, x86  # noqa: E402
+from testvmm.scenario import Scenario, ScenarioError, Step  # noqa: E402
 
 from conftest import SpteCounter  # noqa: E402
 
@@ -33,8 +34,8 @@ TRACEPOINT = "/sys/kernel/tracing/events/kvmmmu/kvm_mmu_set_spte"
 
 
 def guest(*args, timeout=60):
-    """Run `python -m kvmtrace.guest ARGS`; returns the CompletedProcess."""
-    return subprocess.run([sys.executable, "-m", "kvmtrace.guest", *args], cwd=ROOT,
+    """Run `python -m testvmm ARGS`; returns the CompletedProcess."""
+    return subprocess.run([sys.executable, "-m", "testvmm", *args], cwd=ROOT,
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -185,6 +186,63 @@ def test_list_scenarios():
     assert set(json.loads(proc.stdout)) == set(scenario.BUILTIN)
 
 
+def test_cli_usage(capsys):
+    from testvmm.__main__ import main
+
+    assert main(["--help"]) == 0
+    assert "--scenario" in capsys.readouterr().out
+    assert main(["--no-such-option"]) == 2
+    assert main(["--scenario", "no-such-scenario"]) == 2
+    assert main(["--slot", "anon:4:q"]) == 2
+    assert "bad scenario" in capsys.readouterr().err
+
+
+def test_witness_shares_only_the_kvm_abi():
+    """testvmm imports the standard library and kvmtrace.kvmapi only (click for
+    its command line), and defines no name kvmtrace.kvmapi defines: KVM's ABI
+    is written down once, so the tracer and its witness cannot agree on a
+    wrong number."""
+    import ast
+    import types
+
+    abi = {n for n, v in vars(kvmapi).items()
+           if not n.startswith("__") and not isinstance(v, types.ModuleType)}
+    for path in sorted((ROOT / "testvmm").glob("*.py")):
+        tree = ast.parse(path.read_text(), str(path))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                mods = [(a.name, None) for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and not node.level:
+                mods = [(node.module, a.name) for a in node.names]
+            else:
+                continue
+            for mod, name in mods:
+                top = mod.split(".")[0]
+                assert (top in sys.stdlib_module_names or mod == "kvmtrace.kvmapi"
+                        or (mod, name) == ("kvmtrace", "kvmapi")
+                        or (top == "click" and path.name == "__main__.py")), (path.name, mod)
+        defined = set()
+        for node in tree.body:
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+                defined.add(node.name)
+            targets = node.targets if isinstance(node, ast.Assign) else (
+                [node.target] if isinstance(node, ast.AnnAssign) else [])
+            for t in targets:
+                for n in ast.walk(t):
+                    if isinstance(n, ast.Name):
+                        defined.add(n.id)
+        assert not defined & abi, (path.name, sorted(defined & abi))
+
+
+def test_not_in_the_wheel():
+    """pyproject packages kvmtrace* only: the test VMM runs from a checkout."""
+    import tomllib
+
+    find = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "packages"]["find"]
+    assert find["include"] == ["kvmtrace*"] and "testvmm*" in find.get("exclude", [])
+
+
 # ------------------------------------------------------------------------ live
 
 
@@ -304,10 +362,51 @@ def test_minimal_custom_and_smp(tmp_path):
     assert system["expected_faults"] == len(system["code"]) == 2
 
 
+def _vcpu_thread_running(pid):
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/comm") as f:
+                if f.read().startswith("kvmtrace-vcpu"):
+                    return True
+    except OSError:
+        pass
+    return False
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP],
+                         ids=lambda s: s.name)
+def test_signal_mid_run_ends_cleanly(sig):
+    """A stop signal while the vCPU thread runs (kvmtrace record's stop paths
+    send SIGTERM): exit 128 + signal, one line, no traceback from the vCPU
+    thread (it used to die on its closed kvm_run mapping)."""
+    require_kvm()
+    for _ in range(5 if sig == signal.SIGTERM else 2):
+        # a read-only slot written page by page: one MMIO exit per page, so the
+        # vCPU thread is busy in Python when the signal comes
+        p = subprocess.Popen([sys.executable, "-m", "testvmm", "--slot", "anon:65536:w:ro"],
+                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                             text=True)
+        deadline = time.monotonic() + 20
+        while not _vcpu_thread_running(p.pid) and time.monotonic() < deadline:
+            time.sleep(0.005)
+        p.send_signal(sig)
+        _, err = p.communicate(timeout=30)
+        assert p.returncode == 128 + sig, err
+        assert "Traceback" not in err, err
+        assert err.strip().splitlines()[-1] == f"testvmm: stopped by {sig.name}", err
+
+
+def test_timeout_ends_a_running_guest(tmp_path):
+    require_kvm()
+    proc, report = run_guest_json(tmp_path, "--slot", "anon:65536:w:ro", "--timeout", "0.2")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert report["vcpus"][0]["error"].startswith("timed out after 0.2 s"), report["errors"]
+
+
 def test_hold_keeps_mappings_alive(tmp_path):
     require_kvm()
     out = tmp_path / "r.json"
-    p = subprocess.Popen([sys.executable, "-m", "kvmtrace.guest", "--scenario", "minimal",
+    p = subprocess.Popen([sys.executable, "-m", "testvmm", "--scenario", "minimal",
                           "--report", str(out), "--hold", "2", "-q"], cwd=ROOT)
     try:
         deadline = time.monotonic() + 15

@@ -1,10 +1,11 @@
-"""Tests of the arm64 side of kvmtrace.guest.
+"""Tests of the arm64 side of testvmm, the test VMM.
 
 Offline (any host): the A64 encoder against words checked with binutils
 (aarch64-linux-gnu-as / objdump, 2.40), the generated program and vector
 table, the KVM register ids, the measured stage-2 rule for 6.1 and 7.x on
-the access sequences it was measured on, the arm64 scenarios, and the BAR
-backing over a fake sysfs device (regular files).
+the access sequences it was measured on, the arm64 scenarios, the BAR
+backing over a fake sysfs device (regular files), and the tiny guest of the
+testbed's smoke check (testvmm.tiny).
 
 Live: only on aarch64 with /dev/kvm (e.g. inside testbed/arm64/run); skipped
 elsewhere, and on aarch64 a missing /dev/kvm fails instead of skipping when
@@ -30,8 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from kvmtrace.guest import arm64, backings, faults, scenario  # noqa: E402
-from kvmtrace.guest.scenario import Scenario, ScenarioError, Step  # noqa: E402
+from testvmm import arm64, backings, faults, scenario, tiny  # noqa: E402
+from testvmm.scenario import Scenario, ScenarioError, Step  # noqa: E402
 
 REQUIRE_LIVE = os.environ.get("KVMTRACE_REQUIRE_LIVE") == "1"
 IS_ARM64 = platform.machine() in ("aarch64", "arm64")
@@ -63,6 +64,7 @@ ENCODINGS = [
     (arm64.ret(), 0xD65F03C0),  # ret
     (arm64.mrs_esr_el1(9), 0xD5385209),  # mrs x9, esr_el1
     (arm64.mrs(0, 3, 3, 0, 0, 1), 0xD53B0020),  # mrs x0, ctr_el0
+    (arm64.mrs_ctr_el0(0), 0xD53B0020),  # mrs x0, ctr_el0
     (arm64.b(0), 0x14000000),  # b .
     (arm64.b(-12), 0x17FFFFFD),  # b .-12
     (arm64.b_cond("ne", -16), 0x54FFFF81),  # b.ne .-16
@@ -88,6 +90,28 @@ def test_mov_imm_picks_halfwords():
 
 def words(code):
     return [int.from_bytes(code[i:i + 4], "little") for i in range(0, len(code), 4)]
+
+
+def test_tiny_guest_code():
+    """testvmm.tiny's program, as it was hand-assembled (objdump -D -b binary -m aarch64)."""
+    assert tiny.CODE == [
+        0xD2A20020,  # movz x0, #0x1001, lsl #16      x0 = 0x10010000
+        0xD2800201,  # movz x1, #16
+        0xF9000001,  # loop: str x1, [x0]
+        0x91400400,  # add  x0, x0, #0x1000
+        0xF1000421,  # subs x1, x1, #1
+        0x54FFFFA1,  # b.ne loop
+        0xD2A60003,  # movz x3, #0x3000, lsl #16      BAR via resource2
+        0xF9000061,  # str  x1, [x3]
+        0xD2A60404,  # movz x4, #0x3020, lsl #16      BAR via resource2_wc
+        0xF9000081,  # str  x1, [x4]
+        0xD2A40002,  # movz x2, #0x2000, lsl #16      unmapped: KVM_EXIT_MMIO
+        0xF9000041,  # str  x1, [x2]
+        0x14000000,  # b .
+    ]
+    assert [tiny.region_of(a) for a in (0x10000000, 0x10010000, 0x3000_0000, 0x3020_0000,
+                                        0x2000_0000)] == [
+        "code page", "RAM data", "BAR resource2", "BAR resource2_wc", "ipa 0x20000000"]
 
 
 def test_program_matches_disassembly():
@@ -422,7 +446,7 @@ class Stage2Counter:
         self._write(self.inst + "/trace", "")
         for ev in self.events:
             self._write("%s/events/%s/enable" % (self.inst, ev), "1")
-        proc = subprocess.Popen([sys.executable, "-m", "kvmtrace.guest", "--report",
+        proc = subprocess.Popen([sys.executable, "-m", "testvmm", "--report",
                                  str(report_path), "--delay", "0.3", "-q", *argv], cwd=ROOT,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         self._write(self.inst + "/set_event_pid", str(proc.pid))
@@ -497,7 +521,7 @@ def live_runs(tmp_path_factory):
     else:
         for name, argv in LIVE_RUNS.items():
             path = tmp / ("%s.json" % name)
-            p = subprocess.run([sys.executable, "-m", "kvmtrace.guest", "--report", str(path),
+            p = subprocess.run([sys.executable, "-m", "testvmm", "--report", str(path),
                                 "-q", *argv], cwd=ROOT, capture_output=True, text=True,
                                timeout=300)
             report = json.loads(path.read_text()) if path.exists() else None
@@ -580,3 +604,13 @@ def test_live_stage2_counts_match_rule(live_runs):
                 by_level[level] = by_level.get(level, 0) + n
             assert by_prot == {raw(k): v for k, v in d["map_prots"].items()}, (name, s["slot"])
             assert by_level == {int(k): v for k, v in d["levels"].items()}, (name, s["slot"])
+
+
+def test_live_tiny_guest_runs_to_mmio_exit():
+    """testvmm.tiny, the guest the testbed's smoke check watches: every RAM page
+    written, then the store to the unmapped IPA exits as MMIO."""
+    require_arm64_kvm()
+    dev, _ = backings.find_bar()
+    res = tiny.run(dev)
+    assert res["exit"] == "MMIO" and res["mmio_addr"] == tiny.MMIO_IPA, res
+    assert res["ram_pages_written"] == tiny.DATA_PAGES, res

@@ -3,7 +3,7 @@
 tests/fixtures/x86-pvm-demo.kvt was recorded on the KVM-PVM x86 host (6.18) with
 
     .venv/bin/kvmtrace record -o tests/fixtures/x86-pvm-demo.kvt -- \\
-        .venv/bin/python -m kvmtrace.guest --scenario demo -q \\
+        .venv/bin/python -m testvmm --scenario demo -q \\
         --report tests/fixtures/x86-pvm-demo.guest.json
 
 and the guest's report beside it says what the guest did.

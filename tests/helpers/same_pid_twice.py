@@ -1,4 +1,4 @@
-"""Run two built-in guests one after the other with the same pid.
+"""Run the test VMM (testvmm) twice, one after the other with the same pid.
 
     python tests/helpers/same_pid_twice.py REPORT_A REPORT_B SCENARIO_A SCENARIO_B
 
@@ -12,7 +12,7 @@ not be reused.
 import os
 import sys
 
-GUEST = [sys.executable, "-m", "kvmtrace.guest", "-q"]
+GUEST = [sys.executable, "-m", "testvmm", "-q"]
 
 
 def run(pid_wanted, argv):

@@ -5,7 +5,9 @@
 
 Prints one line per check ("ok", "FAIL" or "info") and exits 1 if a check
 that must pass failed. "info" lines are measurements (symbols, enum values,
-capabilities, CPU features), not pass/fail.
+capabilities, CPU features), not pass/fail. KVM's ABI (kvmtrace.kvmapi) and
+the tiny nested guest (testvmm.tiny) come from the checkout, which `run`
+copies to /src and puts on PYTHONPATH.
 """
 import ctypes
 import ctypes.util
@@ -18,6 +20,8 @@ import struct
 import subprocess
 import sys
 import time
+
+from kvmtrace import kvmapi
 
 FAILED = []
 
@@ -206,19 +210,18 @@ m = re.search(r"^Features\s*:\s*(.*)$", cpuinfo, re.M)
 out("info", "/proc/cpuinfo Features", m.group(1) if m else "?")
 
 # ---------------------------------------------------------- KVM capabilities
-KVM_CREATE_VM, KVM_CHECK_EXTENSION = 0xAE01, 0xAE03
-CAP = 243  # KVM_CAP_ARM_CACHEABLE_PFNMAP_SUPPORTED
+CAP = kvmapi.KVM_CAP_ARM_CACHEABLE_PFNMAP_SUPPORTED  # 243
 
 
 def check_ext(fd, cap):
     try:
-        return str(fcntl.ioctl(fd, KVM_CHECK_EXTENSION, cap))
+        return str(fcntl.ioctl(fd, kvmapi.KVM_CHECK_EXTENSION, cap))
     except OSError as e:
         return f"-1 ({os.strerror(e.errno)}, errno {e.errno})"
 
 
 kvm = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
-vm = fcntl.ioctl(kvm, KVM_CREATE_VM, 0)
+vm = fcntl.ioctl(kvm, kvmapi.KVM_CREATE_VM, 0)
 out("info", "KVM_CHECK_EXTENSION(243 CACHEABLE_PFNMAP_SUPPORTED)",
     f"/dev/kvm -> {check_ext(kvm, CAP)}; VM fd -> {check_ext(vm, CAP)}")
 os.close(vm)
@@ -266,10 +269,11 @@ except Exception as e:  # noqa: BLE001
     out("FAIL", "bcc kprobe kvm_pgtable_stage2_map + tracepoint kvm:kvm_guest_fault",
         f"{type(e).__name__}: {e}")
 
-# A tiny nested guest (MMU off at EL1): stores to 16 RAM pages, to the BAR through
-# resource2 and resource2_wc memslots, then to an unmapped IPA (KVM_EXIT_MMIO).
+# A tiny nested guest (testvmm.tiny; MMU off at EL1): stores to 16 RAM pages, to
+# the BAR through resource2 and resource2_wc memslots, then to an unmapped IPA
+# (KVM_EXIT_MMIO).
 if bpf is not None:
-    import kvm_tiny
+    from testvmm import tiny
     maps = []
 
     def on_map(ctx, data, size):
@@ -278,7 +282,7 @@ if bpf is not None:
 
     bpf["events"].open_ring_buffer(on_map)
     try:
-        res = kvm_tiny.run(bar_dev)
+        res = tiny.run(bar_dev)
         bpf.ring_buffer_consume()
         nfault = bpf["faults"][ctypes.c_int(0)].value
         names_by_val = {v: k.replace("KVM_PGTABLE_PROT_", "") for k, v in (prot or {}).items()}
@@ -291,7 +295,7 @@ if bpf is not None:
             return "|".join(keep) or "0"
         summary = {}
         for addr, size, phys, p in maps:
-            region = kvm_tiny.region_of(addr)
+            region = tiny.region_of(addr)
             key = (region, size, p)
             summary[key] = summary.get(key, 0) + 1
         desc = "; ".join(f"{r}: {n} x size={s:#x} prot={p:#x} ({decode(p)})"

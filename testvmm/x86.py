@@ -1,4 +1,4 @@
-"""x86-64 specifics of the built-in guest: registers, page tables, guest code.
+"""x86-64 specifics of the test VMM: registers, page tables, guest code.
 
 Why the guest runs the way it does: on a KVM-PVM host (shadow paging), guest
 code at CPL0 or in real mode is executed by KVM's instruction emulator and
@@ -23,14 +23,16 @@ VMM loop, report) is shared through the small interface at the bottom
 import ctypes
 import struct
 
-from . import kvmapi
-from .kvmapi import _IOR, _IOW
+from kvmtrace.kvmapi import _IOR, _IOW
+
+from .kvmcall import ioctl
 
 ARCH = "x86_64"
 PAGE_SIZE = 4096
 
 # --------------------------------------------------------------------------
-# KVM uAPI: x86 registers (arch/x86/include/uapi/asm/kvm.h)
+# KVM uAPI: x86 registers (arch/x86/include/uapi/asm/kvm.h), which only the
+# test VMM uses (the shared ABI is kvmtrace.kvmapi)
 
 
 class kvm_regs(ctypes.Structure):
@@ -135,7 +137,7 @@ def build_page_tables(memory, base_gpa, table_gpas, gpa_pages, huge_frames=()):
     small_frames = {page >> 9 for page in gpa_pages}
     for frame in sorted(set(huge_frames)):
         if frame in small_frames:
-            raise ValueError("2 MiB frame %#x is also mapped with 4 KiB pages" % (frame << 21))
+            raise ValueError(f"2 MiB frame {frame << 21:#x} is also mapped with 4 KiB pages")
         pdpt = table(3, frame >> 18)
         pd = table(2, frame >> 9)
         set_entry(pml4, (frame >> 18) & 511, pdpt | PTE_FLAGS)
@@ -224,7 +226,7 @@ def setup_vcpu(vcpu_fd, cr3, rip, rsp):
     the vCPU starts in user mode.
     """
     sregs = kvm_sregs()
-    kvmapi.ioctl(vcpu_fd, KVM_GET_SREGS, sregs)
+    ioctl(vcpu_fd, KVM_GET_SREGS, sregs)
     _user_segment(sregs.cs, USER_CS, 0xB, True)  # execute/read, accessed
     for seg in (sregs.ds, sregs.es, sregs.fs, sregs.gs, sregs.ss):
         _user_segment(seg, USER_DS, 0x3, False)  # read/write, accessed
@@ -232,15 +234,15 @@ def setup_vcpu(vcpu_fd, cr3, rip, rsp):
     sregs.cr3 = cr3
     sregs.cr4 = CR4_PAE
     sregs.efer = EFER_LME | EFER_LMA
-    kvmapi.ioctl(vcpu_fd, KVM_SET_SREGS, sregs)
+    ioctl(vcpu_fd, KVM_SET_SREGS, sregs)
     regs = kvm_regs()
     regs.rip, regs.rsp, regs.rflags = rip, rsp, RFLAGS_FIXED | RFLAGS_IOPL3
-    kvmapi.ioctl(vcpu_fd, KVM_SET_REGS, regs)
+    ioctl(vcpu_fd, KVM_SET_REGS, regs)
 
 
 def get_rip(vcpu_fd):
     regs = kvm_regs()
-    kvmapi.ioctl(vcpu_fd, KVM_GET_REGS, regs)
+    ioctl(vcpu_fd, KVM_GET_REGS, regs)
     return regs.rip
 
 

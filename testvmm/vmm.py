@@ -20,6 +20,12 @@ Order of a run:
      KVM_GET_DIRTY_LOG on dirty-logged slots, then the scenario's memslot
      changes
   6. the report; optionally hold (mappings alive) for a tracer to look
+
+Stopping: vCPU threads block the stop signals (SIGINT, SIGTERM, SIGHUP), so
+the kernel delivers those to the main thread, whose handler (see __main__)
+unwinds run(); close() then kicks every vCPU still in KVM_RUN out of it
+(immediate_exit + SIGUSR1) and joins it before any mmap or fd it uses is
+closed.
 """
 
 import ctypes
@@ -31,8 +37,10 @@ import struct
 import threading
 import time
 
-from . import backings, faults, kvmapi
-from .kvmapi import ioctl, ioctl_errno
+from kvmtrace import kvmapi
+
+from . import backings, faults
+from .kvmcall import check_extension, ioctl, ioctl_errno, open_kvm
 from .scenario import DATA_BASE_GPA, HUGE_SIZE, PAGE_SIZE, SYSTEM_GPA, SYSTEM_SLOT
 
 REPORT_VERSION = 1
@@ -40,6 +48,9 @@ MAX_EXITS = 100_000  # per vCPU: a guest this size never needs more
 MAX_LOGGED = 256  # MMIO / IO exits listed individually (all are counted)
 PR_SET_NAME = 15
 MAIN_COMM = b"kvmtrace-guest"
+# blocked in vCPU threads: delivered to the main thread, which ends the run
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+KICK_SIGNAL = signal.SIGUSR1  # makes a vCPU thread's KVM_RUN return EINTR
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -64,7 +75,7 @@ def _default_arch():
         from .arm64 import Arm64Arch
 
         return Arm64Arch()
-    raise VmmError("no guest support for %s yet" % machine)
+    raise VmmError(f"no guest support for {machine} yet")
 
 
 # The architecture interface (x86.X86Arch, arm64.Arm64Arch): name, page_size,
@@ -144,7 +155,7 @@ class Vcpu:
         self.fd = fd
         self.run = run  # mmap of struct kvm_run
         self.tid = None
-        self.comm = "kvmtrace-vcpu%d" % index
+        self.comm = f"kvmtrace-vcpu{index}"
         self.code_gpa = 0
         self.code_pages = 0
         self.stack_gpa = 0
@@ -157,6 +168,11 @@ class Vcpu:
         self.run_start_ns = self.run_end_ns = 0
         self.final_pc = None
         self.thread = None
+        # set by the thread as its last step: from then on it touches neither
+        # its kvm_run mapping nor its fd. Not Thread.is_alive(): a join()
+        # interrupted by a signal handler's exception can mark a thread that
+        # still runs as stopped (CPython 3.11's bpo-45274 handling)
+        self.finished = threading.Event()
         self.expect_refused = set()  # (slot, page, "x"/"data") its steps expect KVM to refuse
         self.refusals = []  # what KVM refused, expected or not
         self.run_errno = 0  # errno of a KVM_RUN that ended the run
@@ -181,28 +197,29 @@ class Vmm:
         self.cr3 = 0
         self.vcpu_layout = []  # per vCPU: (code gpa, code pages, stack gpa)
         self.expect_refused = {}  # vCPU -> {(slot, page, "x"/"data")} its steps expect refused
+        self.stopping = False  # stop_vcpus() was called: vCPU threads end at their next exit
 
     # ------------------------------------------------------------------ setup
     def open(self):
         try:
-            self.kvm_fd = kvmapi.open_kvm(self.device)
+            self.kvm_fd = open_kvm(self.device)
         except FileNotFoundError:
-            raise VmmError("%s does not exist (no KVM on this machine)" % self.device) from None
+            raise VmmError(f"{self.device} does not exist (no KVM on this machine)") from None
         except PermissionError:
-            raise VmmError("%s: permission denied (run as root or join group kvm)"
-                           % self.device) from None
+            raise VmmError(f"{self.device}: permission denied (run as root or join group "
+                           f"kvm)") from None
         except OSError as e:
-            raise VmmError("%s: %s" % (self.device, e.strerror or e)) from None
+            raise VmmError(f"{self.device}: {e.strerror or e}") from None
         try:
             self.vm_fd = ioctl(self.kvm_fd, kvmapi.KVM_CREATE_VM, 0)
         except OSError as e:
-            raise VmmError("KVM_CREATE_VM failed: %s" % e.strerror) from None
+            raise VmmError(f"KVM_CREATE_VM failed: {e.strerror}") from None
         if hasattr(self.arch, "vm_created"):
             try:
                 self.arch.vm_created(self.kvm_fd, self.vm_fd)
             except OSError as e:
-                raise VmmError("%s VM set-up failed: %s" % (self.arch.name, e.strerror)) from None
-        self.caps = {name: kvmapi.check_extension(self.vm_fd, cap)
+                raise VmmError(f"{self.arch.name} VM set-up failed: {e.strerror}") from None
+        self.caps = {name: check_extension(self.vm_fd, cap)
                      for name, cap in kvmapi.CAPS.items()}
         self.mmap_size = ioctl(self.kvm_fd, kvmapi.KVM_GET_VCPU_MMAP_SIZE, 0)
 
@@ -212,7 +229,7 @@ class Vmm:
             b = backings.allocate(spec.backing, spec.size(), spec.slot)
             self.slots[spec.slot] = SlotState(spec.slot, b, spec)
             if b.status != "ok":
-                self.log("slot %d: %s" % (spec.slot, b.reason))
+                self.log(f"slot {spec.slot}: {b.reason}")
         self._build_system_slot()
 
     def _vcpu_steps(self, vcpu):
@@ -226,10 +243,10 @@ class Vmm:
             usable = []
             for p in range(st.first, st.first + st.npages):
                 if p >= s.npages:  # pfnmap: the VMA is smaller than asked
-                    why = "beyond the %d pages of the %s VMA" % (s.npages, s.backing.path)
+                    why = f"beyond the {s.npages} pages of the {s.backing.path} VMA"
                 elif ok is not None and p not in ok:
-                    why = ("nothing behind this %s page (a read gets SIGBUS, so KVM_RUN "
-                           "would fail with EFAULT)" % s.backing.path)
+                    why = (f"nothing behind this {s.backing.path} page (a read gets SIGBUS, "
+                           f"so KVM_RUN would fail with EFAULT)")
                 else:
                     usable.append(p)
                     continue
@@ -269,7 +286,7 @@ class Vmm:
             npages = need
         size = guess * PAGE_SIZE
         if SYSTEM_GPA + size > DATA_BASE_GPA:
-            raise VmmError("scenario too large: system slot needs %d KiB" % (size >> 10))
+            raise VmmError(f"scenario too large: system slot needs {size >> 10} KiB")
         b = backings.allocate("anon", size, SYSTEM_SLOT)
         sys_slot = SlotState(SYSTEM_SLOT, b, role="system")
         self.slots[SYSTEM_SLOT] = sys_slot
@@ -315,10 +332,11 @@ class Vmm:
             use2 = bool(existing and existing.ioctl_name == "KVM_SET_USER_MEMORY_REGION2")
         if use2:
             arg = kvmapi.kvm_userspace_memory_region2(slot, flags, gpa, size, hva)
-            req, name = kvmapi.KVM_SET_USER_MEMORY_REGION2, "KVM_SET_USER_MEMORY_REGION2"
+            req = kvmapi.KVM_SET_USER_MEMORY_REGION2
         else:
             arg = kvmapi.kvm_userspace_memory_region(slot, flags, gpa, size, hva)
-            req, name = kvmapi.KVM_SET_USER_MEMORY_REGION, "KVM_SET_USER_MEMORY_REGION"
+            req = kvmapi.KVM_SET_USER_MEMORY_REGION
+        name = kvmapi.IOCTL_NAMES[req]
         t0 = time.monotonic_ns()
         _, err = ioctl_errno(self.vm_fd, req, arg)
         t1 = time.monotonic_ns()
@@ -344,13 +362,13 @@ class Vmm:
             err = self.set_region(sid, s.flags, s.gpa, s.size, s.backing.hva, "setup",
                                   use2=use2, expect=expect)
             if err and err == expect:  # an expected refusal: go on without the slot
-                self.log("slot %d: %s refused as expected: %s" % (
-                    sid, self.memslot_ioctls[-1]["ioctl"], os.strerror(err)))
+                self.log(f"slot {sid}: {self.memslot_ioctls[-1]['ioctl']} refused as "
+                         f"expected: {os.strerror(err)}")
                 continue
             if err:
-                raise VmmError("slot %d (%s at gpa %#x, %d KiB): %s failed: %s"
-                               % (sid, s.backing.kind, s.gpa, s.size >> 10,
-                                  self.memslot_ioctls[-1]["ioctl"], os.strerror(err)))
+                raise VmmError(f"slot {sid} ({s.backing.kind} at gpa {s.gpa:#x}, "
+                               f"{s.size >> 10} KiB): {self.memslot_ioctls[-1]['ioctl']} "
+                               f"failed: {os.strerror(err)}")
             s.present = True
             s.ioctl_name = self.memslot_ioctls[-1]["ioctl"]
 
@@ -402,30 +420,35 @@ class Vmm:
                 self.arch.resume(vc.fd, how, site["resume"])
                 return True
             except OSError as e:
-                vc.error = "could not move past a refused access: %s" % e.strerror
+                vc.error = f"could not move past a refused access: {e.strerror}"
                 return False
         if how == "kvm_run":
             vc.run_errno = rec["errno"]
-            vc.error = "KVM_RUN failed: %s (%s)" % (rec["strerror"], rec["errno_name"])
+            vc.error = f"KVM_RUN failed: {rec['strerror']} ({rec['errno_name']})"
         else:
-            vc.error = "guest took exception (%s): %s, ESR %#x, pc %s" % (
-                rec.get("vector_name"), rec.get("ec_name"), rec.get("esr", 0),
-                hex(rec["pc"]) if rec.get("pc") is not None else "?")
+            pc = hex(rec["pc"]) if rec.get("pc") is not None else "?"
+            vc.error = (f"guest took exception ({rec.get('vector_name')}): "
+                        f"{rec.get('ec_name')}, ESR {rec.get('esr', 0):#x}, pc {pc}")
         return False
 
     def _vcpu_loop(self, vc):
+        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         _set_comm(vc.comm.encode())
         vc.tid = threading.get_native_id()
         run = vc.run
         vc.run_start_ns = time.monotonic_ns()
         try:
-            while vc.kvm_runs < MAX_EXITS:
+            while vc.kvm_runs < MAX_EXITS and not self.stopping:
                 vc.kvm_runs += 1
                 try:
                     ioctl(vc.fd, kvmapi.KVM_RUN, 0)
                 except OSError as e:
-                    if e.errno == errno.EINTR and run[kvmapi.RUN_IMMEDIATE_EXIT]:
-                        vc.error = "timed out after %.1f s (guest still running)" % self.timeout
+                    if e.errno == errno.EINTR and self.stopping:
+                        vc.error = "stopped (guest still running)"
+                    elif e.errno == errno.EINTR and run[kvmapi.RUN_IMMEDIATE_EXIT]:
+                        vc.error = f"timed out after {self.timeout:.1f} s (guest still running)"
+                    elif e.errno == errno.EINTR:  # a signal, not a refusal: run on
+                        continue
                     else:
                         err = e.errno or errno.EIO
                         if self._refused(vc, "kvm_run", {
@@ -472,11 +495,15 @@ class Vmm:
                 elif reason == kvmapi.KVM_EXIT_INTR:
                     continue
                 else:
-                    vc.error = "unexpected exit %s (%d)" % (name, reason)
+                    vc.error = f"unexpected exit {name} ({reason})"
                     return
-            vc.error = "gave up after %d exits" % MAX_EXITS
+            if self.stopping:
+                vc.error = "stopped (guest still running)"
+            else:
+                vc.error = f"gave up after {MAX_EXITS} exits"
         finally:
             vc.run_end_ns = time.monotonic_ns()
+            vc.finished.set()
 
     def run_vcpus(self):
         """Run every vCPU in its own thread until done, an error or the timeout.
@@ -486,45 +513,43 @@ class Vmm:
         Handlers can only be installed from the main thread; elsewhere the
         timeout is not enforced.
         """
-        try:
-            previous = signal.signal(signal.SIGUSR1, lambda *_: None)
-        except ValueError:  # not the main thread
-            previous = None
+        main = threading.current_thread() is threading.main_thread()
+        # a stop signal waits until every thread is started (and vc.thread
+        # names only started ones), so close() knows which ones to end
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         try:
             for vc in self.vcpus:
-                vc.thread = threading.Thread(target=self._vcpu_loop, args=(vc,),
-                                             name=vc.comm, daemon=True)
-                vc.thread.start()
-            deadline = time.monotonic() + self.timeout
-            for vc in self.vcpus:
-                vc.thread.join(max(0.0, deadline - time.monotonic()) if previous else None)
-                if vc.thread.is_alive():
-                    vc.run[kvmapi.RUN_IMMEDIATE_EXIT] = 1
-                    while vc.thread.is_alive():
-                        signal.pthread_kill(vc.thread.ident, signal.SIGUSR1)
-                        vc.thread.join(0.05)
+                thread = threading.Thread(target=self._vcpu_loop, args=(vc,), name=vc.comm,
+                                          daemon=True)
+                thread.start()
+                vc.thread = thread
         finally:
-            if previous is not None:
-                signal.signal(signal.SIGUSR1, previous)
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        deadline = time.monotonic() + self.timeout
+        for vc in self.vcpus:
+            vc.finished.wait(max(0.0, deadline - time.monotonic()) if main else None)
+            if not vc.finished.is_set():
+                self._kick([vc])
         for vc in self.vcpus:
             try:
                 vc.final_pc = self.arch.get_pc(vc.fd)
             except OSError:
                 pass
             if vc.error:
-                self.errors.append("vcpu %d: %s (pc %s)" % (
-                    vc.index, vc.error, hex(vc.final_pc) if vc.final_pc is not None else "?"))
+                pc = hex(vc.final_pc) if vc.final_pc is not None else "?"
+                self.errors.append(f"vcpu {vc.index}: {vc.error} (pc {pc})")
             elif not vc.done:
-                self.errors.append("vcpu %d: did not reach the done %s" % (
-                    vc.index, "port" if hasattr(self.arch, "done_port") else "exit"))
+                what = "port" if hasattr(self.arch, "done_port") else "exit"
+                self.errors.append(f"vcpu {vc.index}: did not reach the done {what}")
             refused = {(r["slot"], r["page"], r["access"]) for r in vc.refusals
                        if r["expected"]}
             missing = sorted(vc.expect_refused - refused)
             if vc.done and missing:
-                self.errors.append("vcpu %d: KVM was expected to refuse %s, but did not" % (
-                    vc.index, ", ".join("slot %d page %d (%s)" % (
-                        slot, page, "execute" if kind == "x" else "data access")
-                        for slot, page, kind in missing)))
+                what = ", ".join(
+                    f"slot {slot} page {page} ({'execute' if kind == 'x' else 'data access'})"
+                    for slot, page, kind in missing)
+                self.errors.append(f"vcpu {vc.index}: KVM was expected to refuse {what}, "
+                                   f"but did not")
             if any(r["how"] == "guest_exception" for r in vc.refusals):
                 sys_slot = self.slots[SYSTEM_SLOT]
                 if (0, "x") not in sys_slot.touched:  # the vectors ran
@@ -558,8 +583,8 @@ class Vmm:
             s.write_check = {"pages": len(written), "expect_in_host_memory": lands,
                              "ok": not bad, "mismatches": bad[:16]}
             if bad:
-                self.errors.append("slot %d: %d written pages do not match host memory"
-                                   % (s.slot, len(bad)))
+                self.errors.append(f"slot {s.slot}: {len(bad)} written pages do not match "
+                                   f"host memory")
 
     def check_host_pages(self):
         """Check that 2 MiB guest pages on thp / hugetlb got 2 MiB host pages.
@@ -590,9 +615,9 @@ class Vmm:
                             "needed_kb": need_kb, "ok": huge_kb >= need_kb}
             if huge_kb < need_kb:
                 self.errors.append(
-                    "slot %d (%s): only %d KiB of the %d KiB written are 2 MiB host pages; "
-                    "expected_faults assumes 2 MiB host pages" % (
-                        s.slot, s.backing.kind, huge_kb, need_kb))
+                    f"slot {s.slot} ({s.backing.kind}): only {huge_kb} KiB of the {need_kb} "
+                    f"KiB written are 2 MiB host pages; expected_faults assumes 2 MiB host "
+                    f"pages")
 
     def get_dirty_logs(self):
         for sid in sorted(self.slots):
@@ -612,8 +637,8 @@ class Vmm:
                 "errno_name": kvmapi.errno_name(err), "dirty_pages": pages})
             s.dirty_pages = pages
             if err:
-                self.errors.append("slot %d: KVM_GET_DIRTY_LOG failed: %s"
-                                   % (sid, os.strerror(err)))
+                self.errors.append(f"slot {sid}: KVM_GET_DIRTY_LOG failed: "
+                                   f"{os.strerror(err)}")
 
     def apply_changes(self):
         for ch in self.scenario.changes:
@@ -622,10 +647,10 @@ class Vmm:
     def _live(self, ch):
         s = self.slots.get(ch.slot)
         if s is None or not s.present:
-            why = "slot %d is %s" % (ch.slot, "unavailable" if s and s.backing.status != "ok"
-                                     else "not present")
+            state = "unavailable" if s and s.backing.status != "ok" else "not present"
+            why = f"slot {ch.slot} is {state}"
             self.skipped_changes.append({"kind": ch.kind, "slot": ch.slot, "reason": why})
-            self.log("change %s skipped: %s" % (ch.kind, why))
+            self.log(f"change {ch.kind} skipped: {why}")
             return None
         return s
 
@@ -670,9 +695,9 @@ class Vmm:
     def check_change_results(self):
         for rec in self.memslot_ioctls:
             if rec["errno"] != rec["expected_errno"]:
-                self.errors.append("%s slot %d (%s): errno %s, expected %s" % (
-                    rec["ioctl"], rec["slot"], rec["change"] or rec["phase"],
-                    rec["errno_name"] or 0, rec["expected_errno_name"] or 0))
+                self.errors.append(
+                    f"{rec['ioctl']} slot {rec['slot']} ({rec['change'] or rec['phase']}): "
+                    f"errno {rec['errno_name'] or 0}, expected {rec['expected_errno_name'] or 0}")
 
     # ------------------------------------------------------------------ report
     def report(self):
@@ -728,7 +753,7 @@ class Vmm:
         ends = [vc.run_end_ns for vc in self.vcpus if vc.run_end_ns]
         return {
             "version": REPORT_VERSION,
-            "tool": "kvmtrace.guest",
+            "tool": "testvmm",
             "arch": self.arch.name,
             "ok": not self.errors,
             "errors": list(self.errors),
@@ -763,8 +788,46 @@ class Vmm:
         }
 
     # -------------------------------------------------------------- lifecycle
+    def _kick(self, vcpus):
+        """Get each vCPU thread out of KVM_RUN and wait for it to end.
+
+        immediate_exit makes the next KVM_RUN return EINTR at once; SIGUSR1
+        (a no-op handler) interrupts the one in progress. Handlers can only be
+        installed from the main thread: elsewhere a thread is only waited for
+        (up to 5 s) and True means it is still running.
+        """
+        main = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(KICK_SIGNAL, lambda *_: None) if main else None
+        try:
+            for vc in vcpus:
+                vc.run[kvmapi.RUN_IMMEDIATE_EXIT] = 1
+                deadline = time.monotonic() + 5
+                while not vc.finished.is_set() and (main or time.monotonic() < deadline):
+                    if main:
+                        try:
+                            signal.pthread_kill(vc.thread.ident, KICK_SIGNAL)
+                        except ProcessLookupError:  # it ended meanwhile
+                            pass
+                    vc.finished.wait(0.05)
+        finally:
+            if main:
+                signal.signal(KICK_SIGNAL, signal.SIG_DFL if previous is None else previous)
+        return not all(vc.finished.is_set() for vc in vcpus)
+
+    def stop_vcpus(self):
+        """End every vCPU thread still running (a signal or an error cut the
+        run short). Returns True if one could not be ended."""
+        self.stopping = True
+        alive = [vc for vc in self.vcpus if vc.thread is not None and not vc.finished.is_set()]
+        return self._kick(alive) if alive else False
+
     def close(self):
+        """Release everything; vCPU threads are ended first, so none touches a
+        closed kvm_run mapping or fd."""
+        stuck = self.stop_vcpus()
         for vc in self.vcpus:
+            if stuck and vc.thread is not None and not vc.finished.is_set():
+                continue  # leave its mapping alone: the process is about to exit
             vc.run.close()
             os.close(vc.fd)
         for fd in (self.vm_fd, self.kvm_fd):

@@ -106,7 +106,7 @@ class Unavailable(Exception):
 def _check(ret, what):
     if ret == -1:
         e = ctypes.get_errno()
-        raise OSError(e, "%s: %s" % (what, os.strerror(e)))
+        raise OSError(e, f"{what}: {os.strerror(e)}")
     return ret
 
 
@@ -252,7 +252,7 @@ def allocate(kind, size, slot):
     an upper bound there).
     """
     if kind not in ALL_KINDS:
-        raise ValueError("unknown backing %r (one of %s)" % (kind, ", ".join(ALL_KINDS)))
+        raise ValueError(f"unknown backing {kind!r} (one of {', '.join(ALL_KINDS)})")
     b = Backing(kind, slot)
     try:
         _allocate(b, kind, size, slot)
@@ -276,13 +276,13 @@ def _allocate(b, kind, size, slot):
     elif kind == "anon-shared":
         _reserve_and_map(b, size, PROT_RW, MAP_SHARED | MAP_ANONYMOUS)
     elif kind == "memfd":
-        name = ("kvmtrace-guest-slot%d" % slot).encode()
+        name = f"kvmtrace-guest-slot{slot}".encode()
         b._fd = _check(_libc.memfd_create(name, MFD_CLOEXEC), "memfd_create")
         os.ftruncate(b._fd, size)
         _reserve_and_map(b, size, PROT_RW, MAP_SHARED, b._fd)
         b.path = "/memfd:" + name.decode()
     elif kind == "file":
-        b._fd, b.path = tempfile.mkstemp(prefix="kvmtrace-guest-slot%d-" % slot)
+        b._fd, b.path = tempfile.mkstemp(prefix=f"kvmtrace-guest-slot{slot}-")
         b._owns_file = True
         b.fs = fs_type(b.path)
         os.ftruncate(b._fd, size)
@@ -291,13 +291,13 @@ def _allocate(b, kind, size, slot):
         size = round_up(size, HUGE_SIZE)
         free = hugetlb_free_bytes()
         if free < size:
-            raise Unavailable("hugetlb: %d KiB free 2 MiB pages, %d KiB needed "
-                              "(see /proc/sys/vm/nr_hugepages)" % (free >> 10, size >> 10))
+            raise Unavailable(f"hugetlb: {free >> 10} KiB free 2 MiB pages, {size >> 10} KiB "
+                              f"needed (see /proc/sys/vm/nr_hugepages)")
         try:
             _reserve_and_map(b, size, PROT_RW, MAP_PRIVATE | MAP_ANONYMOUS | MAP_HUGETLB)
         except OSError as e:
             if e.errno in (errno.ENOMEM, errno.EINVAL):
-                raise Unavailable("hugetlb: mmap(MAP_HUGETLB): %s" % e.strerror) from None
+                raise Unavailable(f"hugetlb: mmap(MAP_HUGETLB): {e.strerror}") from None
             raise
     elif kind == "thp":
         size = round_up(size, HUGE_SIZE)
@@ -328,13 +328,13 @@ def find_bar(environ=None):
         if tail.isdigit():  # "...:2" (a PCI address ends "...:02.0", not digits only)
             dev, index = head, tail
         if not os.path.isdir(dev):
-            return None, "%s=%s: no such device directory" % (BAR_ENV, env)
+            return None, f"{BAR_ENV}={env}: no such device directory"
         return dev, int(index) if index else BAR_INDEX
     root = "/sys/bus/pci/devices"
     try:
         devices = sorted(os.listdir(root))
     except OSError:
-        return None, "no %s (no PCI bus)" % root
+        return None, f"no {root} (no PCI bus)"
     for name in devices:
         dev = os.path.join(root, name)
         try:
@@ -346,8 +346,9 @@ def find_bar(environ=None):
             continue
         if (vendor, device) == BAR_PCI_ID:
             return dev, BAR_INDEX
-    return None, ("no ivshmem-plain PCI device (%04x:%04x) in %s (QEMU: -device "
-                  "ivshmem-plain,memdev=...; or set %s)" % (BAR_PCI_ID + (root, BAR_ENV)))
+    vendor, device = BAR_PCI_ID
+    return None, (f"no ivshmem-plain PCI device ({vendor:04x}:{device:04x}) in {root} (QEMU: "
+                  f"-device ivshmem-plain,memdev=...; or set {BAR_ENV})")
 
 
 _BAR_IN_USE = set()  # (BAR key, offset, size) mapped by open Backings of this process
@@ -367,20 +368,20 @@ def _bar_offset(key, size, bar_size):
 def _map_bar(b, kind, size):
     dev, index = find_bar()
     if dev is None:
-        raise Unavailable("%s: %s" % (kind, index))
-    path = os.path.join(dev, "resource%d%s" % (index, "_wc" if kind == "bar-wc" else ""))
+        raise Unavailable(f"{kind}: {index}")
+    path = os.path.join(dev, f"resource{index}{'_wc' if kind == 'bar-wc' else ''}")
     if not os.path.exists(path):
-        raise Unavailable("%s: no %s (%s)" % (
-            kind, path, "the BAR is not prefetchable, so no write-combine mapping"
-            if kind == "bar-wc" else "BAR %d is not a memory BAR" % index))
+        why = ("the BAR is not prefetchable, so no write-combine mapping" if kind == "bar-wc"
+               else f"BAR {index} is not a memory BAR")
+        raise Unavailable(f"{kind}: no {path} ({why})")
     try:
         with open(os.path.join(dev, "enable"), "w") as f:
             f.write("1")
     except OSError as e:
-        raise Unavailable("%s: cannot enable %s: %s" % (kind, dev, e.strerror)) from None
+        raise Unavailable(f"{kind}: cannot enable {dev}: {e.strerror}") from None
     bar_size = os.path.getsize(path)
     if bar_size < PAGE_SIZE:
-        raise Unavailable("%s: %s is %d bytes" % (kind, path, bar_size))
+        raise Unavailable(f"{kind}: {path} is {bar_size} bytes")
     _map_bar_range(b, kind, (os.path.realpath(dev), index), path, size, bar_size)
 
 
@@ -390,12 +391,12 @@ def _map_bar_range(b, kind, key, path, size, bar_size):
     size = min(size or bar_size, bar_size)
     offset = _bar_offset(key, size, bar_size)
     if offset is None:
-        raise Unavailable("%s: no %d KiB of the %d KiB BAR left (other BAR slots hold the "
-                          "rest)" % (kind, size >> 10, bar_size >> 10))
+        raise Unavailable(f"{kind}: no {size >> 10} KiB of the {bar_size >> 10} KiB BAR left "
+                          f"(other BAR slots hold the rest)")
     try:
         b._fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
     except OSError as e:
-        raise Unavailable("%s: open %s: %s" % (kind, path, e.strerror)) from None
+        raise Unavailable(f"{kind}: open {path}: {e.strerror}") from None
     _reserve_and_map(b, size, PROT_RW, MAP_SHARED, b._fd, offset=offset)
     b._bar_range = (key, offset, size)
     _BAR_IN_USE.add(b._bar_range)
@@ -407,7 +408,7 @@ def _map_bar_range(b, kind, key, path, size, bar_size):
 def checkout_dir():
     """The kvmtrace checkout this module runs from ($KVMTRACE_SRC if set)."""
     return os.environ.get("KVMTRACE_SRC") or os.path.dirname(
-        os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        os.path.dirname(os.path.abspath(__file__)))
 
 
 def load_cbar_module(timeout=600):
@@ -419,11 +420,11 @@ def load_cbar_module(timeout=600):
     import time
     src = os.path.join(checkout_dir(), CBAR_SRC)
     if not os.path.exists(os.path.join(src, CBAR_MODULE + ".c")):
-        raise Unavailable("bar-cacheable: no %s and no module source in %s" % (CBAR_DEV, src))
-    kdir = "/lib/modules/%s/build" % os.uname().release
+        raise Unavailable(f"bar-cacheable: no {CBAR_DEV} and no module source in {src}")
+    kdir = f"/lib/modules/{os.uname().release}/build"
     if not os.path.isdir(kdir):
-        raise Unavailable("bar-cacheable: no %s and no %s (linux-headers) to build %s"
-                          % (CBAR_DEV, kdir, CBAR_MODULE))
+        raise Unavailable(f"bar-cacheable: no {CBAR_DEV} and no {kdir} (linux-headers) to "
+                          f"build {CBAR_MODULE}")
     work = tempfile.mkdtemp(prefix="kvmtrace-cbar-")
     try:
         for name in (CBAR_MODULE + ".c", "Makefile"):
@@ -434,27 +435,27 @@ def load_cbar_module(timeout=600):
                 p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                    timeout=timeout, text=True)
             except (OSError, subprocess.TimeoutExpired) as e:
-                raise Unavailable("bar-cacheable: %s: %s" % (cmd[0], e)) from None
+                raise Unavailable(f"bar-cacheable: {cmd[0]}: {e}") from None
             if p.returncode:
                 tail = " | ".join(p.stdout.strip().splitlines()[-3:])
-                raise Unavailable("bar-cacheable: %s failed (exit %d): %s"
-                                  % (cmd[0], p.returncode, tail))
+                raise Unavailable(f"bar-cacheable: {cmd[0]} failed (exit {p.returncode}): "
+                                  f"{tail}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     for _ in range(50):  # devtmpfs creates the node asynchronously
         if os.path.exists(CBAR_DEV):
             return
         time.sleep(0.1)
-    raise Unavailable("bar-cacheable: %s loaded but no %s" % (CBAR_MODULE, CBAR_DEV))
+    raise Unavailable(f"bar-cacheable: {CBAR_MODULE} loaded but no {CBAR_DEV}")
 
 
 def _map_cacheable_bar(b, kind, size):
     dev, index = find_bar()
     if dev is None:
-        raise Unavailable("%s: %s" % (kind, index))
-    path = os.path.join(dev, "resource%d" % index)
+        raise Unavailable(f"{kind}: {index}")
+    path = os.path.join(dev, f"resource{index}")
     if not os.path.exists(path):
-        raise Unavailable("%s: no %s (BAR %d is not a memory BAR)" % (kind, path, index))
+        raise Unavailable(f"{kind}: no {path} (BAR {index} is not a memory BAR)")
     if not os.path.exists(CBAR_DEV):
         load_cbar_module()
     bar_size = os.path.getsize(path)
@@ -474,7 +475,7 @@ def fs_type(path):
     if _libc.statfs(os.fsencode(path), buf) != 0:
         return None
     magic = ctypes.c_long.from_buffer(buf).value & 0xFFFFFFFF
-    return _FS_MAGIC.get(magic, "%#x" % magic)
+    return _FS_MAGIC.get(magic, f"{magic:#x}")
 
 
 def probe_readable(hva, npages):
@@ -517,7 +518,7 @@ def find_vma(addr, pid="self"):
     memory, "[vvar]", "/memfd:NAME (deleted)", a file path), or None.
     """
     vma = None
-    with open("/proc/%s/smaps" % pid) as f:
+    with open(f"/proc/{pid}/smaps") as f:
         for line in f:
             head = line.split(None, 5)
             if head and "-" in head[0] and len(head) >= 5 and ":" in head[3]:

@@ -113,7 +113,7 @@ class Scenario:
         for s in self.slots:
             if s.slot == slot_id:
                 return s
-        raise ScenarioError("no slot %d in scenario %r" % (slot_id, self.name))
+        raise ScenarioError(f"no slot {slot_id} in scenario {self.name!r}")
 
     def next_slot_id(self):
         return max([SYSTEM_SLOT] + [s.slot for s in self.slots]) + 1
@@ -151,60 +151,59 @@ class Scenario:
             raise ScenarioError("vcpus must be 1..64")
         ids = [s.slot for s in self.slots]
         if len(set(ids)) != len(ids) or SYSTEM_SLOT in ids:
-            raise ScenarioError("slot ids must be unique and not %d (the system slot)"
-                                % SYSTEM_SLOT)
+            raise ScenarioError(f"slot ids must be unique and not {SYSTEM_SLOT} (the system "
+                                f"slot)")
         for s in self.slots:
             if s.backing not in ALL_KINDS:
-                raise ScenarioError("slot %d: unknown backing %r (one of %s)"
-                                    % (s.slot, s.backing, ", ".join(ALL_KINDS)))
+                raise ScenarioError(f"slot {s.slot}: unknown backing {s.backing!r} (one of "
+                                    f"{', '.join(ALL_KINDS)})")
             if s.npages <= 0:
-                raise ScenarioError("slot %d: npages must be > 0" % s.slot)
+                raise ScenarioError(f"slot {s.slot}: npages must be > 0")
             if s.gpa is not None and s.gpa % HUGE_SIZE:
-                raise ScenarioError("slot %d: gpa must be 2 MiB aligned" % s.slot)
+                raise ScenarioError(f"slot {s.slot}: gpa must be 2 MiB aligned")
             if s.gpage2m and s.npages % HUGE_PAGES:
-                raise ScenarioError("slot %d: gpage2m needs npages a multiple of %d (2 MiB)"
-                                    % (s.slot, HUGE_PAGES))
+                raise ScenarioError(f"slot {s.slot}: gpage2m needs npages a multiple of "
+                                    f"{HUGE_PAGES} (2 MiB)")
             if s.gpage2m and s.backing == "pfnmap":
-                raise ScenarioError("slot %d: gpage2m needs 2 MiB of memory; the pfnmap "
-                                    "([vvar]) VMA is a few pages" % s.slot)
+                raise ScenarioError(f"slot {s.slot}: gpage2m needs 2 MiB of memory; the "
+                                    f"pfnmap ([vvar]) VMA is a few pages")
             if s.gpage2m and s.backing in ANY_BAR_KINDS:
-                raise ScenarioError("slot %d: gpage2m is for RAM backings, not a PCI BAR"
-                                    % s.slot)
+                raise ScenarioError(f"slot {s.slot}: gpage2m is for RAM backings, not a "
+                                    f"PCI BAR")
         owner = {}  # (slot, page) -> vcpu: pages are not shared between vCPUs
         for st in self.steps:
             s = self.slot(st.slot)
             if st.access not in ACCESSES:
-                raise ScenarioError("step on slot %d: access %r not in %s"
-                                    % (st.slot, st.access, ACCESSES))
+                raise ScenarioError(f"step on slot {st.slot}: access {st.access!r} not in "
+                                    f"{ACCESSES}")
             if st.first < 0 or st.npages <= 0 or st.first + st.npages > s.size() // PAGE_SIZE:
-                raise ScenarioError("step on slot %d: pages %d..%d outside the slot's %d pages"
-                                    % (st.slot, st.first, st.first + st.npages - 1,
-                                       s.size() // PAGE_SIZE))
+                raise ScenarioError(f"step on slot {st.slot}: pages {st.first}.."
+                                    f"{st.first + st.npages - 1} outside the slot's "
+                                    f"{s.size() // PAGE_SIZE} pages")
             if s.backing == "pfnmap" and st.access == "x":
-                raise ScenarioError("slot %d: pfnmap ([vvar]) pages cannot hold an execute stub"
-                                    % st.slot)
+                raise ScenarioError(f"slot {st.slot}: pfnmap ([vvar]) pages cannot hold an "
+                                    f"execute stub")
             if s.expect_errno:
-                raise ScenarioError("step on slot %d: the slot is expected to be refused "
-                                    "(errno %d), nothing can touch it" % (st.slot,
-                                                                         s.expect_errno))
+                raise ScenarioError(f"step on slot {st.slot}: the slot is expected to be "
+                                    f"refused (errno {s.expect_errno}), nothing can touch it")
             if st.expect not in EXPECTS:
-                raise ScenarioError("step on slot %d: expect %r not in %s"
-                                    % (st.slot, st.expect, EXPECTS))
+                raise ScenarioError(f"step on slot {st.slot}: expect {st.expect!r} not in "
+                                    f"{EXPECTS}")
             if not 0 <= st.vcpu < self.vcpus:
-                raise ScenarioError("step on slot %d: vcpu %d of %d" % (st.slot, st.vcpu,
-                                                                         self.vcpus))
+                raise ScenarioError(f"step on slot {st.slot}: vcpu {st.vcpu} of "
+                                    f"{self.vcpus}")
             for p in range(st.first, st.first + st.npages):
                 if owner.setdefault((st.slot, p), st.vcpu) != st.vcpu:
-                    raise ScenarioError("slot %d page %d is touched by two vCPUs: the fault "
-                                        "count would race" % (st.slot, p))
+                    raise ScenarioError(f"slot {st.slot} page {p} is touched by two vCPUs: "
+                                        f"the fault count would race")
         live = set(ids)
         for c in self.changes:
             if c.kind not in CHANGE_KINDS:
-                raise ScenarioError("change %r not in %s" % (c.kind, CHANGE_KINDS))
+                raise ScenarioError(f"change {c.kind!r} not in {CHANGE_KINDS}")
             if c.kind in ("flags", "move", "delete", "fail-overlap"):
                 if c.slot not in live:
-                    raise ScenarioError("change %s: slot %d does not exist (any more)"
-                                        % (c.kind, c.slot))
+                    raise ScenarioError(f"change {c.kind}: slot {c.slot} does not exist "
+                                        f"(any more)")
             if c.kind == "move" and c.method not in ("kvm", "recreate"):
                 raise ScenarioError("move method must be kvm or recreate")
             if c.kind == "move" and c.gpa is not None and c.gpa % HUGE_SIZE:
@@ -451,8 +450,8 @@ def builtin(name):
     try:
         return BUILTIN[name]()
     except KeyError:
-        raise ScenarioError("unknown scenario %r (one of %s)"
-                            % (name, ", ".join(BUILTIN))) from None
+        raise ScenarioError(f"unknown scenario {name!r} (one of "
+                            f"{', '.join(BUILTIN)})") from None
 
 
 # --------------------------------------------------------------------------
@@ -467,7 +466,7 @@ def _int(text, what):
     try:
         return int(text, 0)
     except ValueError:
-        raise ScenarioError("%s: %r is not a number" % (what, text)) from None
+        raise ScenarioError(f"{what}: {text!r} is not a number") from None
 
 
 def add_slot_spec(sc, spec):
@@ -480,16 +479,16 @@ def add_slot_spec(sc, spec):
     """
     parts = spec.split(":")
     if len(parts) < 2 or len(parts) > 4:
-        raise ScenarioError("--slot %r: expected KIND:NPAGES[:ACCESS][:FLAGS]" % spec)
+        raise ScenarioError(f"--slot {spec!r}: expected KIND:NPAGES[:ACCESS][:FLAGS]")
     kind, npages = parts[0], _int(parts[1], "--slot " + spec)
     access = [a for a in (parts[2].split("+") if len(parts) > 2 else []) if a not in ("", "-")]
     for a in access:
         if a not in ACCESSES:
-            raise ScenarioError("--slot %r: access %r not in %s" % (spec, a, ACCESSES))
+            raise ScenarioError(f"--slot {spec!r}: access {a!r} not in {ACCESSES}")
     flags = {}
     for f in (parts[3].split(",") if len(parts) > 3 and parts[3] else []):
         if f not in SLOT_FLAGS:
-            raise ScenarioError("--slot %r: flag %r not in %s" % (spec, f, sorted(SLOT_FLAGS)))
+            raise ScenarioError(f"--slot {spec!r}: flag {f!r} not in {sorted(SLOT_FLAGS)}")
         flags[SLOT_FLAGS[f]] = True
     return sc.add_slot(kind, npages, access, **flags)
 
@@ -498,8 +497,8 @@ def add_access_spec(sc, spec):
     """--access SLOT:FIRST:NPAGES:ACCESS[:VCPU[:EXPECT]]  (EXPECT: ok, refused)"""
     parts = spec.split(":")
     if len(parts) not in (4, 5, 6):
-        raise ScenarioError("--access %r: expected SLOT:FIRST:NPAGES:ACCESS[:VCPU[:EXPECT]]"
-                            % spec)
+        raise ScenarioError(f"--access {spec!r}: expected "
+                            f"SLOT:FIRST:NPAGES:ACCESS[:VCPU[:EXPECT]]")
     vcpu = _int(parts[4], "--access") if len(parts) >= 5 and parts[4] else 0
     expect = parts[5] if len(parts) == 6 else "ok"
     sc.steps.append(Step(_int(parts[0], "--access"), _int(parts[1], "--access"),
@@ -513,5 +512,5 @@ def add_change_spec(sc, spec):
     slot = _int(parts[1], "--change") if len(parts) > 1 else 0
     method = parts[2] if len(parts) > 2 else "kvm"
     if kind in ("flags", "move", "delete", "fail-overlap") and len(parts) < 2:
-        raise ScenarioError("--change %s needs a slot: %s:SLOT" % (kind, kind))
+        raise ScenarioError(f"--change {kind} needs a slot: {kind}:SLOT")
     sc.changes.append(Change(kind, slot, method))

@@ -11,6 +11,9 @@ import errno
 import os
 import platform
 
+from kvmtrace.kvmapi import KVM_MEM_LOG_DIRTY_PAGES as LOG_DIRTY
+from kvmtrace.kvmapi import KVM_MEM_READONLY as READONLY
+
 # where the rule was measured (arm64: see arm64_rule() for the kernels)
 MEASURED_MMUS = ("pvm-shadow", "arm64-stage2")
 WRITE_ACCESSES = ("w", "rw")
@@ -31,7 +34,7 @@ def host_mmu():
         return "pvm-shadow"
     for module, param in (("kvm_intel", "ept"), ("kvm_amd", "npt")):
         try:
-            with open("/sys/module/%s/parameters/%s" % (module, param)) as f:
+            with open(f"/sys/module/{module}/parameters/{param}") as f:
                 return "tdp" if f.read().strip() in ("Y", "1") else "shadow"
         except OSError:
             continue
@@ -41,12 +44,12 @@ def host_mmu():
 def writes_land(kind, flags):
     """Whether a guest write reaches host memory (else it exits as MMIO).
 
-    READONLY slots (KVM_MEM_READONLY = 2) and the pfnmap [vvar] slot (a
+    READONLY slots (KVM_MEM_READONLY) and the pfnmap [vvar] slot (a
     read-only VMA) turn every guest write into a KVM_EXIT_MMIO (on arm64 a
     write to [vvar] fails KVM_RUN with EFAULT instead; host memory is
     unchanged either way).
     """
-    return not (flags & 2) and kind != "pfnmap"
+    return not (flags & READONLY) and kind != "pfnmap"
 
 
 HUGE_HOST_KINDS = ("thp", "hugetlb")  # backings the host maps with 2 MiB pages
@@ -206,8 +209,6 @@ def expected_faults(kind, flags, touched, mmu, status="ok", role="data", extra=N
         result["levels"], result["set_spte_levels"] = {}, {}
     return result
 
-
-LOG_DIRTY = 1  # KVM_MEM_LOG_DIRTY_PAGES
 
 
 class _Rule:
@@ -387,7 +388,6 @@ ARM64_4K_KINDS = ("anon", "anon-shared", "memfd", "file")
 # bar-cacheable (the kvmtrace_cbar test module: the BAR mapped Normal cacheable)
 ARM64_BAR_KINDS = ("bar-uc", "bar-wc", "bar-cacheable")
 ARM64_SHMEM_KINDS = ("anon-shared", "memfd")
-READONLY = 2  # KVM_MEM_READONLY
 
 
 def _thp_setting(name):
@@ -402,8 +402,8 @@ def _thp_setting(name):
 
 
 def arm64_ctr_el0():
-    """CTR_EL0 as EL0 reads it, or None off arm64 (kvmtrace.host.arm64 reads it)."""
-    from ..host.arm64 import read_ctr_el0
+    """CTR_EL0 as EL0 reads it, or None off arm64 (read here, not through kvmtrace)."""
+    from .arm64 import read_ctr_el0
 
     return read_ctr_el0()
 
@@ -564,8 +564,8 @@ def arm64_expected_faults(kind, flags, touched, rule, host_written=None, status=
               "set_spte_levels": {}, "prefetched": 0, "read_sptes": 0, "write_sptes": 0,
               "mmio_exits": 0, "level": 1, "dirty_pages": [], "relax_perms": None,
               "refused": 0, "retries": 0, "map_prots": {}, "relax_prots": {},
-              "rule": ("arm64-stage2 %s" % rule) if rule else
-              "not measured (arm64 kernel %s)" % os.uname().release}
+              "rule": f"arm64-stage2 {rule}" if rule else
+              f"not measured (arm64 kernel {os.uname().release})"}
     if status != "ok":
         result.update(total=0, faults=0, set_spte=0, relax_perms=0, level=None)
         return result
@@ -574,17 +574,17 @@ def arm64_expected_faults(kind, flags, touched, rule, host_written=None, status=
         kind = "memfd"  # shmem
     why = None
     if kind in HUGE_HOST_KINDS + ARM64_BAR_KINDS and flags & (READONLY | LOG_DIRTY):
-        why = "%s with flags %#x" % (kind, flags)
+        why = f"{kind} with flags {flags:#x}"
     elif kind == "bar-cacheable" and rule != "6.1" and touched:  # 7.x: refused, untouched
         why = "bar-cacheable accepted as a memslot (a CPU with CTR_EL0.DIC)"
     elif kind == "thp" and thp.get("enabled") == "never":
         why = "thp with transparent_hugepage/enabled=never"
     elif kind in ARM64_SHMEM_KINDS and thp.get("shmem_enabled") in ("always", "within_size",
                                                                         "force"):
-        why = "shmem with transparent_hugepage/shmem_enabled=%s" % thp["shmem_enabled"]
+        why = f"shmem with transparent_hugepage/shmem_enabled={thp['shmem_enabled']}"
     if rule is None or why:
         if why and rule is not None:
-            result["rule"] += " (not measured: %s)" % why
+            result["rule"] += f" (not measured: {why})"
         result["level"] = None
         return result
     if host_written is None:

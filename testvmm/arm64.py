@@ -1,4 +1,4 @@
-"""arm64 specifics of the built-in guest: vCPU setup, guest code, exits.
+"""arm64 specifics of the test VMM: vCPU setup, guest code, exits.
 
 How the guest runs: at EL1 (EL1h, DAIF masked) with the stage-1 MMU off.
 Why not stage-1 identity tables: with the MMU off every stage-2 fault comes
@@ -42,16 +42,22 @@ counterpart of x86.X86Arch.
 """
 
 import ctypes
+import ctypes.util
+import mmap
+import platform
 import struct
 
-from . import kvmapi
-from .kvmapi import _IOR, _IOW
+from kvmtrace.kvmapi import _IOR, _IOW
+
+from .kvmcall import ioctl
 
 ARCH = "aarch64"
 PAGE_SIZE = 4096
 
 # --------------------------------------------------------------------------
-# KVM uAPI (arch/arm64/include/uapi/asm/kvm.h, include/uapi/linux/kvm.h)
+# KVM uAPI (arch/arm64/include/uapi/asm/kvm.h, include/uapi/linux/kvm.h): the
+# arm64-only ioctls and register ids only the test VMM issues (the shared ABI
+# is kvmtrace.kvmapi)
 
 
 class kvm_vcpu_init(ctypes.Structure):
@@ -116,7 +122,7 @@ COND = {"eq": 0, "ne": 1, "hs": 2, "lo": 3, "mi": 4, "pl": 5, "hi": 8, "ls": 9,
 
 def _reg(r):
     if not 0 <= r <= 31:
-        raise ValueError("register x%d" % r)
+        raise ValueError(f"register x{r}")
     return r
 
 
@@ -204,11 +210,15 @@ def mrs_esr_el1(rt):
     return mrs(rt, 3, 0, 5, 2, 0)
 
 
+def mrs_ctr_el0(rt):
+    return mrs(rt, 3, 3, 0, 0, 1)
+
+
 NOP = 0xD503201F
 
 
 def words(ws):
-    return struct.pack("<%dI" % len(ws), *ws)
+    return struct.pack(f"<{len(ws)}I", *ws)
 
 
 # --------------------------------------------------------------------------
@@ -225,7 +235,7 @@ WRITE_TAG = 0x4B56_5400_0000_0000  # "KVT" in the top bytes; the written value i
 EXIT_GPA = 0x40_0000_0000  # 256 GiB: no memslot there (the VM's IPA space is 40 bits)
 EXCEPTION_GPA = EXIT_GPA + 0x100  # + 8 * vector index
 VECTOR_NAMES = [
-    "%s %s" % (src, kind)
+    f"{src} {kind}"
     for src in ("current EL SP0", "current EL SPx", "lower EL AArch64", "lower EL AArch32")
     for kind in ("sync", "irq", "fiq", "serror")]
 ESR_EC_NAMES = {0x00: "unknown", 0x01: "wfi/wfe", 0x0E: "illegal execution state",
@@ -288,7 +298,7 @@ def decode_esr(esr):
     low = esr & 0xFFFFFFFF
     ec = low >> 26 & 0x3F
     return {"esr": low, "esr_raw": esr, "ec": ec,
-            "ec_name": ESR_EC_NAMES.get(ec, "ec %#x" % ec), "iss": low & 0x1FFFFFF,
+            "ec_name": ESR_EC_NAMES.get(ec, f"ec {ec:#x}"), "iss": low & 0x1FFFFFF,
             "fsc": low & 0x3F}
 
 
@@ -298,24 +308,31 @@ def decode_esr(esr):
 
 def get_reg(vcpu_fd, reg_id):
     val = ctypes.c_uint64()
-    kvmapi.ioctl(vcpu_fd, KVM_GET_ONE_REG, kvm_one_reg(reg_id, ctypes.addressof(val)))
+    ioctl(vcpu_fd, KVM_GET_ONE_REG, kvm_one_reg(reg_id, ctypes.addressof(val)))
     return val.value
 
 
 def set_reg(vcpu_fd, reg_id, value):
     val = ctypes.c_uint64(value)
-    kvmapi.ioctl(vcpu_fd, KVM_SET_ONE_REG, kvm_one_reg(reg_id, ctypes.addressof(val)))
+    ioctl(vcpu_fd, KVM_SET_ONE_REG, kvm_one_reg(reg_id, ctypes.addressof(val)))
 
 
 def preferred_target(vm_fd):
     init = kvm_vcpu_init()
-    kvmapi.ioctl(vm_fd, KVM_ARM_PREFERRED_TARGET, init)
+    ioctl(vm_fd, KVM_ARM_PREFERRED_TARGET, init)
     return init.target
+
+
+def init_vcpu(vm_fd, vcpu_fd, target=None):
+    """KVM_ARM_VCPU_INIT with the VM's preferred target (or `target`)."""
+    if target is None:
+        target = preferred_target(vm_fd)
+    ioctl(vcpu_fd, KVM_ARM_VCPU_INIT, kvm_vcpu_init(target))
 
 
 def setup_vcpu(vcpu_fd, target, pc, sp):
     """KVM_ARM_VCPU_INIT, then EL1h with DAIF masked at `pc`, VBAR_EL1 = 0."""
-    kvmapi.ioctl(vcpu_fd, KVM_ARM_VCPU_INIT, kvm_vcpu_init(target))
+    ioctl(vcpu_fd, KVM_ARM_VCPU_INIT, kvm_vcpu_init(target))
     set_reg(vcpu_fd, REG_PSTATE, PSTATE_EL1H_MASKED)
     set_reg(vcpu_fd, REG_SP_EL1, sp)
     set_reg(vcpu_fd, REG_VBAR_EL1, 0)
@@ -324,6 +341,36 @@ def setup_vcpu(vcpu_fd, target, pc, sp):
 
 def get_pc(vcpu_fd):
     return get_reg(vcpu_fd, REG_PC)
+
+
+# --------------------------------------------------------------------------
+# the host CPU
+
+
+def read_sysreg_el0(insn):
+    """Run `<insn>; ret` (insn: an `mrs x0, <reg>`) from an executable page
+    and return x0, or None off arm64. Linux traps and emulates EL0 reads of
+    the ID registers (sanitised values) and may trap CTR_EL0."""
+    if platform.machine() not in ("aarch64", "arm64"):
+        return None
+    try:
+        buf = mmap.mmap(-1, mmap.PAGESIZE,
+                        prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
+    except (OSError, ValueError):
+        return None
+    buf.write(words([insn, ret()]))
+    addr = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+    try:  # written as data: make the instruction fetch see it
+        libgcc = ctypes.CDLL(ctypes.util.find_library("gcc_s") or "libgcc_s.so.1")
+        libgcc.__clear_cache(ctypes.c_void_p(addr), ctypes.c_void_p(addr + 8))
+    except (OSError, AttributeError):
+        pass
+    return int(ctypes.CFUNCTYPE(ctypes.c_uint64)(addr)())
+
+
+def read_ctr_el0():
+    """CTR_EL0 as EL0 reads it (DIC is bit 29), or None off arm64."""
+    return read_sysreg_el0(mrs_ctr_el0(0))
 
 
 # --------------------------------------------------------------------------
