@@ -79,9 +79,10 @@ def slot_summary(model: Model, pid: int | None = None, slot: int | None = None) 
     s["lost"] = s["lost"].fillna(0).astype("int64")
     s["gpa_end"] = s["gpa"] + s["size"]
     # the VMA's type even without faults: known for ordinary memory, else from faults
+    arm = "vma_memtype_arm64" in s and s["vma_memtype_arm64"].notna().any()
     s["slot_vma_memtype"] = np.where(
         s["vma_count"] == 0, "unknown",
-        np.where(~s["pfnmap"].astype(bool), "WB",
+        np.where(~s["pfnmap"].astype(bool), "Normal" if arm else "WB",
                  s["vma_memtype"].fillna("").replace("", "unknown")))
     # decoded from vm_page_prot where the VMA was captured at the ioctl (vmas.py)
     s["slot_vma_memtype"] = s["pgprot_memtype"].where(s["pgprot_memtype"].notna(),
