@@ -464,6 +464,217 @@ def markdown() -> str:
     return "\n".join(out)
 
 
+# -- the Parquet export and fleets (kvmtrace/export, kvmtrace/fleet.py) -----
+#
+# Every exported table (the raw events, the tables above, these two) is
+# partitioned by host and recording: its rows get those two columns from the
+# Hive path (DIR/<table>/host=H/recording=R/part-0.parquet), not from the file.
+
+RECORDINGS = Table("recordings", "one row per exported recording (kvmtrace export; its host "
+                   "and recording columns come from the partition path)", (
+    C("hostname", "str", "", "host name as recorded (null: not recorded); the host= path "
+      "value is this with ASCII characters other than A-Z a-z 0-9 . _ - percent-encoded"),
+    C("file", "str", "", "file name of the recording when it was exported"),
+    C("header_sha256", "str", "", "SHA-256 of the recording's format version and metadata; "
+      "the recording id is the file name stem, '-' and its first 8 hex digits"),
+    C("kernel", "str", "", "kernel release"),
+    C("arch", "str", "", "machine (uname -m)"),
+    C("kvm", "str", "", "KVM flavour, vendor/mmu: intel/tdp, amd/tdp, pvm/shadow, "
+      "arm64/stage2, ..."),
+    C("spte_format", "str", "", "the format of KVM's page-table entries"),
+    C("page_size_bytes", "Int64", "bytes", "host base page size"),
+    C("start_realtime_ns", "Int64", "ns", "wall clock when recording started "
+      "(CLOCK_REALTIME, since the Unix epoch)"),
+    C("start_monotonic_ns", "Int64", "ns", "CLOCK_MONOTONIC when recording started: the "
+      "clock of every ts column"),
+    C("duration_ns", "Int64", "ns", "start to stop, from the end note's clock (null: not "
+      "closed cleanly)"),
+    C("complete", "bool", "", "closed cleanly and read back without damage"),
+    C("batches", "int64", "", "flushes read back"),
+    C("problems", "str", "", "what the reader found wrong, '; '-separated ('' for nothing)"),
+    C("stopped_by", "str", "", "why recording stopped (null: no end note)"),
+    C("events", "int64", "", "events recorded, all kinds"),
+    C("lost_events", "int64", "", "events lost (ring buffers full), all kinds, host-wide"),
+    C("recording_schema_version", "int64", "", "version of the recording file format"),
+    C("tables_schema_version", "int64", "", "version of the derived tables' columns "
+      "(SCHEMA_VERSION above)"),
+    C("export_version", "int64", "", "version of the dataset layout (kvmtrace/export)"),
+    C("kvmtrace_version", "str", "", "kvmtrace version that recorded"),
+    C("exported_by", "str", "", "kvmtrace version that exported"),
+))
+
+PROCESSES = Table("processes", "the VMM processes of each exported recording and the name "
+                  "fleets group them by (kvmtrace export)", (
+    PID, PROC,
+    C("vmm", "str", "", "the VMM program: basename of the launched command's argv[0] "
+      "('python -m MODULE' for a Python module) when this process is known to be it, else "
+      "'pid N' ('pid N#2' for a later process with the same pid)"),
+    C("cmdline", "str", "", "the launched command line, space-separated (null: not known for "
+      "this process)"),
+    C("vmm_source", "str", "", "how vmm was found: 'command note' (record wrote the "
+      "launched pid), 'end note' (the command's pid at the end), 'only VMM of the launched "
+      "command' (older recordings: one VMM process and a launched command), 'pid'"),
+))
+
+_PCT = ("nearest rank: the value at 1-based position ceil(n*{p}/100) of the n sorted "
+        "service times, an observed value, computed exactly; null: no timed fault")
+
+FLEET = Table("fleet", "many recordings summarised per host, kernel, architecture, KVM "
+              "flavour and VMM (kvmtrace fleet, kvmtrace/fleet.py: the same rows on DuckDB "
+              "and on Dask)", (
+    C("host", "str", "", "host name (null: not recorded)"),
+    C("kernel", "str", "", "kernel release"), C("arch", "str", "", "machine"),
+    C("kvm", "str", "", "KVM flavour, vendor/mmu"),
+    C("vmm", "str", "", "VMM program, or 'pid N' where the recording does not name it "
+      "(processes.vmm); '(no VMM seen)' for a recording without one"),
+    C("recordings", "int64", "", "recordings"),
+    C("incomplete", "int64", "", "of those, not closed cleanly or damaged"),
+    C("processes", "int64", "", "VMM processes"),
+    C("slot_versions", "int64", "", "slot versions judged (verdicts of version >= 0)"),
+    C("consistent", "int64", "", "verdicts: consistent"),
+    C("downgraded", "int64", "", "verdicts: downgraded"),
+    C("upgraded", "int64", "", "verdicts: upgraded"),
+    C("rejected", "int64", "", "verdicts: rejected (refused memslots and faults)"),
+    C("unknown", "int64", "", "verdicts: unknown"),
+    C("mismatches", "int64", "", "downgraded + upgraded"),
+    C("errors", "int64", "", "rows of the errors table"),
+    C("faults", "int64", "", "faults"),
+    C("timed_faults", "int64", "", "faults with a service time"),
+    C("service_p50_ns", "Int64", "ns", "median fault service time; " + _PCT.format(p=50)),
+    C("service_p90_ns", "Int64", "ns", "90th percentile; " + _PCT.format(p=90)),
+    C("service_p99_ns", "Int64", "ns", "99th percentile; " + _PCT.format(p=99)),
+    C("service_max_ns", "Int64", "ns", "longest fault service time"),
+    C("lost_events", "int64", "", "events lost in these VMM processes (lost_where: the BPF "
+      "side's count per process)"),
+    C("recordings_lost_events", "int64", "", "events lost host-wide in these recordings, "
+      "placeable in a process or not (a recording with two VMMs counts in both rows)"),
+))
+
+TABLES.update({t.name: t for t in (RECORDINGS, PROCESSES, FLEET)})
+
+# -- the whole JSON report (docs/report.schema.json) ------------------------
+
+# `kvmtrace report --format json`: each table key and the declaration of its rows
+# (render.tables); "vmas" (--table vmas only) is the recording's raw smaps table
+REPORT_TABLES = {"slots": "summary", "ops": "ops_view", "faults": "faults",
+                 "ranges": "ranges", "verdicts": "verdicts", "errors": "errors",
+                 "lost": "lost", "vmas": None}
+REPORT_SCHEMA_ID = f"urn:kvmtrace:report-schema:{SCHEMA_VERSION}"
+
+_BOUNDS = {"int64": (-2**63, 2**63 - 1), "Int64": (-2**63, 2**63 - 1),
+           "uint64": (0, 2**64 - 1), "UInt64": (0, 2**64 - 1)}
+
+
+def _rows_schema(t: Table) -> dict:
+    """json_schema(t), closed: exactly the declared keys, integers in their range."""
+    s = json_schema(t)
+    s["items"]["additionalProperties"] = False
+    for c in t.columns:
+        if c.dtype in _BOUNDS:
+            lo, hi = _BOUNDS[c.dtype]
+            s["items"]["properties"][c.name].update(minimum=lo, maximum=hi)
+    return s
+
+
+def _arrow_rows_schema(fields, doc: str) -> dict:
+    """A raw recording table (kvmtrace/recording/format.py) as a JSON Schema array."""
+    import pyarrow as pa
+
+    props = {}
+    for name, typ in fields:
+        if pa.types.is_integer(typ):
+            bits = typ.bit_width
+            lo, hi = (0, 2**bits - 1) if pa.types.is_unsigned_integer(typ) else \
+                (-2**(bits - 1), 2**(bits - 1) - 1)
+            props[name] = {"type": "integer", "minimum": lo, "maximum": hi}
+        else:
+            props[name] = {"type": "string"}
+        props[name]["description"] = f"{typ}"
+    return {"type": "array", "description": doc,
+            "items": {"type": "object", "properties": props, "required": [n for n, _ in fields],
+                      "additionalProperties": False}}
+
+
+def report_json_schema() -> dict:
+    """The JSON Schema (draft 2020-12) of `kvmtrace report --format json`: the
+    whole report, or with --table NAME an object holding that one table."""
+    from ..recording import format as rfmt
+
+    defs = {}
+    for key, name in REPORT_TABLES.items():
+        defs[key] = (_arrow_rows_schema(rfmt.VMA_FIELDS, "the recording's /proc/PID/smaps "
+                                        "snapshots (raw table vmas)")
+                     if name is None else _rows_schema(TABLES[name]))
+        defs[key]["description"] = (f"table {name}: " if name else "") + defs[key]["description"]
+    defs["recording"] = {
+        "type": "object", "description": "the recording file as read back",
+        "properties": {
+            "path": {"type": "string", "description": "the path given to report"},
+            "complete": {"type": "boolean", "description": "closed cleanly and read back "
+                         "without damage"},
+            "problems": {"type": "array", "items": {"type": "string"},
+                         "description": "what the reader found wrong (damage, truncation)"},
+            "schema_version": {"type": "integer", "minimum": 1,
+                               "description": "version of the recording file format"}},
+        "required": ["path", "complete", "problems", "schema_version"],
+        "additionalProperties": False}
+    opt_str = {"type": ["string", "null"]}
+    defs["meta"] = {
+        "type": "object", "description": "the recording's header as recorded: host, kernel, "
+        "arch, KVM flavour, clock base, probes, decode context (PAT, stage-2 enums); keys "
+        "the reader type-checks are listed, others are kept as recorded",
+        "properties": {
+            "host": opt_str | {"description": "host name"},
+            "kernel": {"type": "string", "description": "kernel release"},
+            "arch": opt_str | {"description": "machine (uname -m)"},
+            "page_size": {"type": "integer", "description": "base page size [bytes]"},
+            "kvm": {"type": "object", "description": "KVM flavour",
+                    "properties": {"vendor": opt_str, "mmu": opt_str,
+                                   "spte_format": {"type": "string"}}},
+            "clock": {"type": "object", "description": "clocks when recording started [ns]",
+                      "properties": {"monotonic_ns": {"type": "integer", "minimum": 0},
+                                     "realtime_ns": {"type": "integer", "minimum": 0}}},
+            "probes": {"type": "object", "description": "probes requested, attached, and "
+                       "unavailable (with why)"}},
+        "required": ["kernel"]}
+    defs["notes"] = {"type": "array", "items": {"type": "string"},
+                     "description": "what the reader and the analysis want the reader of the "
+                     "report to know (loss, incomplete pictures, decode caveats)"}
+    whole = {"recording": {"$ref": "#/$defs/recording"},
+             "tables_schema_version": {"const": SCHEMA_VERSION,
+                                       "description": "version of the tables' columns"},
+             "meta": {"$ref": "#/$defs/meta"}, "notes": {"$ref": "#/$defs/notes"}}
+    whole |= {k: {"$ref": f"#/$defs/{k}"} for k in REPORT_TABLES if k != "vmas"}
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "$id": REPORT_SCHEMA_ID,
+        "title": "kvmtrace report --format json",
+        "description": f"Tables schema version {SCHEMA_VERSION}. Generated from "
+        "kvmtrace/analysis/schema.py by `python -m kvmtrace.analysis.schema --report-schema "
+        "> docs/report.schema.json`; do not edit. Integers are JSON integers (exact to "
+        "2**64), null means not known, units are in each column's description. "
+        "CSV (--format csv --table NAME) has the same columns as NAME's rows here, in the "
+        "same order, with an empty field for null.",
+        "oneOf": [
+            {"title": "the whole report", "type": "object", "properties": whole,
+             "required": list(whole), "additionalProperties": False},
+            {"title": "one table (--table NAME)", "type": "object",
+             "properties": {k: {"$ref": f"#/$defs/{k}"} for k in REPORT_TABLES},
+             "minProperties": 1, "maxProperties": 1, "additionalProperties": False}],
+        "$defs": defs,
+    }
+
+
+def report_json_schema_text() -> str:
+    """docs/report.schema.json, as written."""
+    return json.dumps(report_json_schema(), indent=1) + "\n"
+
+
+if __name__ == "__main__" and "--report-schema" in __import__("sys").argv:
+    print(report_json_schema_text(), end="")
+    raise SystemExit(0)
+
+
 if __name__ == "__main__":
     print(markdown(), end="")
     if "--json-schema" in __import__("sys").argv:
