@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import platform
+import stat
 from dataclasses import dataclass
 
 from .host import bccload
@@ -78,15 +79,118 @@ def _lockdown() -> str:
     return sel[0] if sel else ""
 
 
+# -- without root: the real cause ---------------------------------------------
+#
+# As an ordinary user tracefs (mode 0700) cannot even be looked into and
+# mounting it is refused, so "not mounted" or "no kvm tracepoints" would be
+# guesses; what is known is the missing privilege, and that is what is said.
+
+_CAPS = {21: "CAP_SYS_ADMIN", 38: "CAP_PERFMON", 39: "CAP_BPF"}
+
+
+def _effective_caps() -> int:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("CapEff:"):
+                    return int(line.split()[1], 16)
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def privilege_problem() -> str:
+    """'' when this process may load and attach BPF programs (root, or
+    CAP_BPF with CAP_PERFMON, or CAP_SYS_ADMIN), else what is missing."""
+    if os.geteuid() == 0:
+        return ""
+    caps = _effective_caps()
+    if caps >> 21 & 1 or (caps >> 38 & 1 and caps >> 39 & 1):
+        return ""
+    have = [n for b, n in _CAPS.items() if caps >> b & 1]
+    return (f"not root (uid {os.geteuid()}) and no CAP_BPF + CAP_PERFMON or CAP_SYS_ADMIN"
+            + (f" (has {', '.join(have)})" if have else ""))
+
+
+def _tracefs_mounts() -> list[str]:
+    try:
+        with open("/proc/self/mounts") as f:
+            return [p[1] for p in (line.split() for line in f) if len(p) > 2 and p[2] == "tracefs"]
+    except OSError:
+        return []
+
+
+def tracefs_state(mount: bool = True) -> tuple[str | None, str]:
+    """(tracefs root, '') when its event formats can be read; else (None, why),
+    naming the real cause: not readable by this user, or not mounted. Mounts it
+    when ``mount`` and this process may (root)."""
+    root = tracefs.find()
+    if root:
+        return root, ""
+    for mp in _tracefs_mounts():
+        try:
+            st = os.stat(mp)
+        except OSError as e:
+            return None, f"tracefs is mounted at {mp} but uid {os.geteuid()} cannot reach " \
+                         f"it ({e.strerror})"
+        return None, (f"tracefs is mounted at {mp} but not readable by uid {os.geteuid()} "
+                      f"(mode {stat.S_IMODE(st.st_mode):04o}, owner uid {st.st_uid}): "
+                      "tracing needs root")
+    if os.geteuid() != 0:
+        return None, "tracefs is not mounted, and mounting it needs root"
+    if not mount:
+        return None, "tracefs is not mounted"
+    try:
+        return tracefs.ensure_mounted(), ""
+    except tracefs.TracefsError as e:
+        return None, str(e)
+
+
+def probe_table() -> tuple[list[str], list[dict]]:
+    """Every probe in the catalogue and whether it can attach here, without
+    loading anything: the checks record makes before it builds its program
+    (tracefs formats, kprobes, kallsyms, BTF offsets), plus the privilege.
+
+    Returns (host problems, rows): what stops every probe here (this user's
+    privileges, tracefs access), said once; per probe ``attach`` True, False,
+    or None when this user cannot tell (tracefs unreadable), and ``why``."""
+    from .host import btf as btf_mod
+    from .probes import catalogue
+
+    priv = privilege_problem()
+    root, why_tracefs = tracefs_state(mount=False)
+    host = [x for x in (priv, why_tracefs) if x]
+    avail = catalogue.availability(catalogue.PROBES, root, btf_mod.open_kernel())
+    out = []
+    for p in catalogue.PROBES:
+        why, attach = avail[p.name], None
+        if why and root is None and p.needs and why.startswith("tracepoint "):
+            why = "cannot tell: tracefs not readable here"
+        elif why:
+            attach = False
+        elif priv:
+            attach, why = False, "not root"
+        else:
+            attach = True
+        out.append({"name": p.name, "group": p.group,
+                    "type": "kprobe" if p.kfuncs else "tracepoint",
+                    "attach": attach, "why": why or "",
+                    "needs": list(p.needs) + list(p.kfuncs), "events": list(p.events),
+                    "arch": list(p.arch), "doc": p.doc})
+    return host, out
+
+
 def run() -> list[Check]:
     checks: list[Check] = []
     add = checks.append
     machine = platform.machine()
     add(Check("arch / kernel", None, f"{machine}, Linux {platform.release()}"))
+    priv = privilege_problem()
     root = os.geteuid() == 0
-    add(Check("privileges", root, "root" if root else f"uid {os.geteuid()}",
-              "run as root (CAP_BPF, CAP_PERFMON and tracefs access are needed)",
-              blocks_record=not root))
+    add(Check("privileges", not priv, ("root" if root else f"uid {os.geteuid()} with CAP_BPF")
+              if not priv else priv,
+              "run as root: sudo kvmtrace doctor (BPF needs CAP_BPF + CAP_PERFMON, and "
+              "tracefs is readable by root only)", blocks_record=bool(priv)))
     has_btf = os.path.exists("/sys/kernel/btf/vmlinux")
     add(Check("BTF", has_btf, "/sys/kernel/btf/vmlinux" if has_btf else "absent",
               "" if has_btf else "a kernel with CONFIG_DEBUG_INFO_BTF=y gives struct offsets "
@@ -107,17 +211,24 @@ def run() -> list[Check]:
                      "Device on older ones")))
     add(Check("KVM flavour", None, f"{flav.get('vendor')}: {flav.get('mmu')} MMU, "
                                    f"{flav.get('spte_format')} sptes, tdp_mmu={flav.get('tdp_mmu')}"))
-    try:
-        troot = tracefs.ensure_mounted()
+    troot, why = tracefs_state()
+    unreadable = "not readable" in why or "cannot reach" in why
+    if troot:
         add(Check("tracefs", True, troot))
-    except tracefs.TracefsError as e:
-        troot = None
-        add(Check("tracefs", False, str(e), "mount -t tracefs tracefs /sys/kernel/tracing",
-                  blocks_record=True))
+    else:
+        add(Check("tracefs", False, why,
+                  "run as root" if unreadable or not root else
+                  "mount -t tracefs tracefs /sys/kernel/tracing", blocks_record=True))
+    kvm_loaded = any(os.path.isdir(f"/sys/module/{m}") for m in ("kvm", "kvm_intel", "kvm_amd",
+                                                                  "kvm_pvm"))
     for cat in ("kvm", "kvmmmu") if machine == "x86_64" else ("kvm",):
+        if troot is None:
+            add(Check(f"{cat} tracepoints", None, "not checked: tracefs cannot be read"))
+            continue
         evs = tracefs.category_events(cat, troot)
         add(Check(f"{cat} tracepoints", bool(evs), f"{len(evs)} present" if evs else "none",
-                  "" if evs else "load the kvm module"))
+                  "" if evs else "load the kvm module (modprobe kvm_intel / kvm_amd)"
+                  if not kvm_loaded else "a kernel built with KVM tracepoints"))
 
     try:
         bcc = bccload.import_bcc()

@@ -6,18 +6,45 @@ matplotlib writes each string only into an XML comment, which it escapes
 (``<``, ``&``, ``--``). Every label goes through ``_txt`` first, so a ``$``
 in a name is a dollar sign, never mathtext (which could fail to parse), and
 a leading ``_`` does not hide a legend entry.
+
+matplotlib is an optional extra (``pip install 'kvmtrace[html]'``): without
+it this module still imports, ``available()`` is False, and any plot raises
+PlotsUnavailable with MISSING, the one line the cli prints before it starts.
 """
 
 from __future__ import annotations
 
 import io
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib import ticker  # noqa: E402
-import numpy as np  # noqa: E402
+MISSING = ("--format html needs matplotlib, an optional extra: pip install 'kvmtrace[html]' "
+           "(Debian: apt install python3-matplotlib)")
+
+
+class PlotsUnavailable(ImportError):
+    pass
+
+
+class _Missing:
+    """Stands for matplotlib's modules where it is not installed."""
+
+    def __getattr__(self, name):
+        raise PlotsUnavailable(MISSING)
+
+
+try:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib import ticker
+except ImportError:  # the html extra is not installed
+    matplotlib = plt = ticker = _Missing()
+
+
+def available() -> bool:
+    return not isinstance(plt, _Missing)
 
 COLORS = {"base": "#4c72b0", "new": "#dd8452"}
 
@@ -59,19 +86,37 @@ def latency_cdf(series: dict[str, np.ndarray], title: str) -> str:
 
 
 def level_mix(labels: list[str], shares: dict[str, list[float]], title: str) -> str:
-    """Stacked bars: share of each mapping size (``shares``' keys, in order) per bar."""
+    """Horizontal stacked bars, one per label (a slot): the share of each
+    mapping size (``shares``' keys, in order) written on segments wide enough
+    to hold it, the legend outside the bars (right of the axes)."""
+    colors = ("#9ecae1", "#3f88c5", "#0b3a6b")  # base page, level 2, level 3: light to dark
     labels = [_txt(x) for x in labels]
-    fig, ax = plt.subplots(figsize=(max(4, 0.6 * len(labels) + 2), 3.2))
-    bottom = np.zeros(len(labels))
+    n = len(labels)
+    fig, ax = plt.subplots(figsize=(6.4, 1.1 + 0.3 * max(n, 1)))
+    y = np.arange(n)
+    left = np.zeros(n)
     for i, level in enumerate(shares):
-        v = np.asarray(shares.get(level, [0] * len(labels)), dtype=float)
-        ax.bar(labels, v, bottom=bottom, label=level, color=f"C{i}")
-        bottom += v
-    ax.set_ylim(0, 1)
-    ax.set_ylabel("share of faults")
+        v = np.nan_to_num(np.asarray(shares.get(level, [0] * n), dtype=float))
+        color = colors[i % len(colors)]
+        ax.barh(y, v, left=left, height=0.72, label=_txt(level), color=color,
+                edgecolor="white", linewidth=0.6)
+        ink = "black" if i % len(colors) == 0 else "white"
+        for yi, (x0, w) in enumerate(zip(left, v)):
+            if w >= 0.12:
+                ax.text(x0 + w / 2, yi, f"{w * 100:.0f}%", ha="center", va="center",
+                        fontsize=7, color=ink)
+        left += v
+    ax.set_yticks(y, labels, fontsize=8)
+    ax.set_ylim(n - 0.5, -0.5)  # first label on top
+    ax.set_xlim(0, 1)
+    ax.xaxis.set_major_formatter(ticker.PercentFormatter(1.0))
+    ax.tick_params(axis="x", labelsize=8)
+    ax.set_xlabel("share of faults", fontsize=9)
     ax.set_title(_txt(title), fontsize=10)
-    ax.tick_params(axis="x", labelrotation=45, labelsize=8)
-    ax.legend(fontsize=8)
+    for side in ("top", "right"):
+        ax.spines[side].set_visible(False)
+    ax.legend(title="mapping size", fontsize=8, title_fontsize=8, frameon=False,
+              loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return _svg(fig)
 
 

@@ -16,8 +16,12 @@ from __future__ import annotations
 import json
 import math
 import re
+from dataclasses import dataclass
 
+import numpy as np
 import pandas as pd
+from rich import box
+from rich.cells import cell_len
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -86,6 +90,151 @@ def _t(x) -> str:
     return "" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:+.3f}s"
 
 
+def _sid(as_id, slot) -> str:
+    """A slot id as KVM's ioctl names it: ``as:slot`` outside address space 0."""
+    return f"{as_id}:{slot}" if as_id else str(slot)
+
+
+# -- tables that fit the console ---------------------------------------------
+#
+# Every text table is declared as a list of Col. A number or an address
+# ("num", "code") is never split: its column is as wide as its widest cell.
+# Prose ("prose": reasons, names, paths) folds at spaces, else at punctuation
+# (a path at / or -), never inside a number. A table is boxed where it fits
+# whole; else it is drawn without box lines (columns two spaces apart, prose
+# folded), then with short headers, then without its low-value columns in
+# their declared order (``drop``: 1 goes first), and a dim line names what was
+# left out. Narrower than its narrowest layout (about 60 columns for the
+# widest table), a table's lines run past the width rather than split.
+
+@dataclass(frozen=True)
+class Col:
+    header: str
+    kind: str = "code"  # "num" (right-aligned), "code" (left), "prose" (folds at spaces)
+    drop: int = 0       # 0: always shown; else left out at narrow widths, 1 first
+    short: str = ""     # the header where space is short
+    min: int = 20       # prose: narrowest it is folded to (words with numbers stay whole)
+
+
+# what a fold never splits: words, numbers (1.5, 0:00:01.0 splits only at ':'), addresses
+_RUN = re.compile(r"[0-9A-Za-z]+(?:[.,][0-9]+)*")
+
+
+def _width(t: Text) -> int:
+    return max((cell_len(line) for line in t.plain.split("\n")), default=0)
+
+
+def _cuts(s: str, width: int) -> list[tuple[int, int]]:
+    """(start, end) of each line of ``s`` folded to ``width``: at the last
+    space that fits, else after the last character that is not inside a run
+    of letters and digits (a path folds at / or -, a number never), else
+    (a run longer than the width: a long word, never a number, see _layout)
+    at the width."""
+    out, start, n = [], 0, len(s)
+    inside = [False] * (n + 1)  # a cut before s[p] would split a run
+    for m in _RUN.finditer(s):
+        inside[m.start() + 1:m.end()] = [True] * (m.end() - m.start() - 1)
+    while n - start > width:
+        end = start + width
+        sp = s.rfind(" ", start + 1, end + 1)
+        if sp > start:
+            out.append((start, sp))
+            start = sp + 1
+            continue
+        cut = next((p for p in range(end, start, -1) if not inside[p]), end)
+        out.append((start, cut))
+        start = cut
+    out.append((start, n))
+    return out
+
+
+def _fold(t: Text, width: int) -> Text:
+    """``t`` with line breaks that fit ``width`` (styles kept); see _cuts."""
+    if _width(t) <= width:
+        return t
+    parts, pos = [], 0
+    for para in t.plain.split("\n"):
+        for a, b in _cuts(para, width):
+            parts.append(t[pos + a:pos + b])
+        pos += len(para) + 1
+    return Text("\n").join(parts)
+
+
+def _layout(cols: list[Col], rows: list[list[Text]], width: int | None):
+    """(kept column indexes, compact, short headers, content widths, total
+    width) of the fullest layout that fits ``width``; with ``width`` None the
+    narrowest layout, whatever its width."""
+    natural = [max([_width(r[i]) for r in rows], default=0) for i in range(len(cols))]
+    words = [0] * len(cols)  # longest number (run of digits and letters with a digit)
+    for i, c in enumerate(cols):
+        if c.kind == "prose":
+            words[i] = max([len(w) for r in rows for w in _RUN.findall(r[i].plain)
+                            if any(ch.isdigit() for ch in w)], default=0)
+    droppable = [i for _, i in sorted((c.drop, i) for i, c in enumerate(cols) if c.drop)]
+    steps = [(False, False, 0), (True, False, 0)] + \
+        [(True, True, k) for k in range(len(droppable) + 1)]
+    if width is None:
+        steps = steps[-1:]
+    for compact, short, k in steps:
+        keep = [i for i in range(len(cols)) if i not in droppable[:k]]
+        w = {}
+        for i in keep:
+            c = cols[i]
+            head = cell_len(c.short if short and c.short else c.header)
+            # boxed only where prose need not fold; without box lines it may
+            w[i] = max(head, natural[i] if c.kind != "prose" or not compact else
+                       min(natural[i], max(c.min, words[i])))
+        overhead = 2 * len(keep) - 2 if compact else 3 * len(keep) + 1
+        total = overhead + sum(w.values())
+        if width is None:
+            return keep, compact, short, w, total
+        spare = width - total
+        if spare < 0:
+            continue
+        for i in keep:  # prose grows back towards its natural width
+            if cols[i].kind == "prose":
+                grow = min(spare, max(natural[i] - w[i], 0))
+                w[i] += grow
+                spare -= grow
+        return keep, compact, short, w, width - spare
+    return None
+
+
+def fit_table(console: Console, title, cols: list[Col], rows: list[list]):
+    """Print ``title`` (a line) and a table of ``rows`` (cells: Text, or
+    anything ``_c`` takes) that fits the console's width (see Col)."""
+    rows = [[x if isinstance(x, Text) else _c(x) for x in r] for r in rows]
+    lay = _layout(cols, rows, console.width)
+    out = console
+    if lay is None:  # nothing fits: the narrowest layout, its lines longer than the width
+        lay = _layout(cols, rows, None)
+        out = Console(file=console.file, width=lay[4], emoji=False, highlight=False,
+                      color_system=console.color_system, force_terminal=console.is_terminal,
+                      no_color=console.no_color)
+    keep, compact, short, w, _ = lay
+    if title is not None:
+        console.print(title if isinstance(title, Text) else Text(plain(title), style="bold"))
+    if compact:
+        t = Table(box=None, pad_edge=False, padding=(0, 1), header_style="bold underline")
+    else:
+        t = Table(box=box.HEAVY_HEAD)
+    for i in keep:
+        c = cols[i]
+        head = c.short if short and c.short else c.header
+        if c.kind == "prose":  # folded here (_fold), so rich has nothing left to wrap
+            t.add_column(head, overflow="fold", min_width=w[i], max_width=w[i])
+        else:
+            t.add_column(head, no_wrap=True, width=w[i],
+                         justify="right" if c.kind == "num" else "left")
+    for r in rows:
+        t.add_row(*(_fold(r[i], w[i]) if cols[i].kind == "prose" else r[i] for i in keep))
+    out.print(t)
+    gone = [cols[i].header for i in range(len(cols)) if i not in keep]
+    if gone:
+        console.print(Text(f"(left out at {console.width} columns: {', '.join(gone)}; "
+                           "--width or --format tsv shows them)", style="dim"))
+
+
 def tables(model: Model, pid=None, slot=None) -> dict[str, pd.DataFrame]:
     """The tables every output format shows, all through one filter."""
     sel = summary.select
@@ -118,6 +267,77 @@ def to_csv(model: Model, pid=None, slot=None, table="slots") -> str:
     return tables(model, pid, slot)[table or "slots"].to_csv(index=False)
 
 
+# -- TSV: for grep, awk, cut ----------------------------------------------------
+#
+# One header line per table, a "# table NAME" line before each when several
+# are printed; integers as integers, floats as Python writes them (repr: exact,
+# shortest), booleans true / false, null as the empty field, nested values as
+# compact JSON. In text a backslash, tab and newline are written \\, \t, \n
+# (as PostgreSQL's COPY text format does) and other control characters as
+# \xNN, so each row is one line and each field one column.
+
+# the declared table (analysis/schema.py) behind each --table name
+REPORT_TSV = {"slots": schema.SUMMARY, "ops": schema.OPS_VIEW, "faults": schema.FAULTS,
+              "ranges": schema.RANGES, "verdicts": schema.VERDICTS, "errors": schema.ERRORS,
+              "vmas": None, "lost": schema.LOST}
+DIFF_TSV = {"slots": schema.DIFF_SLOTS, "latency": schema.DIFF_LATENCY, "vms": schema.DIFF_VMS,
+            "findings": None}
+_TSV_ESC = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
+
+
+def tsv_field(v) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, (bool, np.bool_)):
+        return "true" if v else "false"
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        return repr(v) if math.isfinite(v) else ""
+    if isinstance(v, (dict, list)):
+        v = json.dumps(v, separators=(",", ":"), default=str)
+    return plain(str(v).translate(_TSV_ESC))
+
+
+def tsv_table(df: pd.DataFrame, declared=None) -> str:
+    """``df`` as TSV: the declared columns in their order (all of df's without a
+    declaration), one header line, a line per row."""
+    cols = declared.names if declared is not None else [str(c) for c in df.columns]
+    rows = schema.records(df[cols]) if len(df) else []
+    out = ["\t".join(cols)]
+    out += ["\t".join(tsv_field(r[c]) for c in cols) for r in rows]
+    return "\n".join(out) + "\n"
+
+
+def _tsv(parts: dict[str, tuple[pd.DataFrame, object]]) -> str:
+    if len(parts) == 1:
+        (df, decl), = parts.values()
+        return tsv_table(df, decl)
+    return "".join(f"# table {name}\n" + tsv_table(df, decl)
+                   for name, (df, decl) in parts.items())
+
+
+def to_tsv(model: Model, pid=None, slot=None, table=None) -> str:
+    """The report's tables as TSV: ``table`` alone, or every table JSON gives
+    (all but the VMA snapshots), each after a "# table NAME" line."""
+    t = tables(model, pid, slot)
+    names = [table] if table else [n for n in t if n != "vmas"]
+    return _tsv({n: (t[n], REPORT_TSV[n]) for n in names})
+
+
+def diff_findings(c) -> pd.DataFrame:
+    """The diff's findings as a table (slot, metric, base, new, regression, text, detail)."""
+    cols = ["slot", "metric", "base", "new", "regression", "text", "detail"]
+    return pd.DataFrame([{k: getattr(f, k) for k in cols} for f in c.findings], columns=cols,
+                        dtype=object)
+
+
+def diff_to_tsv(base, new, c, table=None) -> str:
+    t = {"slots": c.slots, "latency": c.latency, "vms": c.totals, "findings": diff_findings(c)}
+    names = [table] if table else list(t)
+    return _tsv({n: (t[n], DIFF_TSV[n]) for n in names})
+
+
 def _header(model: Model, console: Console):
     m, rec = model.meta, model.recording
     kvm = m.get("kvm") or {}
@@ -148,81 +368,85 @@ def _header(model: Model, console: Console):
         console.print(f"  [yellow]note:[/] {_m(p)}")
 
 
+# the slot is "as:slot" outside address space 0 (x86 SMM), as in the ioctl table
+MEMSLOT_COLS = [Col("slot"), Col("GPA range"), Col("size"), Col("flags", drop=5),
+                Col("HVA", drop=1), Col("VMA", "prose", min=16), Col("VmFlags", drop=4),
+                Col("VMA type"), Col("ioctl", drop=2), Col("history", "prose", drop=3)]
+
+
 def _memslot_table(s: pd.DataFrame, console: Console):
     for (pid, proc, vm), g in s.groupby(["pid", "proc", "vm_fd"]):
         who = identity.label(pid, proc)
         if proc:
             who += f" (process {proc + 1} with pid {pid} in this recording)"
-        t = Table(title=_c(f"memslots of VM pid {who} vm fd {vm}"), title_justify="left")
-        for c in ("slot", "as", "GPA range", "size", "flags", "HVA", "VMA", "VmFlags",
-                  "VMA type", "ioctl", "history"):
-            t.add_column(c, overflow="fold")
+        rows = []
         for r in g.itertuples(index=False):
             hist = f"{r.created_by} {_t(r.t_start_s)}"
             if r.ended_by:
                 hist += f"; {r.ended_by} {_t(r.t_end_s)}"
-            t.add_row(*map(_c, (_slot(r.slot, r.version), r.as_id,
-                                f"{_hex(r.gpa)}-{_hex(r.gpa_end)}", _size(r.size), r.flag_names,
-                                _hex(r.hva), r.vma, r.vm_flags, r.slot_vma_memtype,
-                                str(r.ioctl_name).replace("KVM_SET_USER_MEMORY_", ""), hist)))
-        console.print(t)
+            rows.append([_slot(_sid(r.as_id, r.slot), r.version),
+                         f"{_hex(r.gpa)}-{_hex(r.gpa_end)}", _size(r.size), r.flag_names,
+                         _hex(r.hva), r.vma, r.vm_flags, r.slot_vma_memtype,
+                         str(r.ioctl_name).replace("KVM_SET_USER_MEMORY_", ""), hist])
+        fit_table(console, f"memslots of VM pid {who} vm fd {vm}", MEMSLOT_COLS, rows)
 
 
 def _activity_table(s: pd.DataFrame, console: Console, levels: dict[str, str]):
-    t = Table(title="faults per slot", title_justify="left")
     lost = bool(s["lost"].any() or s["unpaired_installs"].any())
-    cols = ["slot", "faults", "read", "write", "exec", *levels.values(), "spte type",
-            "prefetched", "invalidations", "MMIO exits", "p50 service"]
-    cols += ["lost", "unpaired installs"] if lost else []
-    for c in cols:
-        t.add_column(c, justify="left" if c in ("slot", "spte type") else "right")
+    cols = [Col("slot"), Col("faults", "num"), Col("read", "num", drop=3),
+            Col("write", "num", drop=4), Col("exec", "num", drop=5),
+            *(Col(x, "num") for x in levels.values()), Col("spte type", short="spte"),
+            Col("prefetched", "num", drop=1, short="pref"),
+            Col("invalidations", "num", drop=2, short="inval"),
+            Col("MMIO exits", "num", short="mmio"), Col("p50 service", "num", short="p50")]
+    cols += [Col("lost", "num"), Col("unpaired installs", "num", short="unpaired")] \
+        if lost else []
+    rows = []
     for r in s.to_dict("records"):
         p50 = r["service_p50_us"]
-        row = [_slot(r["slot"], r["version"]),
+        row = [_slot(_sid(r["as_id"], r["slot"]), r["version"]),
                *(r[c] for c in ("faults", "read", "write", "exec", *levels)),
                r["spte_memtype"], r["prefetched"], r["invalidations"],
                r["mmio_exits"], "" if pd.isna(p50) else f"{p50:.1f} us"]
-        row += [r["lost"], r["unpaired_installs"]] if lost else []
-        t.add_row(*(_c(x, "red" if i >= 13 and x else "") for i, x in enumerate(row)))
-    console.print(t)
+        row += [_c(r["lost"], "red" if r["lost"] else ""),
+                _c(r["unpaired_installs"], "red" if r["unpaired_installs"] else "")] \
+            if lost else []
+        rows.append(row)
+    fit_table(console, "faults per slot", cols, rows)
 
 
 def _verdict_table(v: pd.DataFrame, console: Console):
-    t = Table(title="memory-type verdicts", title_justify="left")
-    for c in ("slot", "GPA", "faults", "verdict", "reason"):
-        t.add_column(c, overflow="fold")
-    for r in v.itertuples(index=False):
-        style = VERDICT_STYLE.get(r.verdict, "")
-        t.add_row(_c(_slot(r.slot, max(r.version, 0))), _c(_hex(r.gpa)), _c(r.faults),
-                  _c(r.verdict, style), _c(r.reason))
-    console.print(t)
+    rows = [[_slot(_sid(r.as_id, r.slot), max(r.version, 0)), _hex(r.gpa), r.faults,
+             _c(r.verdict, VERDICT_STYLE.get(r.verdict, "")), r.reason]
+            for r in v.itertuples(index=False)]
+    fit_table(console, "memory-type verdicts", [Col("slot"), Col("GPA"), Col("faults", "num"),
+                                                Col("verdict"), Col("reason", "prose", min=24)],
+              rows)
 
 
 def _ranges_table(r: pd.DataFrame, console: Console, page: int):
-    t = Table(title="page ranges (guest frames faulted, by level and memory types)",
-              title_justify="left")
-    for c in ("slot", "GPA range", "pages", "level", "VMA type", "spte type", "verdict"):
-        t.add_column(c)
-    for x in r.itertuples(index=False):
-        style = VERDICT_STYLE.get(x.verdict, "")
-        t.add_row(*map(_c, (x.slot, f"{_hex(x.gfn_first * page)}-{_hex((x.gfn_last + 1) * page)}",
-                            x.pages, x.size, x.vma_memtype, x.spte_memtype)),
-                  _c(x.verdict, style))
-    console.print(t)
+    rows = [[x.slot, f"{_hex(x.gfn_first * page)}-{_hex((x.gfn_last + 1) * page)}",
+             x.pages, x.size, x.vma_memtype, x.spte_memtype,
+             _c(x.verdict, VERDICT_STYLE.get(x.verdict, ""))] for x in r.itertuples(index=False)]
+    fit_table(console, "page ranges (guest frames faulted, by level and memory types)",
+              [Col("slot"), Col("GPA range"), Col("pages", "num", drop=1), Col("level"),
+               Col("VMA type", short="VMA"), Col("spte type", short="spte"), Col("verdict")],
+              rows)
 
 
 def _ops_table(o: pd.DataFrame, console: Console):
-    t = Table(title="memslot ioctls", title_justify="left")
-    for c in ("time", "pid", "vm", "ioctl", "slot", "op", "flags", "GPA", "size", "result"):
-        t.add_column(c, overflow="fold")
+    rows = []
     for r in o.itertuples(index=False):
         res = _c("ok") if r.ret >= 0 else Text.assemble(
             _c(r.errno, "red"), ": ", _c(str(r.reason).split(": ", 1)[-1]))
-        t.add_row(*map(_c, (_t(r.t_s), identity.label(r.pid, r.proc), r.vm_fd,
-                            str(r.ioctl_name).replace("KVM_SET_USER_MEMORY_", ""),
-                            f"{r.as_id}:{r.slot_id}" if r.as_id else r.slot_id,
-                            r.op, r.flag_names, _hex(r.gpa), _size(r.size))), res)
-    console.print(t)
+        rows.append([_t(r.t_s), identity.label(r.pid, r.proc), r.vm_fd,
+                     str(r.ioctl_name).replace("KVM_SET_USER_MEMORY_", ""),
+                     _sid(r.as_id, r.slot_id), r.op, r.flag_names, _hex(r.gpa), _size(r.size),
+                     res])
+    fit_table(console, "memslot ioctls",
+              [Col("time", drop=4), Col("pid", drop=3), Col("vm", drop=2), Col("ioctl", drop=1),
+               Col("slot"), Col("op"), Col("flags", drop=5), Col("GPA"), Col("size"),
+               Col("result", "prose")], rows)
 
 
 def _lost_table(lost: pd.DataFrame, console: Console):
@@ -232,42 +456,110 @@ def _lost_table(lost: pd.DataFrame, console: Console):
         console.print("lost events: none" if len(lost) else
                       "lost events: unknown (the recording has no per-kind counts)")
         return
-    t = Table(title="lost events (ring buffer full), per kind", title_justify="left")
-    for c in ("kind", "recorded", "lost", "lost %"):
-        t.add_column(c, justify="left" if c == "kind" else "right")
-    for r in lost.itertuples(index=False):
-        t.add_row(_c(r.kind), _c(f"{r.events:,}"), _c(f"{r.lost:,}", "red" if r.lost else ""),
-                  _c(f"{r.lost_pct:g}"))
-    console.print(t)
+    rows = [[r.kind, f"{r.events:,}", _c(f"{r.lost:,}", "red" if r.lost else ""),
+             f"{r.lost_pct:g}"] for r in lost.itertuples(index=False)]
+    fit_table(console, "lost events (ring buffer full), per kind",
+              [Col("kind"), Col("recorded", "num"), Col("lost", "num"), Col("lost %", "num")],
+              rows)
 
 
 def _errors_table(e: pd.DataFrame, console: Console):
     if not len(e):
         console.print("errors: none")
         return
-    t = Table(title="errors", title_justify="left")
-    for c in ("pid", "vm", "what", "slot", "errno", "detail"):
-        t.add_column(c, overflow="fold")
-    for r in e.itertuples(index=False):
-        t.add_row(_c(identity.label(r.pid, r.proc)), _c(r.vm_fd), _c(r.what), _c("" if pd.isna(r.slot) else r.slot),
-                  _c(r.errno, "red"), _c(r.detail))
-    console.print(t)
+    rows = [[identity.label(r.pid, r.proc), r.vm_fd, r.what,
+             "" if pd.isna(r.slot) else r.slot, _c(r.errno, "red"), r.detail]
+            for r in e.itertuples(index=False)]
+    fit_table(console, "errors", [Col("pid", drop=2), Col("vm", drop=1), Col("what", drop=3),
+                                  Col("slot"), Col("errno"), Col("detail", "prose")], rows)
 
 
-def to_text(model: Model, console: Console, pid=None, slot=None):
-    t = tables(model, pid, slot)
-    _header(model, console)
-    s = t["slots"]
-    if not len(s) and not len(t["ops"]) and (pid is not None or slot is not None) \
-            and len(model.ops):
-        what = " ".join(f"--{k} {v}" for k, v in (("pid", pid), ("slot", slot)) if v is not None)
+def _faults_table(f: pd.DataFrame, model: Model, console: Console):
+    if not len(f):
+        console.print("faults: none")
+        return
+    page = pages.page_size(model.meta)
+    base = (model.meta.get("clock") or {}).get("monotonic_ns", 0)
+    rows = []
+    for r in f.itertuples(index=False):
+        svc = r.service_ns
+        rows.append([_t((r.ts - base) / 1e9), identity.label(r.pid, r.proc), r.tid,
+                     "" if pd.isna(r.slot) else r.slot, _hex(r.gfn * page), r.access, r.size,
+                     r.spte_memtype, r.vma_memtype,
+                     _c(r.verdict, VERDICT_STYLE.get(r.verdict, "")),
+                     "" if pd.isna(svc) else f"{svc / 1e3:.1f}",
+                     "" if pd.isna(r.spte) else _hex(r.spte)])
+    fit_table(console, "faults", [
+        Col("time"), Col("pid", drop=3), Col("tid", drop=2), Col("slot"), Col("GPA"),
+        Col("access"), Col("size"), Col("spte type", short="spte"), Col("VMA type", short="VMA"),
+        Col("verdict"), Col("service us", "num", short="us"), Col("spte value", drop=1)], rows)
+
+
+def _vmas_table(v: pd.DataFrame, console: Console):
+    if not len(v):
+        console.print("VMA snapshots: none")
+        return
+    kib = lambda x: "" if pd.isna(x) else _size(int(x) * 1024)  # noqa: E731
+    rows = [[r.pid, f"{_hex(r.start)}-{_hex(r.end)}", r.perms, kib(r.size_kb),
+             kib(r.kernelpagesize_kb), kib(r.anonhugepages_kb), r.vmflags, r.reason, r.path]
+            for r in v.itertuples(index=False)]
+    fit_table(console, "VMA snapshots (/proc/PID/smaps)", [
+        Col("pid"), Col("range"), Col("perms"), Col("size"), Col("page", drop=3),
+        Col("THP", drop=2), Col("VmFlags", "prose", drop=1, min=12),
+        Col("snapshot", drop=4), Col("path", "prose", min=24)], rows)
+
+
+# --table NAME in text: that table alone
+TEXT_TABLES = ("slots", "ops", "faults", "ranges", "verdicts", "errors", "vmas", "lost")
+
+
+def _no_slots(model: Model, t: dict, pid, slot, console: Console):
+    what = " ".join(f"--{k} {v}" for k, v in (("pid", pid), ("slot", slot)) if v is not None)
+    if what and len(model.ops):
         pids = ", ".join(map(str, sorted(set(model.ops["pid"].tolist()))))
         console.print(_c(f"no memslot matches {what} (recorded: pids {pids}; "
                          f"{len(model.slots)} slot versions)", "yellow"))
-    elif not len(s) and not len(t["ops"]):
+    elif not model.recording.complete:
+        console.print(_c("no memslots in the part of the recording that could be read "
+                         "(it is incomplete: see the notes above)", "yellow"))
+    else:
         console.print("no memslots recorded: the VMM set its memslots before recording "
                       "started, or no VM ran (faults outside known slots: "
                       f"{int((model.faults['slot_row'] < 0).sum())})")
+
+
+def to_text(model: Model, console: Console, pid=None, slot=None, table=None):
+    t = tables(model, pid, slot)
+    if table is not None:
+        if table == "slots":
+            if len(t["slots"]):
+                _memslot_table(t["slots"], console)
+                _activity_table(t["slots"], console, summary.level_labels(model))
+            else:
+                _no_slots(model, t, pid, slot, console)
+        elif not len(t[table]) and table in ("ops", "ranges", "verdicts"):
+            console.print(f"{table}: none")
+        elif table == "ops":
+            _ops_table(t["ops"], console)
+        elif table == "faults":
+            _faults_table(t["faults"], model, console)
+        elif table == "ranges":
+            _ranges_table(t["ranges"], console, pages.page_size(model.meta))
+        elif table == "verdicts":
+            _verdict_table(t["verdicts"], console)
+        elif table == "errors":
+            _errors_table(t["errors"], console)
+        elif table == "vmas":
+            _vmas_table(t["vmas"], console)
+        elif table == "lost":
+            _lost_table(t["lost"], console)
+        else:
+            raise ValueError(table)
+        return
+    _header(model, console)
+    s = t["slots"]
+    if not len(s) and not len(t["ops"]):
+        _no_slots(model, t, pid, slot, console)
     else:
         _memslot_table(s, console)
         _ops_table(t["ops"], console)
@@ -309,51 +601,49 @@ def diff_to_text(base, new, c, console: Console):
         console.print(f"  [yellow]NEW note:[/] {_m(p)}")
     for p in c.notes:
         console.print(f"  [yellow]note:[/] {_m(p)}")
-    t = Table(title="slots (matched by address space, GPA and size)", title_justify="left")
-    for col in ("GPA", "size", "slot", "backing", "faults", "pages", "2M/1G", "p50 us",
-                "invalidations", "MMIO exits"):
-        t.add_column(col, overflow="fold")
-
     def pair(a, b, fmt=str):
         fa = "" if pd.isna(a) else fmt(a)
         fb = "" if pd.isna(b) else fmt(b)
         return fa if fa == fb else f"{fa} -> {fb}"
 
-    for r in c.slots.to_dict("records"):
-        t.add_row(*map(_c, (
-            _hex(r["gpa"]), _size(r["bytes"]), pair(r["slot_base"], r["slot_new"]),
-            pair(r["backing_base"], r["backing_new"]),
-            pair(r["faults_base"], r["faults_new"], lambda x: str(int(x))),
-            pair(r["pages_base"], r["pages_new"], lambda x: str(int(x))),
-            pair(r["huge_share_base"], r["huge_share_new"], lambda x: f"{x * 100:.0f}%"),
-            pair(r["p50_us_base"], r["p50_us_new"], lambda x: f"{x:.1f}"),
-            pair(r["invalidations_base"], r["invalidations_new"], lambda x: str(int(x))),
-            pair(r["mmio_exits_base"], r["mmio_exits_new"], lambda x: str(int(x))))))
-    console.print(t)
+    rows = [[
+        _hex(r["gpa"]), _size(r["bytes"]), pair(r["slot_base"], r["slot_new"]),
+        pair(r["backing_base"], r["backing_new"]),
+        pair(r["faults_base"], r["faults_new"], lambda x: str(int(x))),
+        pair(r["pages_base"], r["pages_new"], lambda x: str(int(x))),
+        pair(r["huge_share_base"], r["huge_share_new"], lambda x: f"{x * 100:.0f}%"),
+        pair(r["p50_us_base"], r["p50_us_new"], lambda x: f"{x:.1f}"),
+        pair(r["invalidations_base"], r["invalidations_new"], lambda x: str(int(x))),
+        pair(r["mmio_exits_base"], r["mmio_exits_new"], lambda x: str(int(x)))]
+        for r in c.slots.to_dict("records")]
+    fit_table(console, "slots (matched by address space, GPA and size)", [
+        Col("GPA"), Col("size"), Col("slot"), Col("backing", "prose", min=12),
+        Col("faults", "num"), Col("pages", "num", drop=3), Col("2M/1G", "num"),
+        Col("p50 us", "num"), Col("invalidations", "num", drop=1, short="inval"),
+        Col("MMIO exits", "num", drop=2, short="mmio")], rows)
     lat = c.latency
     if len(lat):
-        t = Table(title="fault service time (us) by slot, memory type and level",
-                  title_justify="left")
-        for col in ("by", "key", "side", "count", "rate/s", "p50", "p90", "p99", "max"):
-            t.add_column(col, justify="left" if col in ("by", "key", "side") else "right")
-        for r in lat.sort_values(["by", "key", "side"]).to_dict("records"):
-            t.add_row(*map(_c, (r["by"], r["key"], r["side"], r["count"],
-                                "" if pd.isna(r.get("rate")) else f"{r['rate']:.0f}",
-                                *(f"{r[q]:.2f}" for q in ("p50", "p90", "p99", "max")))))
-        console.print(t)
+        rows = [[r["by"], r["key"], r["side"], r["count"],
+                 "" if pd.isna(r.get("rate")) else f"{r['rate']:.0f}",
+                 *(f"{r[q]:.2f}" for q in ("p50", "p90", "p99", "max"))]
+                for r in lat.sort_values(["by", "key", "side"]).to_dict("records")]
+        fit_table(console, "fault service time (us) by slot, memory type and level", [
+            Col("by"), Col("key"), Col("side"), Col("count", "num"),
+            Col("rate/s", "num", drop=1), Col("p50", "num"), Col("p90", "num", drop=2),
+            Col("p99", "num"), Col("max", "num", drop=3)], rows)
     if len(c.totals):
-        t = Table(title="VMs", title_justify="left")
-        for col in ("side", "pid", "vm fd", "faults", "2M/1G", "p50 us", "exits to VMM",
-                    "errors", "recorded"):
-            t.add_column(col)
+        rows = []
         for r in c.totals.to_dict("records"):
             exits = ", ".join(f"{EXIT_REASONS.get(int(k), k)} {v}" for k, v in r["exits"].items())
-            t.add_row(*map(_c, (
+            rows.append([
                 r["side"], r["pid"], r["vm_fd"], r["faults"],
                 "" if pd.isna(r["huge_share"]) else f"{r['huge_share'] * 100:.0f}%",
                 "" if pd.isna(r["p50_us"]) else f"{r['p50_us']:.1f}", exits,
-                r["errors"], "" if r["recorded_s"] is None else f"{r['recorded_s']} s")))
-        console.print(t)
+                r["errors"], "" if pd.isna(r["recorded_s"]) else f"{r['recorded_s']} s"])
+        fit_table(console, "VMs", [
+            Col("side"), Col("pid"), Col("vm fd", drop=2), Col("faults", "num"),
+            Col("2M/1G", "num"), Col("p50 us", "num"), Col("exits to VMM", "prose", min=16),
+            Col("errors", "num"), Col("recorded", "num", drop=1)], rows)
     lines = diff_summary_lines(c)
     for line in lines:
         style = "bold red" if line.startswith("REGRESSION") else "yellow"

@@ -76,6 +76,7 @@ DEV_FULL_CASES = {
     "report-text": ("report", REC),
     "report-json": ("report", REC, "--format", "json"),
     "report-csv": ("report", REC, "--format", "csv"),
+    "report-tsv": ("report", REC, "--format", "tsv"),
     "diff-text": ("diff", REC, REC),
     "diff-json": ("diff", REC, REC, "--format", "json"),
 }

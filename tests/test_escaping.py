@@ -14,7 +14,7 @@ from html.parser import HTMLParser
 
 import pytest
 
-from conftest import FIXTURES, kvmtrace
+from conftest import FIXTURES, kvmtrace, one_line_error
 
 REC = FIXTURES / "x86-pvm-demo.kvt"
 
@@ -172,11 +172,14 @@ def test_html_report_escapes_everything(evil, tmp_path):
 
 
 def test_diff_text_and_html(evil, tmp_path):
-    r = kvmtrace("diff", REC, evil)
+    # the hostile arch differs from x86_64: refused in one line, shown literally
+    line = one_line_error(kvmtrace("diff", REC, evil))
+    assert f"NEW is {ARCH}" in line and "--allow-arch-mismatch" in line
+    r = kvmtrace("diff", REC, evil, "--allow-arch-mismatch")
     assert r.returncode == 0, r.stderr
     assert f"PFNMAP {PFN_VMA} -> PFNMAP {EVIL_PFN_VMA}" in r.stdout
     out = tmp_path / "d.html"
-    r = kvmtrace("diff", REC, evil, "--format", "html", "-o", out)
+    r = kvmtrace("diff", REC, evil, "--format", "html", "-o", out, "--allow-arch-mismatch")
     assert r.returncode == 0, r.stderr
     check_html(out.read_text(), [f"PFNMAP {EVIL_PFN_VMA}"])
     r = kvmtrace("diff", evil, evil, "--format", "json")

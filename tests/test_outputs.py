@@ -2,7 +2,7 @@
 without --force, never a FIFO, always mode 0600.
 
 Every case runs the real CLI on the committed demo recording, for each way
-report and diff write a file (-o with text / json / csv / html, and the
+report and diff write a file (-o with text / tsv / json / csv / html, and the
 default report.html / diff.html in the working directory), plus the
 recording writer and kvmtrace.outputs itself.
 """
@@ -23,9 +23,11 @@ WRITERS = {
     "report-text": ("report", REC),
     "report-json": ("report", REC, "--format", "json"),
     "report-csv": ("report", REC, "--format", "csv", "--table", "verdicts"),
+    "report-tsv": ("report", REC, "--format", "tsv"),
     "report-html": ("report", REC, "--format", "html"),
     "diff-text": ("diff", REC, REC),
     "diff-json": ("diff", REC, REC, "--format", "json"),
+    "diff-tsv": ("diff", REC, REC, "--format", "tsv"),
     "diff-html": ("diff", REC, REC, "--format", "html"),
 }
 CASES = pytest.mark.parametrize("cmd", list(WRITERS))
