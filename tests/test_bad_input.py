@@ -134,7 +134,6 @@ def test_huge_body_over_a_sparse_file_ends_at_once(tmp_path):
     hold it: the reader checks the body against the blocks the file really
     has, reads none of it, and the report names the batch in one line."""
     import struct
-    import time
 
     from click.testing import CliRunner
 
@@ -150,14 +149,18 @@ def test_huge_body_over_a_sparse_file_ends_at_once(tmp_path):
         f.write(data)
         f.truncate(len(data) + (2 << 30))
     assert os.stat(p).st_blocks * 512 < 10 << 20  # really sparse
-    t0 = time.monotonic()
+    def read_bytes():  # what this process read: a measure that a busy host doesn't change
+        with open("/proc/self/io") as f:
+            return int(next(ln for ln in f if ln.startswith("rchar:")).split()[1])
+
+    r0 = read_bytes()
     r = CliRunner().invoke(main, ["report", str(p), "--format", "json"])
-    took = time.monotonic() - t0
+    took = read_bytes() - r0
     assert r.exit_code == 0 and r.exception is None, r.output
     problems = json.loads(r.stdout)["recording"]["problems"]
     assert len(problems) == 1 and "declares a body of 2.0 GiB" in problems[0] \
         and "sparse file" in problems[0], problems
-    assert took < 2.0, f"{took:.2f} s"
+    assert took < 64 << 20, f"read {took} bytes of a 2 GiB sparse body"
     r = kvmtrace("report", p)  # the command as a user runs it: one note, no traceback
     assert r.returncode == 0 and r.stderr.startswith("kvmtrace: warning: "), r.stderr
     assert len(r.stderr.splitlines()) == 1  # the recording is incomplete: said on stderr
