@@ -33,6 +33,7 @@ import numpy as np
 import pandas as pd
 
 from .. import kvmapi
+from ..memtype import arm64 as a64
 from ..memtype import x86 as x86mt
 from . import vmas as vmas_mod
 from .model import VERDICT_ORDER, compare_memtypes
@@ -46,7 +47,7 @@ COLUMNS = [
     "vma", "vma_start", "vma_end", "vmflags", "vm_flags", "vm_page_prot", "pfnmap",
     "vma_count", "vma_covers", "vma_memtype", "vma_memtype_source", "vma_source",
     "installed_pages", "installed_memtype", "installed_levels", "installed_pfns",
-    "pat_memtype_list", "installed_source", "decided_by", "verdict", "reason",
+    "pat_memtype_list", "installed_source", "decided_by", "rule", "verdict", "reason",
 ]
 
 
@@ -216,12 +217,56 @@ def _installs(window, pid: int) -> pd.DataFrame | None:
     return d.sort_values("ts").drop_duplicates(["vm_fd", "gfn"], keep="last")
 
 
-def _window_words(window, seconds: float | None) -> str:
+def _window_words(window, seconds: float | None, arch: str = "x86_64",
+                  ctx: dict | None = None) -> str:
     lost = int(window.lost["lost"].sum()) if len(window.lost) else 0
     what = (f"the last mapping per page that a {seconds:g} s recording window saw KVM "
             f"install" if seconds else "the last mapping per page a recording saw KVM install")
-    return what + (f" ({lost:,} events lost)" if lost else "") + (
-        " (x86 KVM has no page-table dump to read)")
+    why = (" (x86 KVM has no page-table dump to read)" if arch == "x86_64" else
+           f" (arm64: kvm_pgtable_stage2_map's prot; {_stage2_dump_words(ctx or {})})")
+    return what + (f" ({lost:,} events lost)" if lost else "") + why
+
+
+def _stage2_dump_words(ctx: dict) -> str:
+    """What the arm64 stage-2 page-table dump (KVM's debugfs, 6.15+ with
+    CONFIG_PTDUMP_STAGE2_DEBUGFS) offers here, from the snapshot's context."""
+    d = ctx.get("stage2_dump") or {}
+    if d.get("paths"):
+        return ("a stage-2 page-table dump exists (" + ", ".join(d["paths"]) + ") but it "
+                "shows valid/R/W/XN/AF/block, not the memory attributes, so the type is not "
+                "read from it")
+    return d.get("why") or "no stage-2 page-table dump was looked for"
+
+
+def _arm64_rule(row: dict, g, ctx: dict) -> str:
+    """The arm64 rule that decides this range's stage-2 type (memtype/arm64.py's
+    expected_stage2, for a data fault), in the words ``kvmtrace report``'s
+    faults carry: the VMA's type and flags read now, the CPU's S2FWB / DIC, and
+    whether the frames are kernel memory (the window's pfns against System RAM;
+    without them: a VMA that is neither VM_PFNMAP nor VM_MIXEDMAP holds struct
+    pages)."""
+    import errno as errno_mod
+    kernel = ctx.get("kernel")
+    cpu = ctx.get("arm64") or {}
+    flags = row.get("vm_flags")
+    if flags is None or row.get("vma_count") in (0, None):
+        return a64.RULES["unknown"].words + " (no VMA read)"
+    pfn_is_ram = None
+    if g is not None and len(g):
+        pfn = pd.to_numeric(g["pfn"], errors="coerce").dropna()
+        if len(pfn) and ctx.get("ram") is not None:
+            pa = pfn.to_numpy(dtype=np.uint64) * np.uint64(PAGE)
+            hit = np.zeros(len(pa), bool)
+            for r in ctx["ram"]:
+                hit |= (pa >= np.uint64(r["start"])) & (pa < np.uint64(r["end"]))
+            pfn_is_ram = bool(hit.mean() >= 0.5)
+    if pfn_is_ram is None and not row.get("pfnmap"):
+        pfn_is_ram = True
+    vma_mt = str(row.get("vma_memtype") or "unknown").split("/")[0]
+    mt, err, words = a64.expected_stage2(
+        kernel, None if vma_mt == "unknown" else vma_mt, int(flags), pfn_is_ram,
+        cpu.get("fwb"), cpu.get("dic"), False)
+    return words + (f" [{errno_mod.errorcode.get(err, err)}]" if err else "")
 
 
 # -- the rows -------------------------------------------------------------------------
@@ -241,11 +286,13 @@ def answer(snap, gpa: tuple[int, int] | None = None, hva: tuple[int, int] | None
         vma_source = f"/proc/{pid}/smaps, read now (BPF VMA iterator unavailable: " \
                      f"{snap.vmas_source})"
     installs = _installs(window, pid)
-    inst_src = (_window_words(window, window_s) if window is not None else
+    arch = ctx.get("arch") or "x86_64"
+    inst_src = (_window_words(window, window_s, arch, ctx) if window is not None else
                 "not observed: x86 KVM has no page-table dump (--window SECONDS records what "
                 "KVM installs meanwhile)"
-                if (ctx.get("arch") or "x86_64") == "x86_64" else
-                "not observed: no stage-2 dump was read and no recording window was asked for")
+                if arch == "x86_64" else
+                f"not observed: {_stage2_dump_words(ctx)}; no recording window was asked for "
+                "(--window SECONDS records what KVM installs meanwhile)")
     decider = decided_by(ctx)
     x86ctx = ctx.get("x86") or {}
     pat_list, ram = x86ctx.get("pat_memtype_list"), x86ctx.get("ram") or ctx.get("ram")
@@ -321,8 +368,10 @@ def answer(snap, gpa: tuple[int, int] | None = None, hva: tuple[int, int] | None
                    range_gpa=lo, range_size=hi - lo, range_hva=hlo, vma_source=vma_source,
                    installed_source=inst_src, decided_by=decider)
         row.update(_vma_fields(over, hlo, hhi))
-        _kvm_side(row, installs, s, lo, hi, over, pat_list, ram, len(snap.vm_fds) == 1,
-                  window)
+        g = _kvm_side(row, installs, s, lo, hi, over, pat_list, ram, len(snap.vm_fds) == 1,
+                      window)
+        if arch == "aarch64":
+            row["rule"] = _arm64_rule(row, g, ctx)
         rows.append(row)
     return _frame(rows, attrs)
 
@@ -357,7 +406,7 @@ def _kvm_side(row: dict, installs, s, lo: int, hi: int, over: list[_Vma], pat_li
                    verdict="unknown",
                    reason=f"host VMA {vma_mt}; KVM's installed type "
                           f"{row['installed_source']}")
-        return
+        return None
     # a VM created before the window began is not known by its fd to the
     # recording (vm_fd < 0): its pages are placed by GPA when it is the
     # process's only VM
@@ -377,7 +426,7 @@ def _kvm_side(row: dict, installs, s, lo: int, hi: int, over: list[_Vma], pat_li
                           f"still mapped" + (f" ({zapped} page(s) installed, then unmapped by "
                           f"an invalidation)" if zapped else " (no guest access during the "
                           "window)"))
-        return
+        return g
     gfn = g["gfn"].to_numpy(dtype=np.uint64)
     page_hva = int(s.hva) + (gfn - np.uint64(int(s.gpa) // PAGE)).astype(np.int64) * PAGE
     # each installed page against the VMA that holds it
@@ -425,6 +474,7 @@ def _kvm_side(row: dict, installs, s, lo: int, hi: int, over: list[_Vma], pat_li
         row["verdict"] = "unknown"
         reason = f"unknown: {lost:,} events lost in the window; what was seen says: {reason}"
     row["reason"] = reason
+    return g
 
 
 def _version_start(window, s) -> int:
@@ -554,6 +604,8 @@ def to_text(df: pd.DataFrame) -> str:
                          + (f", pfns {r['installed_pfns']}" if r["installed_pfns"] else ""))
             if r["pat_memtype_list"]:
                 lines.append(f"  frames:    {r['pat_memtype_list']}")
+        if r.get("rule"):
+            lines.append(f"  rule:      {r['rule']}")
         lines.append(f"  verdict:   {r['verdict']}: {r['reason']}")
         lines.append("")
     return "\n".join(lines).rstrip("\n") + "\n"

@@ -516,13 +516,36 @@ def take(pid: int, reader: IteratorReader | None = None) -> Snapshot:
         smaps = procfs.read_smaps(pid)
         if smaps is None:
             raise SnapshotError(f"process {pid} exited while it was read")
+        ctx = context.host_context()
+        if ctx.get("arch") == "aarch64":
+            ctx["stage2_dump"] = stage2_dump(pid, fds)
         return Snapshot(pid=pid, comm=comm, vm_fds=fds, memslots=memslots,
                         memslots_source=ms_src, vms=vms, vmas=vmas, vmas_source=vma_src,
-                        smaps=smaps, context=context.host_context(),
+                        smaps=smaps, context=ctx,
                         taken_ns=time.monotonic_ns(), timings_ms=timings)
     finally:
         if own and reader is not None:
             reader.close()
+
+
+DEBUGFS_KVM = "/sys/kernel/debug/kvm"
+
+
+def stage2_dump(pid: int, fds, debugfs_kvm: str = DEBUGFS_KVM) -> dict:
+    """arm64: KVM's stage-2 page-table dump per VM (arch/arm64/kvm/ptdump.c,
+    6.15+ built with CONFIG_PTDUMP_STAGE2_DEBUGFS):
+    /sys/kernel/debug/kvm/PID-FD/stage2_page_tables. {"paths": [...]} when
+    present, else {"paths": [], "why": ...}."""
+    if not os.path.isdir(debugfs_kvm):
+        return {"paths": [], "why": f"no stage-2 page-table dump: {debugfs_kvm} is absent "
+                                    "(debugfs not mounted?)"}
+    paths = [p for p in (f"{debugfs_kvm}/{pid}-{fd}/stage2_page_tables" for fd in fds)
+             if os.path.exists(p)]
+    if paths:
+        return {"paths": paths}
+    return {"paths": [], "why": "this kernel has no stage-2 page-table dump (no "
+                                f"{debugfs_kvm}/{pid}-FD/stage2_page_tables: "
+                                "CONFIG_PTDUMP_STAGE2_DEBUGFS, 6.15+, not built in)"}
 
 
 def sources() -> dict:
