@@ -36,6 +36,7 @@ import stat
 import struct
 from dataclasses import dataclass, field
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -535,8 +536,17 @@ ROW_RULES = {
 }
 
 
+# Every table: CLOCK_MONOTONIC nanoseconds reach 2^63 after 292 years of uptime.
+TIME_COLUMNS = ("ts", "enter_ts", "exit_ts")
+ANY_TABLE_RULES = [("a timestamp at or past 2^63 ns (292 years of uptime)",
+                    lambda d: np.logical_or.reduce(
+                        [d[c].to_numpy(dtype="uint64") >= np.uint64(1 << 63)
+                         for c in TIME_COLUMNS if c in d and d[c].dtype.kind == "u"]
+                        or [np.zeros(len(d), dtype=bool)]))]
+
+
 def _apply_rules(name: str, df: pd.DataFrame, problems: list[str]) -> pd.DataFrame:
-    for why, rule in ROW_RULES.get(name, ()):
+    for why, rule in ANY_TABLE_RULES + ROW_RULES.get(name, []):
         if not len(df):
             break
         bad = rule(df)
