@@ -26,6 +26,7 @@ of kvmtrace.analysis.
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 
@@ -38,7 +39,7 @@ from ..memtype import x86 as x86mt
 from . import vmas as vmas_mod
 from .model import VERDICT_ORDER, compare_memtypes
 
-PAGE = 4096
+PAGE = os.sysconf("SC_PAGE_SIZE")  # query runs on the host it asks about (4K, 16K or 64K)
 MISMATCH = ("downgraded", "upgraded")
 
 COLUMNS = [
