@@ -305,7 +305,10 @@ def test_in_a_terminal(tmp_path, how):
     try:
         guest, pid, start = wait_guest(rep, rec)
         assert os.getpgid(pid) == os.getpgid(rec.pid)  # the terminal's foreground group
-        time.sleep(0.5)
+        end = time.monotonic() + 60  # the live table's first draw: waited for, not timed
+        while not (b"kvmtrace record:" in screen and b"t[/]y.kvt" in screen) \
+                and time.monotonic() < end:
+            time.sleep(0.1)
         assert b"kvmtrace record:" in screen and b"t[/]y.kvt" in screen, screen[-400:]
         if how == "ctrl-c":
             os.write(master, b"\x03")
