@@ -336,12 +336,17 @@ def _totals(model: Model, side: str) -> pd.DataFrame:
         e = ex[ex["pid"] == r.pid]
         rows.append({"side": side, "pid": int(r.pid), "proc": int(r.proc), "vm_fd": int(r.vm_fd),
                      "faults": len(f), "huge_share": float((f["level"] > 1).mean()) if len(f)
-                     else np.nan, "p50_us": float(f["service_ns"].median() / 1e3) if len(f)
-                     else np.nan, "userspace_exits": len(e),
+                     else np.nan, "p50_us": _p50_us(f["service_ns"]), "userspace_exits": len(e),
                      "exits": e["reason"].astype(int).value_counts().to_dict(),
                      "errors": int((model.errors["pid"] == r.pid).sum()),
                      "recorded_s": elapsed})
     return schema.DIFF_VMS.conform(pd.DataFrame(rows, columns=schema.DIFF_VMS.names))
+
+
+def _p50_us(service_ns: pd.Series) -> float:
+    """Median service time in us; NaN when no fault has one."""
+    med = service_ns.median() if len(service_ns) else pd.NA
+    return float(med) / 1e3 if pd.notna(med) else np.nan
 
 
 def _method(base: Model, new: Model) -> str:

@@ -18,7 +18,7 @@ DEFAULT_PAGE = 4096  # recordings made before page_size was stored: all x86 / 4K
 def page_size(meta: dict) -> int:
     try:
         p = int((meta or {}).get("page_size") or DEFAULT_PAGE)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # a damaged meta value
         return DEFAULT_PAGE
     return p if p in (4096, 16384, 65536) else DEFAULT_PAGE
 
