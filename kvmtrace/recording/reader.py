@@ -638,7 +638,7 @@ def _read(path: str, fd: int) -> Recording:
         tables[name] = _table(name, parts.get(name) or [], typ, dropped)
     for name, n in dropped.items():
         problems.append(f"table {name}: {n} row(s) with missing values ignored (corrupt)")
-    for name in ROW_RULES:
+    for name in tables:  # ANY_TABLE_RULES hold for every table, ROW_RULES for theirs
         tables[name] = _apply_rules(name, tables[name], problems)
     tables["notes"] = _clean_notes(tables["notes"], problems)
     return Recording(path, meta, version, tables, complete, batches, problems)
