@@ -73,6 +73,9 @@ CASE_TIMEOUT = 60.0          # seconds; a hang is a failure
 SPARSE_CASE_LIMIT = 2.0      # seconds to read a file declaring a huge body over a hole
 
 V2_SOURCES = ("x86-pvm-demo.kvt", "arm64/cbar-7.x.kvt")
+# Re-written with every batch compressed (schema version 3; the writer leaves
+# small batches uncompressed, so the fixtures' own batches would not be).
+COMPRESSED_SOURCES = ("x86-pvm-demo.kvt",)
 
 
 def fixture_paths() -> list[Path]:
@@ -81,11 +84,18 @@ def fixture_paths() -> list[Path]:
 
 # -- corpus ---------------------------------------------------------------------
 
-def rewrite_v2(src: Path, dst: Path):
-    """``src`` re-written by the current writer (version 2, sealed batches),
-    batch for batch."""
+def rewrite_v2(src: Path, dst: Path, compress_all: bool = False):
+    """``src`` re-written by the current writer (version 2 or later, sealed
+    batches), batch for batch; ``compress_all``: every batch compressed."""
+    from kvmtrace.recording import writer as writer_mod
     from kvmtrace.recording.writer import RecordingWriter
 
+    if compress_all:
+        saved, writer_mod.COMPRESS_FROM = writer_mod.COMPRESS_FROM, 0
+        try:
+            return rewrite_v2(src, dst)
+        finally:
+            writer_mod.COMPRESS_FROM = saved
     with pa.ipc.open_stream(pa.py_buffer(src.read_bytes())) as r:
         meta = json.loads(r.schema.metadata[fmt.META_KEY])
         w = RecordingWriter(str(dst), meta)
@@ -105,13 +115,15 @@ def make_corpus(d: Path) -> dict[str, bytes]:
     out = {}
     for p in fixture_paths():
         out[str(p.relative_to(FIXTURES))] = p.read_bytes()
-    for name in V2_SOURCES:
-        dst = d / ("v2-" + name.replace("/", "-"))
-        if not dst.exists():  # made aside and renamed: workers may look at once
-            tmp = d / f".{dst.name}.{os.getpid()}"
-            rewrite_v2(FIXTURES / name, tmp)
-            os.replace(tmp, dst)
-        out[dst.name] = dst.read_bytes()
+    for prefix, names, compress_all in (("v2-", V2_SOURCES, False),
+                                        ("v2-z-", COMPRESSED_SOURCES, True)):
+        for name in names:
+            dst = d / (prefix + name.replace("/", "-"))
+            if not dst.exists():  # made aside and renamed: workers may look at once
+                tmp = d / f".{dst.name}.{os.getpid()}"
+                rewrite_v2(FIXTURES / name, tmp, compress_all)
+                os.replace(tmp, dst)
+            out[dst.name] = dst.read_bytes()
     return out
 
 

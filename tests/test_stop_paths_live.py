@@ -383,9 +383,10 @@ def test_stderr_closed_does_not_stop_recording(tmp_path):
 
 
 def test_signal_before_recording_begins(tmp_path):
-    """Ctrl-C during the BPF compile: one line, 128+2, no file."""
+    """Ctrl-C during the BPF compile: one line, 128+2, no file. (--no-cache: a
+    program from the compile cache loads in a tenth of a second.)"""
     out = tmp_path / "early.kvt"
-    rec = subprocess.Popen(record_cmd(out, "--", "sleep", "100"), cwd=ROOT,
+    rec = subprocess.Popen(record_cmd(out, "--no-cache", "--", "sleep", "100"), cwd=ROOT,
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     time.sleep(1.5)  # imports done (0.7 s), compiling (5 to 9 s on the loaded host)
     assert not out.exists()

@@ -13,7 +13,6 @@ import time
 
 from .. import __version__
 from ..host import arm64, kvm, procfs
-from ..memtype import x86 as x86mt
 
 
 def clock_base() -> dict:
@@ -32,6 +31,8 @@ def pat_config() -> dict:
     m = re.search(r"x86/PAT: Configuration \[0-7\]:\s+((?:\S+\s*){8})", out)
     if m:
         return {"entries": m[1].split(), "source": "dmesg"}
+    from ..memtype import x86 as x86mt  # numpy: imported only when needed (start-up)
+
     return {"entries": list(x86mt.LINUX_PAT), "source": x86mt.LINUX_PAT_SOURCE}
 
 

@@ -38,15 +38,11 @@ import time
 import traceback
 from dataclasses import dataclass, field
 
-import numpy as np
-
 from ..host import btf, procfs
 from ..probes import codegen
 from ..probes.load import LoadedProbes, ProbeLoadError, load_probes
 from .. import outputs
-from ..recording.writer import RecordingWriter
 from . import child, context, hostload, loss
-from .ringbuf import RingReader
 
 
 GRACE_S = 3.0  # between SIGTERM and SIGKILL when record stops the command
@@ -96,7 +92,9 @@ class Options:
     poll_s: float = 0.02
     force: bool = False  # replace an existing regular file (never a link)
     leave_running: bool = False  # the launched command outlives record
-    buffer_pages: int | None = None  # pages of each high-rate ring (default: declared)
+    # pages of each high-rate ring, or {event name: pages} (default: what each
+    # kind's expected rate calls for, probes.codegen.ring_pages)
+    buffer_pages: int | dict | None = None
 
 
 @dataclass
@@ -220,16 +218,26 @@ class Session:
         self.snapshotted_pids.add(pid)
 
     def _drain(self, readers, writer):
+        memslot_pids = self._read_rings(readers, writer)
+        for pid in memslot_pids:
+            self._snapshot(writer, pid, "memslot")
+            # a snapshot takes tens of ms: read the other rings after each (not
+            # memslot: its next records must trigger their own snapshots)
+            self._read_rings(readers, writer, skip="memslot")
+
+    def _read_rings(self, readers, writer, skip=None) -> set[int]:
+        """Read every ring (but ``skip``); the pids of memslot events read."""
         memslot_pids = set()
         for ev, rd in readers:
+            if ev.name == skip:
+                continue
             recs = rd.read()
             if len(recs):
                 writer.add_events(ev.name, recs)
                 self.stats.events[ev.name] = self.stats.events.get(ev.name, 0) + len(recs)
                 if ev.name == "memslot":
-                    memslot_pids.update(int(p) for p in np.unique(recs["pid"]))
-        for pid in memslot_pids:
-            self._snapshot(writer, pid, "memslot")
+                    memslot_pids.update(set(recs["pid"].tolist()))
+        return memslot_pids
 
     def _lost(self, b, events, writer):
         table = b["kvmtrace_lost_count"]
@@ -272,12 +280,17 @@ class Session:
         opts = self.opts
         self._precheck()
         loaded = self._load_probes(filter_pids=bool(opts.pids or opts.command))
+
         b, prog, hdr = loaded.bpf, loaded.program, loaded.headers
         self.btf = loaded.selection.btf
         for pid in opts.pids:
             if not os.path.exists(f"/proc/{pid}"):
                 raise RecordError(f"process {pid} exited before recording began", code=2)
             self._add_pid(b, pid)
+        # numpy (the ring reader) is imported once the probes are attached and
+        # filtering: its import (0.1 to 0.2 s) does not delay the first event
+        from .ringbuf import RingReader
+
         readers = []
         for ev in prog.events:
             table = b[codegen.ring_name(ev)]
@@ -298,10 +311,16 @@ class Session:
                             "matches_kernel": hdr.matches_kernel},
             "btf": btf.context(self.btf, prog.cflags),
             "vma_lookup": prog.vma_lookup,  # in-BPF VMA lookup at memslot ioctls, or why not
+            "ring_pages": {ev.name: rd.size // codegen.PAGE_SIZE for ev, rd in readers},
+            "bpf_cache": loaded.cache,  # compiled, or loaded from the compile cache
         })
         # from here a stop signal ends the recording cleanly instead of raising
         self._phase = "recording"
         try:
+            # imported here: pyarrow's import (0.1 s) comes after the probes are
+            # attached, so it does not delay the first event recorded
+            from ..recording.writer import RecordingWriter
+
             writer = RecordingWriter(opts.output, meta, force=opts.force)
         except OSError as e:  # outputs.OutputError included
             failed = e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO)  # else: the path

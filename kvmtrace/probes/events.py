@@ -56,7 +56,10 @@ class Event:
     # same thread (e.g. VMA lookups made by kvm_arch_prepare_memory_region).
     inside: str | None = None
     on_return: bool = False  # a return probe alone fills it (e.g. a returned pointer)
-    ring_pages: int = 16  # BPF ring buffer size in pages (power of two)
+    # Events per second this kind can sustain on a busy host: its ring buffer
+    # is sized to hold what arrives while the collector is not reading
+    # (codegen.ring_pages; what was measured: next to FAULT_RATE below).
+    rate: int = 2_000
     # Wake the collector at once (rare events that trigger work such as a
     # smaps snapshot); others are polled, which is cheaper per event.
     wakeup: bool = False
@@ -88,10 +91,24 @@ HEADER = (
 )
 
 
-def _tp(name, tracepoint, doc, fields, ring_pages=16, where=None):
+# Expected peak rates (events/s, sustained over a quarter second), from
+# measurements on the development host: a test-VMM guest faults up to about
+# 220,000 pages/s untraced (one pt_walk, spte_requested and set_spte each per
+# fault; bench/fault_overhead.py); a QEMU start (bench/qemu_burst.py) makes
+# 20,520 kvm_mmio events in its busiest quarter second (82,000/s; 1.2 M/s
+# within 1 ms), up to 6,600 userspace exits/s, 1,100 invalidations/s and 84
+# memslot ioctls/s. Declared with headroom.
+FAULT_RATE = 250_000   # one event per fault, per kind
+MMIO_RATE = 250_000
+EXIT_RATE = 100_000
+INVALIDATION_RATE = 20_000
+RARE_RATE = 2_000      # memslot and VM ioctls, process exits
+
+
+def _tp(name, tracepoint, doc, fields, rate=RARE_RATE, where=None):
     """An event that copies a tracepoint's arguments field for field."""
     return Event(
-        name=name, doc=doc, tracepoint=tracepoint, ring_pages=ring_pages, where=where,
+        name=name, doc=doc, tracepoint=tracepoint, rate=rate, where=where,
         fields=tuple(Field(n, t, d, src or f"args->{n}") for n, t, d, src in fields),
     )
 
@@ -163,7 +180,7 @@ PT_WALK = _tp(
     "KVM walks the guest's page tables for a fault (shadow paging): fault start",
     [("addr", "u64", "guest virtual (or nested guest physical) address", None),
      ("pferr", "u32", "page-fault error code: P=1 W=2 U=4 RSVD=8 F(etch)=16", None)],
-    ring_pages=1024,
+    rate=FAULT_RATE,
 )
 
 SPTE_REQUESTED = _tp(
@@ -172,7 +189,7 @@ SPTE_REQUESTED = _tp(
     [("gfn", "u64", "guest frame number", None),
      ("pfn", "u64", "host physical frame number", None),
      ("level", "u8", "1 = 4K, 2 = 2M, 3 = 1G", None)],
-    ring_pages=1024,
+    rate=FAULT_RATE,
     where=("gfn", "gfn"),
 )
 
@@ -185,7 +202,7 @@ SET_SPTE = _tp(
      ("r", "u8", "readable", None),
      ("x", "u8", "executable", None),
      ("u", "s8", "user accessible (-1 when not applicable)", None)],
-    ring_pages=1024,
+    rate=FAULT_RATE,
     where=("gfn", "gfn"),
 )
 
@@ -197,7 +214,7 @@ TDP_SPTE_CHANGED = _tp(
      ("new_spte", "u64", "new spte", None),
      ("level", "u8", "1 = 4K, 2 = 2M, 3 = 1G", None),
      ("as_id", "u8", "address space", None)],
-    ring_pages=1024,
+    rate=FAULT_RATE,
     where=("gfn", "gfn"),
 )
 
@@ -210,7 +227,7 @@ FAST_PAGE_FAULT = _tp(
      ("old_spte", "u64", "spte before", None),
      ("new_spte", "u64", "spte after", None),
      ("ret", "s32", "RET_PF_* (5 fixed, 6 spurious)", None)],
-    ring_pages=256,
+    rate=FAULT_RATE // 5,
 )
 
 PAGE_FAULT = _tp(
@@ -220,7 +237,7 @@ PAGE_FAULT = _tp(
      ("guest_rip", "u64", "guest instruction pointer", None),
      ("fault_address", "u64", "faulting address (GPA for TDP)", None),
      ("error_code", "u64", "error code / exit qualification", None)],
-    ring_pages=1024,
+    rate=FAULT_RATE,
 )
 
 MMIO_PAGE_FAULT = _tp(
@@ -229,7 +246,7 @@ MMIO_PAGE_FAULT = _tp(
     [("addr", "u64", "faulting address", None),
      ("gfn", "u64", "guest frame number", None),
      ("access", "u32", "access bits", None)],
-    ring_pages=256,
+    rate=FAULT_RATE // 5,
     where=("gfn", "gfn"),
 )
 
@@ -238,7 +255,7 @@ UNMAP_HVA_RANGE = _tp(
     "mmu-notifier invalidation of a host virtual range (COW break, munmap, ...)",
     [("start", "u64", "host virtual start", None),
      ("end", "u64", "host virtual end", None)],
-    ring_pages=64,
+    rate=INVALIDATION_RATE,
 )
 
 MMIO = _tp(
@@ -248,7 +265,7 @@ MMIO = _tp(
      ("len", "u32", "access length", None),
      ("gpa", "u64", "guest physical address", None),
      ("val", "u64", "value", None)],
-    ring_pages=256,
+    rate=MMIO_RATE,
     where=("gpa", "byte"),
 )
 
@@ -257,7 +274,7 @@ USERSPACE_EXIT = _tp(
     "KVM_RUN returned to the VMM: exit reason, or errno",
     [("reason", "u32", "KVM_EXIT_* reason", None),
      ("errno", "s32", "negative errno when KVM_RUN failed", None)],
-    ring_pages=256,
+    rate=EXIT_RATE,
 )
 
 def _slot(name, member, doc, ctype="u64", arg="PT_REGS_PARM3(ctx)"):
@@ -314,7 +331,7 @@ FAULT_HANDLER_X86 = Event(
     (Field("addr", "u64", "faulting address (x86: cr2_or_gpa)", "PT_REGS_PARM2(ctx)"),
      Field("error_code", "u64", "x86 error code", "PT_REGS_PARM3(ctx)"),
      RET, EXIT_TS),
-    kprobe="kvm_mmu_page_fault", ring_pages=1024,
+    kprobe="kvm_mmu_page_fault", rate=FAULT_RATE,
 )
 
 # -- arm64 stage 2 (kprobes; docs/arm64-probe-points.md has the signatures) --
@@ -328,7 +345,7 @@ S2_MAP = Event(
      Field("phys", "u64", "host physical address", "PT_REGS_PARM4(ctx)"),
      Field("prot", "u64", "enum kvm_pgtable_prot bits", "PT_REGS_PARM5(ctx)"),
      RET, EXIT_TS),
-    kprobe="kvm_pgtable_stage2_map", where=("ipa", "byte"), ring_pages=1024,
+    kprobe="kvm_pgtable_stage2_map", where=("ipa", "byte"), rate=FAULT_RATE,
 )
 
 S2_RELAX = Event(
@@ -338,7 +355,7 @@ S2_RELAX = Event(
     (Field("ipa", "u64", "guest physical address", "PT_REGS_PARM2(ctx)"),
      Field("prot", "u64", "enum kvm_pgtable_prot bits", "PT_REGS_PARM3(ctx)"),
      RET, EXIT_TS),
-    kprobe="kvm_pgtable_stage2_relax_perms", where=("ipa", "byte"), ring_pages=256,
+    kprobe="kvm_pgtable_stage2_relax_perms", where=("ipa", "byte"), rate=FAULT_RATE // 5,
 )
 
 GUEST_ABORT = Event(
@@ -346,7 +363,7 @@ GUEST_ABORT = Event(
     "kvm_handle_guest_abort(vcpu), entry to return: the whole stage-2 abort's "
     "service time and result (1 = resume the guest, < 0 = KVM_RUN fails)",
     (RET, EXIT_TS),
-    kprobe="kvm_handle_guest_abort", ring_pages=1024,
+    kprobe="kvm_handle_guest_abort", rate=FAULT_RATE,
 )
 
 USER_MEM_ABORT = Event(
@@ -354,7 +371,7 @@ USER_MEM_ABORT = Event(
     "user_mem_abort, entry to return (an out-of-line symbol from 7.1): its errno "
     "names the rule that refused a fault (-EFAULT, -ENOEXEC)",
     (RET, EXIT_TS),
-    kprobe="user_mem_abort", ring_pages=256,
+    kprobe="user_mem_abort", rate=FAULT_RATE // 5,
 )
 
 GUEST_FAULT = _tp(
@@ -364,7 +381,7 @@ GUEST_FAULT = _tp(
      ("esr", "u64", "ESR_EL2 (syndrome)", "args->hsr"),
      ("far", "u64", "FAR_EL2", "args->hxfar"),
      ("ipa", "u64", "faulting IPA", None)],
-    ring_pages=1024,
+    rate=FAULT_RATE,
     where=("ipa", "byte"),
 )
 

@@ -15,6 +15,7 @@ can still list every probe when the program does not load.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -60,6 +61,11 @@ class LoadedProbes:
         """Probe name -> why it was left out."""
         return self.selection.unavailable
 
+    @property
+    def cache(self) -> dict:
+        """What the compile cache did (bccload.load): status, reason, ms."""
+        return getattr(self.bpf, "kvmtrace_cache", {"status": "off"})
+
     def cleanup(self):
         self.bpf.cleanup()
 
@@ -99,14 +105,20 @@ def select(probes: str | Sequence[Probe] = "all") -> Selection:
     return sel
 
 
+CACHE_ENV = "KVMTRACE_BPF_CACHE"  # =0: never use the compile cache (record --no-cache)
+
+
 def load_probes(probes: str | Sequence[Probe] = "all", *, filter_pids: bool,
-                buffer_pages: int | None = None) -> LoadedProbes:
+                buffer_pages: int | dict | None = None,
+                cache: bool | None = None) -> LoadedProbes:
     """Select ``probes``, build the program for the usable ones and load it
     with every one of them attached.
 
     ``filter_pids``: the program only traces pids in its ``kvmtrace_pids``
     map (record's --pid and launched command); ``buffer_pages`` resizes the
-    high-rate rings (codegen.ring_pages). Raises ProbeLoadError."""
+    high-rate rings, or the kinds a dict names (codegen.ring_pages); ``cache``:
+    load from / store in the compile cache (host/bpfcache.py; default: unless
+    $KVMTRACE_BPF_CACHE is 0). Raises ProbeLoadError."""
     sel = select(probes)
     usable = sel.usable
     if not any(p.group in ("memslots", "faults") for p in usable):
@@ -120,8 +132,12 @@ def load_probes(probes: str | Sequence[Probe] = "all", *, filter_pids: bool,
     prog = program.build(usable, filter_pids,
                          catalogue.offsets(usable, sel.btf) if sel.btf else {},
                          buffer_pages=buffer_pages)
+    if cache is None:
+        cache = os.environ.get(CACHE_ENV) != "0"
+    # the cache loads tracepoint programs only (bpfcache.CachedBPF): with kprobes, compile
+    cache = cache and not prog.attach
     try:
-        b = bccload.load(prog.text, cflags + prog.cflags, after=prog.attach_all)
+        b = bccload.load(prog.text, cflags + prog.cflags, after=prog.attach_all, cache=cache)
     except bccload.BPFLoadError as e:
         raise ProbeLoadError("bpf", str(e), sel) from None
     return LoadedProbes(b, prog, sel, hdr)

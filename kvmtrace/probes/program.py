@@ -131,10 +131,11 @@ def _vm_ioctl_assigns() -> str:
 
 
 def build(probes, filter_pids: bool, offsets: dict | None = None,
-          buffer_pages: int | None = None) -> Program:
+          buffer_pages: int | dict | None = None) -> Program:
     """The program for ``probes``; ``offsets`` maps (struct, member) to a byte
     offset from the running kernel's BTF for every member a kprobe reads;
-    ``buffer_pages`` resizes the high-rate rings (codegen.ring_pages)."""
+    ``buffer_pages`` resizes the high-rate rings, or the kinds a dict names
+    (codegen.ring_pages)."""
     names: list[str] = []
     for p in probes:
         names += [e for e in p.events if e not in names]

@@ -27,6 +27,12 @@ message body. A reader checks a batch before decoding its body: a flipped bit,
 a lost or duplicated block or a batch moved elsewhere in the file is named, and
 the body is never decoded. Version-1 recordings have no checksums and are read
 with structural validation only.
+
+Compression (version 3 onwards): batch bodies are compressed with Arrow IPC
+buffer compression (zstd; lz4 is read too), each buffer prefixed with its
+uncompressed length as Arrow defines it. The checksum covers the body as it
+is on disk, compressed, so damage is still found before anything is
+decompressed. Versions 1 and 2 never have compressed bodies.
 """
 
 from __future__ import annotations
@@ -41,16 +47,23 @@ import pyarrow as pa
 from ..probes.codegen import event_dtype
 from ..probes.events import EVENTS
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 VERSION_KEY = b"kvmtrace.schema_version"
 META_KEY = b"kvmtrace.meta"
 HEADER_CRC_KEY = b"kvmtrace.header_crc32"   # schema metadata, version 2+
 SEQ_KEY = b"kvmtrace.batch"                 # record batch custom metadata, version 2+
 CRC_KEY = b"kvmtrace.crc32"                 # record batch custom metadata, version 2+
 CHECKSUMS_SINCE = 2
+COMPRESSED_SINCE = 3  # batch bodies may be compressed (Arrow IPC buffer compression)
 
 _NP_TO_PA = {np.dtype(t): pa.from_numpy_dtype(np.dtype(t))
              for t in ("u1", "i1", "u2", "i2", "u4", "i4", "u8", "i8")}
+_PA_TO_NP = {v: k for k, v in _NP_TO_PA.items()}
+
+
+def numpy_dtype(typ: pa.DataType) -> np.dtype:
+    """The numpy dtype of an integer Arrow type."""
+    return _PA_TO_NP[typ]
 
 VMA_FIELDS = [
     ("ts", pa.uint64()), ("pid", pa.uint32()), ("reason", pa.string()),
@@ -240,3 +253,24 @@ def parse_message(meta: bytes) -> MessageInfo:
     except (struct.error, IndexError, OverflowError) as e:  # defensive: _get checks bounds
         raise FormatError(f"malformed message metadata ({type(e).__name__})") from None
     return MessageInfo(kind, body_length, custom, batch)
+
+
+def custom_value_span(meta: bytes, key: bytes) -> tuple[int, int] | None:
+    """(start, length) of the value of ``key`` in a message's custom metadata,
+    as offsets into ``meta`` (the flatbuffer ``Message``), or None. The writer
+    seals a batch by overwriting a placeholder of the same length there."""
+    fb = _Flat(meta)
+    try:
+        kv = fb.ref(fb.root(), 4)
+        if kv is None:
+            return None
+        start, n = fb.vector(kv, 4)
+        for i in range(n):
+            p = start + 4 * i
+            t = fb.table(p + fb._get("<I", p))
+            k, v = fb.ref(t, 0), fb.ref(t, 1)
+            if k is not None and v is not None and fb.string(k) == key:
+                return v + 4, fb.vector(v, 1)[1]
+    except (struct.error, IndexError, OverflowError) as e:
+        raise FormatError(f"malformed message metadata ({type(e).__name__})") from None
+    return None

@@ -12,9 +12,11 @@ size, and for a sparse file the blocks actually allocated) before anything is
 read or allocated, so a corrupt length cannot make the reader allocate or
 read gigabytes. A batch is then checked in this order, and the first failure
 ends the recording there (what came before is kept, like a cut-off file, with
-the problem named in ``problems``): it is a record batch, uncompressed, its
+the problem named in ``problems``): it is a record batch, its
 checksum and sequence number match (version 2+; the body is never decoded
-when they do not), Arrow decodes it against the expected schema, and
+when they do not), a compressed body (version 3+ only) declares no more
+uncompressed bytes than the file's budget (DECOMPRESSED_RATIO times its
+size, over all its batches), Arrow decodes it against the expected schema, and
 ``validate(full=True)`` accepts it (offsets, lengths, UTF-8). The schema must
 hold only known tables of their exact types (an older recording may lack
 newer tables, which read as empty, and newer fields of a table, which read as
@@ -23,7 +25,8 @@ type-checked: a damaged header is a one-line RecordingError, a damaged
 optional key is dropped with a problem noted. Rows with missing values,
 notes that are not JSON of their kind and rows the kernel cannot have
 produced (ROW_RULES) are dropped (the writer writes none of them) and
-counted in ``problems``. Memory and time are bounded by the file's real size.
+counted in ``problems``. Memory and time are bounded by the file's real size
+(times DECOMPRESSED_RATIO for compressed bodies).
 """
 
 from __future__ import annotations
@@ -405,15 +408,52 @@ def _check_seal(frame: _Frame, body: bytes, index: int, version: int):
         raise _BadBatch(f"holds batch {seq + 1} (a block duplicated or moved on disk)")
 
 
+def _decompressed_size(header: fmt.BatchHeader, body) -> int:
+    """What decompressing a batch would allocate: the sum of the uncompressed
+    lengths its buffers declare (Arrow IPC: each non-empty compressed buffer
+    starts with its uncompressed length as an int64, -1 for a buffer stored
+    uncompressed). Buffers that do not lie in the body count as nothing here:
+    Arrow refuses them."""
+    total = 0
+    for off, length in struct.iter_unpack("<qq", header.buffers):
+        if length >= 8 and 0 <= off <= len(body) - 8:
+            n = struct.unpack_from("<q", body, off)[0]
+            total += max(n, 0)  # -1: stored as it is, sliced, not allocated
+    return total
+
+
+class _Budget:
+    """Bytes that decompressing the batches of one file may allocate in all:
+    DECOMPRESSED_RATIO times the file's size, plus DECOMPRESSED_SLACK. Real
+    recordings compress 2 to 10 times (bench/bytes_per_event.py); a file
+    declaring more is refused before Arrow allocates anything."""
+
+    def __init__(self, size: int):
+        self.left = DECOMPRESSED_SLACK + DECOMPRESSED_RATIO * size
+
+    def take(self, n: int):
+        if n > self.left:
+            raise _BadBatch(f"declares {_size(n)} of compressed data, more than a recording "
+                            f"of this size can hold (corrupt)")
+        self.left -= n
+
+
+DECOMPRESSED_RATIO = 256
+DECOMPRESSED_SLACK = 16 << 20
+
+
 def _decode(data: bytes, frame: _Frame, index: int, version: int,
-            schema: pa.Schema) -> pa.RecordBatch:
+            schema: pa.Schema, budget: _Budget | None = None) -> pa.RecordBatch:
     info = frame.info
     if info.kind != fmt.MSG_RECORD_BATCH:
         raise _BadBatch(f"a {fmt.MESSAGE_TYPES.get(info.kind, 'unknown')} message where a "
                         f"record batch belongs")
+    if info.batch.compressed and version < fmt.COMPRESSED_SINCE:
+        raise _BadBatch(f"compressed body (a version-{version} recording has none)")
+    body = memoryview(data)[8 + frame.meta_len:]
+    _check_seal(frame, body, index, version)
     if info.batch.compressed:
-        raise _BadBatch("compressed body (kvmtrace never writes one)")
-    _check_seal(frame, memoryview(data)[8 + frame.meta_len:], index, version)
+        (budget or _Budget(len(data))).take(_decompressed_size(info.batch, body))
     try:
         batch = pa.ipc.read_record_batch(pa.ipc.read_message(pa.py_buffer(data)), schema)
         batch.validate(full=True)
@@ -603,12 +643,13 @@ def _read(path: str, fd: int) -> Recording:
     parts: dict[str, list] = {n: [] for n in names}
     dropped: dict[str, int] = {}
     complete, batches = True, 0
+    budget = _Budget(size)
     for i, frame in enumerate(batch_frames):
         data = _pread(fd, frame.size, frame.offset)
         try:
             if len(data) < frame.size:
                 raise _BadBatch("cut short while reading (the file changed)")
-            batch = _decode(data, frame, i, version, decode)
+            batch = _decode(data, frame, i, version, decode, budget)
             _rows(batch, parts, dropped)
         except _BadBatch as e:
             complete = False
