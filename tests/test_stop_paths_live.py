@@ -339,6 +339,10 @@ def test_command_signal_dispositions(tmp_path, nohup):
     out = tmp_path / "n.kvt"
 
     def pre():
+        # a known start, whatever this test's parent ignores (a shell's
+        # background job starts with SIGINT and SIGQUIT ignored)
+        for sig in (signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_DFL)
         if nohup:
             signal.signal(signal.SIGHUP, signal.SIG_IGN)
     rec = subprocess.Popen(record_cmd(out, "--", "sleep", "300"), cwd=ROOT,

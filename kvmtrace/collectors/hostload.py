@@ -62,54 +62,62 @@ class HostLoad:
 
     ``sample`` may be called as often as record flushes: it takes an interval
     only when ``MIN_INTERVAL_S`` has passed (about 160 us a sample, measured
-    on the development host)."""
+    on the development host). The intervals' boundaries are kept (one small
+    dict a second) so that the end can fold a short last interval into the
+    one before it: the intervals then cover the whole run exactly and its
+    share always lies between their minimum and maximum."""
 
     def __init__(self):
-        self.first = self.prev = cpu_times()
-        self.t0 = self.t_prev = time.monotonic()
+        self.first = cpu_times()
+        self.t0 = time.monotonic()
+        self.bounds = [(self.t0, self.first)] if self.first else []
         la = loadavg()
         self.start = la
-        self.samples = 0
-        self.range: dict[str, list[float]] = {}  # name -> [min, max]
-        if la:
-            self._see("load1", la["load1"])
-
-    def _see(self, name: str, v: float):
-        r = self.range.get(name)
-        if r is None:
-            self.range[name] = [v, v]
-        else:
-            r[0], r[1] = min(r[0], v), max(r[1], v)
+        self.load1 = [la["load1"]] if la else []
 
     def sample(self, final: bool = False):
-        """One interval: the load average now, the CPU shares since the last
-        sample. The last interval of a run counts in min / max only when at
-        least half as long as the others; it always counts in the whole run."""
+        """An interval boundary when ``MIN_INTERVAL_S`` has passed since the
+        last one (or at the end): the load average now and /proc/stat."""
         t = time.monotonic()
-        if not final and t - self.t_prev < MIN_INTERVAL_S:
+        if not final and self.bounds and t - self.bounds[-1][0] < MIN_INTERVAL_S:
             return None
         la = loadavg()
         if la:
-            self._see("load1", la["load1"])
+            self.load1.append(la["load1"])
         now = cpu_times()
-        if now and self.prev:
-            sh = _shares(self.prev, now)
-            if sh:  # an interval shorter than a clock tick has no shares
-                if t - self.t_prev >= MIN_INTERVAL_S / 2:
-                    self.samples += 1
-                    for k, v in sh.items():
-                        self._see(k, v)
-                self.prev, self.t_prev = now, t
+        if now and self.bounds and _shares(self.bounds[-1][1], now):
+            # (an interval shorter than a clock tick has no shares: skipped)
+            self.bounds.append((t, now))
         return la
+
+    def intervals(self) -> list[dict]:
+        """The CPU shares per interval, a short last one folded into the one
+        before (it is a few clock ticks: 0% or 100%)."""
+        b = list(self.bounds)
+        if len(b) >= 3 and b[-1][0] - b[-2][0] < MIN_INTERVAL_S / 2:
+            del b[-2]
+        return [sh for (_, x), (_, y) in zip(b, b[1:]) if (sh := _shares(x, y))]
 
     def start_note(self) -> dict:
         return {"phase": "start", "cpus": os.cpu_count(), "loadavg": self.start}
 
     def end_note(self) -> dict:
         la = self.sample(final=True)
-        whole = _shares(self.first, self.prev) if self.first and self.prev else None
-        r = {k: {"min": round(v[0], 2), "max": round(v[1], 2)} for k, v in self.range.items()}
-        for k, v in (whole or {}).items():
-            r.setdefault(k, {})["run"] = round(v, 2)
-        return {"phase": "end", "cpus": os.cpu_count(), "loadavg": la, "intervals": self.samples,
+        shares = self.intervals()
+        r = {}
+        if self.load1:
+            r["load1"] = {"min": min(self.load1), "max": max(self.load1)}
+        if len(self.bounds) >= 2:
+            t_span = self.bounds[-1][0] - self.bounds[0][0]
+            for k in shares[0] if shares else ():
+                vals = [sh[k] for sh in shares]
+                r[k] = {"min": round(min(vals), 2), "max": round(max(vals), 2)}
+            whole = _shares(self.bounds[0][1], self.bounds[-1][1]) or {}
+            for k, v in whole.items():
+                r.setdefault(k, {})["run"] = round(v, 2)
+            if t_span < MIN_INTERVAL_S / 2:  # too short for intervals: only the run
+                shares = []
+                for k in whole:
+                    r[k] = {"run": r[k]["run"]}
+        return {"phase": "end", "cpus": os.cpu_count(), "loadavg": la, "intervals": len(shares),
                 "seconds": round(time.monotonic() - self.t0, 3), **r}
