@@ -336,15 +336,17 @@ def _record_pids(ctx, param, values):
               help="seconds between flushes to disk, 0.05 to 3600 (a SIGKILL loses at most "
                    "this much)")
 @click.option("-m", "--buffer-size", "buffer_pages", metavar="PAGES", callback=_ring_pages,
-              help="pages (4 KiB) of each fault-path ring buffer, a power of two "
-                   "(default 1024 = 4 MiB; perf's -m habit)")
+              help="pages (of the host's page size) of each fault-path ring buffer, a "
+                   "power of two (default: 4 MiB of pages; perf's -m habit)")
 @click.option("--leave-running", is_flag=True,
               help="COMMAND outlives record: not stopped when recording stops, not killed "
                    "if record dies")
-@click.option("--no-cache", is_flag=True, expose_value=False, callback=lambda c, p, v: v and os.environ.__setitem__("KVMTRACE_BPF_CACHE", "0"), help="compile the BPF program even if the compile cache (/var/cache/kvmtrace/bpf) holds it")  # noqa: E501
+@click.option("--no-cache", is_flag=True,
+              help="compile the BPF program even if the compile cache "
+                   "(/var/cache/kvmtrace/bpf) holds it")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 def record(output, pids, duration, probes, force, flush_interval, buffer_pages, leave_running,
-           command):
+           no_cache, command):
     """Record memslots, faults and sptes to OUTPUT.
 
     Traces every VM on the host, the given --pid(s), or COMMAND (after --),
@@ -373,7 +375,8 @@ def record(output, pids, duration, probes, force, flush_interval, buffer_pages, 
         _fail("record needs root (BPF and tracefs); try: sudo kvmtrace record ...")
     opts = Options(output=output, probes=probes, pids=tuple(pids), command=tuple(command),
                    duration=duration, flush_s=flush_interval, force=force,
-                   leave_running=leave_running, buffer_pages=buffer_pages)
+                   leave_running=leave_running, buffer_pages=buffer_pages,
+                   cache=False if no_cache else None)
     try:
         stats = Session(opts).run(live=LiveView())
     except RecordError as e:

@@ -95,6 +95,7 @@ class Options:
     # pages of each high-rate ring, or {event name: pages} (default: what each
     # kind's expected rate calls for, probes.codegen.ring_pages)
     buffer_pages: int | dict | None = None
+    cache: bool | None = None  # the BPF compile cache (None: unless $KVMTRACE_BPF_CACHE=0)
 
 
 @dataclass
@@ -137,7 +138,7 @@ class Session:
         """Select, build, load and attach the probes (kvmtrace.probes.load, as doctor)."""
         try:
             return load_probes(self.opts.probes, filter_pids=filter_pids,
-                               buffer_pages=self.opts.buffer_pages)
+                               buffer_pages=self.opts.buffer_pages, cache=self.opts.cache)
         except ProbeLoadError as e:
             raise RecordError(f"BPF program failed to load: {e}" if e.stage == "bpf" else str(e),
                               code=2 if e.stage == "selection" else 1) from None

@@ -12,6 +12,8 @@ it does not delay the first event recorded.
 
 from __future__ import annotations
 
+import os
+
 from typing import TYPE_CHECKING
 
 from .events import CTYPES, Event
@@ -75,13 +77,17 @@ def record_dtype(ev: Event) -> np.dtype:
 # boot on a loaded host (load average 6 on 2 cores) was 0.50 s, p99 0.13 s,
 # mostly /proc/PID/smaps snapshots of QEMU (65 to 85 ms each) and fsync; the
 # rates carry their own headroom. Rounded up to a power of two pages (as BPF
-# requires), at least MIN_PAGES, at most MAX_PAGES by default.
-PAGE_SIZE = 4096
+# requires) of the host's page size (bcc's BPF_RINGBUF_OUTPUT counts pages of
+# it: 4 KiB on x86, 4, 16 or 64 KiB on arm64), between MIN_BYTES and
+# MAX_BYTES by default, so a 64 KiB-page host gets rings of the same bytes.
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 STALL_S = 0.25
-MIN_PAGES, MAX_PAGES = 16, 1024
-# Rings at least this large (pages) carry the high-rate events; --buffer-size
+MIN_BYTES, MAX_BYTES = 64 << 10, 4 << 20
+MIN_PAGES = max(1, MIN_BYTES // PAGE_SIZE)
+MAX_PAGES = max(MIN_PAGES, MAX_BYTES // PAGE_SIZE)
+# Rings of at least this many bytes carry the high-rate events; --buffer-size
 # resizes them (perf's -m habit), the rare kinds keep theirs.
-HIGH_RATE_PAGES = 256
+HIGH_RATE_PAGES = max(1, (1 << 20) // PAGE_SIZE)
 
 
 def declared_pages(ev: Event) -> int:
