@@ -99,7 +99,7 @@ def parse_selection(spec: str) -> list[Probe]:
         if not matched:
             names = ", ".join(list(SETS) + list(GROUPS))
             raise SelectionError(f"unknown probe or set '{word}' (sets and groups: {names}; "
-                                 f"or a probe name from 'kvmtrace doctor')")
+                                 f"or a probe name from 'kvmtrace probes')")
         chosen += [p for p in matched if p not in chosen]
     return chosen
 
