@@ -218,6 +218,34 @@ class Session:
         writer.add_rows("vmas", [dict(v, ts=ts, pid=pid, reason=reason) for v in vmas])
         self.snapshotted_pids.add(pid)
 
+    @staticmethod
+    def _slot_reader():
+        """(the memslot iterator reader, '') or (None, why this host has none)."""
+        from . import snapshot
+        try:
+            return snapshot.IteratorReader(), ""
+        except snapshot.SnapshotError as e:
+            return None, str(e)
+        except Exception as e:  # noqa: BLE001 - bcc's own errors: recording goes on
+            return None, f"{type(e).__name__}: {e}"
+
+    @staticmethod
+    def _memslot_snapshot(writer, reader, why: str, pid: int):
+        """The memslots ``pid`` has now (table memslot_snapshot), or a note
+        saying why they cannot be read: then the report knows them only from
+        their faults and from memslot ioctls made while recording."""
+        from . import snapshot
+        if reader is not None:
+            try:
+                rows = snapshot.recorded_memslots(reader, pid, time.monotonic_ns())
+                writer.add_rows("memslot_snapshot", rows)
+                writer.note("memslot_snapshot", {"pid": pid, "slots": len(rows),
+                                                 "source": "BPF iterator (task_file, task_vma)"})
+                return
+            except snapshot.SnapshotError as e:
+                why = str(e)
+        writer.note("memslot_snapshot_unavailable", {"pid": pid, "reason": why})
+
     def _drain(self, readers, writer):
         memslot_pids = self._read_rings(readers, writer)
         for pid in memslot_pids:
@@ -280,7 +308,17 @@ class Session:
     def _run(self, live):
         opts = self.opts
         self._precheck()
-        loaded = self._load_probes(filter_pids=bool(opts.pids or opts.command))
+        # VMMs running already: their memslots are read from the kernel once the
+        # probes are attached (the iterator compiles first, so that reading it
+        # then takes milliseconds, not the second bcc needs)
+        running = list(opts.pids) or ([] if opts.command else context.vmm_pids())
+        slot_reader, slot_reader_why = self._slot_reader() if running else (None, "")
+        try:
+            loaded = self._load_probes(filter_pids=bool(opts.pids or opts.command))
+        except BaseException:
+            if slot_reader is not None:
+                slot_reader.close()
+            raise
 
         b, prog, hdr = loaded.bpf, loaded.program, loaded.headers
         self.btf = loaded.selection.btf
@@ -348,6 +386,7 @@ class Session:
         try:
             for pid in (opts.pids or ([] if opts.command else context.vmm_pids())):
                 self._snapshot(writer, pid, "start")
+                self._memslot_snapshot(writer, slot_reader, slot_reader_why, pid)
                 self._mark_vmm(b, pid)
             if live:
                 live.start(self)
@@ -359,6 +398,8 @@ class Session:
             self._error = e
             self.stats.stopped_by = f"error: {type(e).__name__}: {e}"
         finally:
+            if slot_reader is not None:
+                slot_reader.close()
             self._finish(b, prog, readers, writer, live)
         if self.write_error is not None:
             raise RecordError(f"writing {opts.output} failed ({self.write_error.strerror}); "

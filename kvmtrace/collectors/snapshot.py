@@ -80,6 +80,8 @@ VMA_FIELDS = (
 )
 
 _NP = {"u32": "<u4", "u64": "<u8"}
+# KVM's frame numbers count the host's pages (PAGE_SHIFT: 12, 14 or 16 on arm64)
+PAGE_SHIFT = os.sysconf("SC_PAGE_SIZE").bit_length() - 1
 SLOT_DTYPE = np.dtype([(n, _NP[t]) for n, t, _ in SLOT_FIELDS])
 VMA_DTYPE = np.dtype([(n, _NP[t]) for n, t, _ in VMA_FIELDS])
 
@@ -421,9 +423,10 @@ def _decode_slots(raw: np.ndarray) -> tuple[pd.DataFrame, list[dict], str]:
         elif kind == REC_SLOT:
             vm["slots"] += 1
             rows.append({"vm_fd": key[0], "as_id": int(r["slot_as_id"]), "slot": int(r["slot"]),
-                         "gpa": int(r["base_gfn"]) << 12, "size": int(r["npages"]) << 12,
+                         "gpa": int(r["base_gfn"]) << PAGE_SHIFT,
+                         "size": int(r["npages"]) << PAGE_SHIFT,
                          "hva": int(r["hva"]), "flags": int(r["flags"]),
-                         "gmem": bool(r["gmem_file"]), "gmem_offset": int(r["gmem_pgoff"]) << 12,
+                         "gmem": bool(r["gmem_file"]), "gmem_offset": int(r["gmem_pgoff"]) << PAGE_SHIFT,
                          "generation": gen})
     cols = ["vm_fd", "as_id", "slot", "gpa", "size", "hva", "flags", "gmem", "gmem_offset",
             "generation"]
@@ -433,6 +436,33 @@ def _decode_slots(raw: np.ndarray) -> tuple[pd.DataFrame, list[dict], str]:
         for c in ("gpa", "size", "hva", "gmem_offset", "generation"):
             df[c] = pd.array([int(x) for x in df[c]], dtype="UInt64")
     return df, list(vms.values()), why
+
+
+def recorded_memslots(reader: IteratorReader, pid: int, ts: int) -> list[dict]:
+    """The rows of a recording's ``memslot_snapshot`` table for ``pid`` now:
+    every memslot of its VMs, each with the VMA that holds its first byte
+    (vm_flags, vm_page_prot as the kernel has them). Raises SnapshotError."""
+    slots, _ = reader.memslots(pid)
+    try:
+        vmas = reader.vmas(pid)
+    except SnapshotError:
+        vmas = None
+    rows = []
+    for r in slots.itertuples(index=False):  # a VM has a few slots, at most a few hundred
+        row = {"ts": ts, "pid": pid, "vm_fd": r.vm_fd, "as_id": r.as_id, "slot": r.slot,
+               "flags": r.flags, "gpa": int(r.gpa), "size": int(r.size), "hva": int(r.hva),
+               "generation": int(r.generation), "gmem": bool(r.gmem),
+               "gmem_offset": int(r.gmem_offset), "vma_found": False, "vma_start": 0,
+               "vma_end": 0, "vm_flags": 0, "vm_page_prot": 0, "vm_pgoff": 0}
+        if vmas is not None and len(vmas):
+            hit = vmas[(vmas["start"] <= int(r.hva)) & (vmas["end"] > int(r.hva))]
+            if len(hit):
+                v = hit.iloc[0]
+                row.update(vma_found=True, vma_start=int(v["start"]), vma_end=int(v["end"]),
+                           vm_flags=int(v["vm_flags"]), vm_page_prot=int(v["vm_page_prot"]),
+                           vm_pgoff=int(v["vm_pgoff"]))
+        rows.append(row)
+    return rows
 
 
 # -- the snapshot ------------------------------------------------------------

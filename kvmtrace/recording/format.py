@@ -8,6 +8,10 @@ Tables are:
 - one per event kind in kvmtrace.probes.events (its fields, same names);
 - ``vmas``: /proc/PID/smaps snapshots (at start, after each memslot change of
   that process, and at the end);
+- ``memslot_snapshot`` (version 4 onwards): the memslots a traced VMM had
+  when recording began (record --pid, or every VM on the host), read from
+  the kernel by a BPF iterator (collectors/snapshot.py), each with the VMA
+  behind its HVA: memslots set before recording are known from the start;
 - ``stats``: per flush and event kind, cumulative events read and lost;
 - ``notes``: timestamped key / JSON value pairs (end-of-recording facts,
   collector warnings).
@@ -47,7 +51,7 @@ import pyarrow as pa
 from ..probes.codegen import event_dtype
 from ..probes.events import EVENTS
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4  # 4: the memslot_snapshot table
 VERSION_KEY = b"kvmtrace.schema_version"
 META_KEY = b"kvmtrace.meta"
 HEADER_CRC_KEY = b"kvmtrace.header_crc32"   # schema metadata, version 2+
@@ -74,6 +78,14 @@ VMA_FIELDS = [
     ("mmupagesize_kb", pa.uint64()), ("rss_kb", pa.uint64()),
     ("anonhugepages_kb", pa.uint64()),
 ]
+MEMSLOT_SNAPSHOT_FIELDS = [
+    ("ts", pa.uint64()), ("pid", pa.uint32()), ("vm_fd", pa.int32()),
+    ("as_id", pa.uint32()), ("slot", pa.uint32()), ("flags", pa.uint32()),
+    ("gpa", pa.uint64()), ("size", pa.uint64()), ("hva", pa.uint64()),
+    ("generation", pa.uint64()), ("gmem", pa.bool_()), ("gmem_offset", pa.uint64()),
+    ("vma_found", pa.bool_()), ("vma_start", pa.uint64()), ("vma_end", pa.uint64()),
+    ("vm_flags", pa.uint64()), ("vm_page_prot", pa.uint64()), ("vm_pgoff", pa.uint64()),
+]
 STATS_FIELDS = [("ts", pa.uint64()), ("kind", pa.string()),
                 ("events", pa.uint64()), ("lost", pa.uint64())]
 NOTES_FIELDS = [("ts", pa.uint64()), ("key", pa.string()), ("value", pa.string())]
@@ -92,6 +104,7 @@ def table_types() -> dict[str, pa.StructType]:
 def _table_types() -> dict[str, pa.StructType]:
     types = {name: event_struct(name) for name in EVENTS}
     types["vmas"] = pa.struct(VMA_FIELDS)
+    types["memslot_snapshot"] = pa.struct(MEMSLOT_SNAPSHOT_FIELDS)
     types["stats"] = pa.struct(STATS_FIELDS)
     types["notes"] = pa.struct(NOTES_FIELDS)
     return types
