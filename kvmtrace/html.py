@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 
 from . import htmlmap, plots
-from .analysis import identity, pages, summary
+from .analysis import compare, identity, pages, summary
 from .analysis.compare import Comparison
 from .analysis.model import EXIT_REASONS, Model
 from .htmlmap import count, esc as _e, hexa, micros, missing, pct, rel_s, size, slot_label
@@ -100,6 +100,19 @@ def _s(v) -> str:
     return "" if missing(v) else str(v)
 
 
+def _mapping(nbytes) -> str:
+    """A mapping size as kernel people write it ('4K', '2M'); '' when unknown."""
+    return "" if missing(nbytes) else pages.size_name(int(nbytes))
+
+
+def _ids(ids) -> str:
+    return "/".join(map(str, ids))
+
+
+def _flag_history(names) -> str:
+    return " -> ".join(x or "-" for x in names)
+
+
 def _table(df: pd.DataFrame, cols: list[Col],
            row_id: Callable[[dict], str] | None = None) -> str:
     """``df`` as an HTML table of ``cols`` (every cell escaped), at most
@@ -147,8 +160,8 @@ def _memslot_cols(as_ids: bool) -> list[Col]:
     return [Col("slot", lambda r: slot_label(r["slot"], r["version"]), "s"),
             *([Col("as", lambda r: r["as_id"], "n")] if as_ids else []),
             Col("GPA range", lambda r: f"{hexa(r['gpa'])}-{hexa(r['gpa_end'])}", "x"),
-            Col("size", lambda r: size(r["size"]), "n"),
-            Col("KVM_MEM flags", lambda r: r["flag_names"]),
+            Col("size", lambda r: size(r["size_bytes"]), "n"),
+            Col("KVM_MEM flags", lambda r: _s(r["flag_names"]) or "-"),
             Col("HVA", lambda r: hexa(r["hva"]), "x"),
             Col("VMA", lambda r: r["vma"], "p"),
             Col("VM flags", lambda r: r["vm_flags"]),
@@ -182,8 +195,9 @@ VERDICT_COLS = [
     Col("VM", _vm),
     Col("slot", lambda r: slot_label(r["slot"], r["version"]) if r["version"] >= 0
         else f"{int(r['slot'])} (refused)", "s"),
-    Col("GPA range", lambda r: f"{hexa(r['gpa'])}-{hexa(int(r['gpa']) + int(r['size']))}", "x"),
-    Col("size", lambda r: size(r["size"]), "n"),
+    Col("GPA range", lambda r: f"{hexa(r['gpa'])}-{hexa(int(r['gpa']) + int(r['size_bytes']))}",
+        "x"),
+    Col("size", lambda r: size(r["size_bytes"]), "n"),
     Col("faults", lambda r: count(r["faults"]), "n"),
     Col("lost", lambda r: count(r["lost"]), "n", lambda r: "lostn" if r["lost"] else ""),
     Col("verdict", lambda r: r["verdict"], css=_verdict_css),
@@ -196,8 +210,8 @@ OPS_COLS = [
     Col("time", lambda r: rel_s(r["t_s"]), "n"), Col("VM", _vm),
     Col("ioctl", lambda r: _ioctl(r["ioctl_name"])),
     Col("slot", lambda r: f"{r['as_id']}:{r['slot_id']}" if r["as_id"] else r["slot_id"]),
-    Col("op", lambda r: r["op"]), Col("flags", lambda r: r["flag_names"]),
-    Col("GPA", lambda r: hexa(r["gpa"]), "x"), Col("size", lambda r: size(r["size"]), "n"),
+    Col("op", lambda r: r["op"]), Col("flags", lambda r: _s(r["flag_names"]) or "-"),
+    Col("GPA", lambda r: hexa(r["gpa"]), "x"), Col("size", lambda r: size(r["size_bytes"]), "n"),
     Col("HVA", lambda r: hexa(r["hva"]), "x"),
     Col("result", lambda r: "ok" if r["ret"] >= 0 else
         f"{r['errno']}: {_s(r['reason']).split(': ', 1)[-1]}", "w",
@@ -232,7 +246,7 @@ def _fault_cols(model: Model, page: int) -> list[Col]:
             Col("slot", lambda r: "" if missing(r["slot"]) else int(r["slot"]), "s"),
             Col("access", lambda r: r["access"]),
             Col("GPA", lambda r: hexa(int(r["gfn"]) * page), "x"),
-            Col("mapping", lambda r: r["size"]),
+            Col("mapping", lambda r: _mapping(r["mapping_size_bytes"])),
             Col("stage-2 prot" if arm else "spte", lambda r: hexa(r["spte"]), "x"),
             Col("pfn", lambda r: hexa(r["pfn"]), "x"),
             Col("installed", lambda r: _types(r["spte_memtype"])),
@@ -248,7 +262,7 @@ def _range_cols(page: int) -> list[Col]:
                 f"{hexa((int(r['gfn_last']) + 1) * page)}", "x"),
             Col("guest frames", lambda r: f"{hexa(r['gfn_first'])}-{hexa(r['gfn_last'])}", "x"),
             Col("pages", lambda r: count(r["pages"]), "n"),
-            Col("mapping size", lambda r: r["size"]),
+            Col("mapping size", lambda r: _mapping(r["mapping_size_bytes"])),
             Col("VMA type", lambda r: r["vma_memtype"]),
             Col("installed", lambda r: _types(r["spte_memtype"])),
             Col("verdict", lambda r: r["verdict"], css=_verdict_css)]
@@ -368,7 +382,8 @@ def _level_names(model: Model) -> list[str]:
 
 
 def _level_shares(f: pd.DataFrame, by: str, order: list, names: list[str]) -> dict:
-    ct = pd.crosstab(f[by], f["size"], normalize="index").reindex(order).fillna(0)
+    sizes = f["mapping_size_bytes"].map(_mapping)
+    ct = pd.crosstab(f[by], sizes, normalize="index").reindex(order).fillna(0)
     return {lvl: ct[lvl].tolist() if lvl in ct else [0.0] * len(order) for lvl in names}
 
 
@@ -514,9 +529,10 @@ def _p(name, fmt=_s) -> Callable[[dict], str]:
 
 
 DIFF_SLOT_COLS = [
-    Col("GPA", lambda r: hexa(r["gpa"]), "x"), Col("size", lambda r: size(r["bytes"]), "n"),
+    Col("GPA", lambda r: hexa(r["gpa"]), "x"), Col("size", lambda r: size(r["size_bytes"]), "n"),
     Col("as", lambda r: r["as_id"], "n"),
-    Col("slot", _p("slot")), Col("backing", _p("backing"), "p"), Col("flags", _p("flags")),
+    Col("slot", _p("slot", _ids)), Col("backing", _p("backing"), "p"),
+    Col("flags", _p("flags", _flag_history)),
     Col("faults", _p("faults", count), "n"), Col("pages", _p("pages", count), "n"),
     Col("mappings", lambda r: _pair(_levels(r["levels_base"]), _levels(r["levels_new"]))),
     Col("2M/1G share", _p("huge_share", pct), "n"),
@@ -531,8 +547,9 @@ DIFF_LATENCY_COLS = [
     Col("key", lambda r: "outside slots" if r["key"] == "-0x1" and r["by"] == "slot GPA"
         else r["key"] or ("none installed" if r["by"] == "memtype" else "")),
     Col("side", lambda r: r["side"]), Col("faults", lambda r: count(r["count"]), "n"),
-    Col("rate", lambda r: "" if missing(r["rate"]) else f"{r['rate']:.3g}/s", "n"),
-    *(Col(q, lambda r, q=q: micros(r[q]), "n") for q in ("p50", "p90", "p99", "max")),
+    Col("rate", lambda r: "" if missing(r["faults_per_s"]) else f"{r['faults_per_s']:.3g}/s",
+        "n"),
+    *(Col(q, lambda r, q=q: micros(r[f"{q}_us"]), "n") for q in ("p50", "p90", "p99", "max")),
 ]
 
 DIFF_VM_COLS = [
@@ -567,9 +584,9 @@ def diff_html(base: Model, new: Model, c: Comparison) -> str:
                 + (f"{len(regs)} regression(s)" if regs else "no regression") + "</p>")
     if c.findings:
         body.append("<h2>what changed</h2>" + _table(pd.DataFrame(
-            [{"slot": f.slot, "metric": f.metric, "change": f.text,
+            [{"slot": compare.label(f), "metric": f.metric, "change": f.message,
               "regression": bool(f.regression),
-              "cause": ", ".join(map(str, c.causes.get(f.slot) or []))}
+              "cause": ", ".join(x["message"] for x in f.causes)}
              for f in c.findings]), FINDING_COLS))
     plot = []
     series = {}

@@ -378,7 +378,8 @@ def vm_rows(model, s: pd.DataFrame) -> list[dict]:
             "pid": int(r["pid"]), "proc": int(r["proc"]), "vm_fd": int(r["vm_fd"]),
             "as_id": int(r["as_id"]), "slot": int(r["slot"]), "version": int(r["version"]),
             "label": slot_label(r["slot"], r["version"]), "gpa": gpa,
-            "end": gpa + int(r["size"]), "hva": r["hva"], "flags": _str(r["flag_names"]),
+            "end": gpa + int(r["size_bytes"]), "hva": r["hva"],
+            "flags": _str(r["flag_names"]),
             "vma": _str(r["vma"]), "vm_flags": _str(r["vm_flags"], "-"),
             "vmflags": _str(r["vmflags"]), "raw": raw,
             "vma_type": _vma_type(r["vma_memtype"], e.get("vma_memtype_arm64"),
@@ -399,7 +400,7 @@ def refused_rows(ops: pd.DataFrame) -> list[dict]:
     bad = ops[ops["ret"] < 0] if len(ops) else ops
     out = []
     for r in bad.to_dict("records"):
-        gpa, n = int(r["gpa"]), int(r["size"])
+        gpa, n = int(r["gpa"]), int(r["size_bytes"])
         out.append({"pid": int(r["pid"]), "proc": int(r["proc"]), "vm_fd": int(r["vm_fd"]),
                     "as_id": int(r["as_id"]), "slot": int(r["slot_id"]), "gpa": gpa,
                     "end": gpa + n, "live": True, "t": 0.0, "t_s": r["t_s"],

@@ -27,7 +27,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from .analysis import identity, pages, schema, summary
+from .analysis import compare, identity, pages, schema, summary
 from .analysis.model import EXIT_REASONS, Model
 from .probes.events import EVENTS
 
@@ -79,6 +79,16 @@ def _size(n) -> str:
 
 def _hex(n) -> str:
     return f"{int(n):#x}"
+
+
+def _mapping(nbytes) -> str:
+    """A mapping size as kernel people write it ('4K', '2M'); '' when unknown."""
+    return "" if pd.isna(nbytes) else pages.size_name(int(nbytes))
+
+
+def _flags(names) -> str:
+    """flag_names for people: '-' for none (the data has '')."""
+    return names or "-"
 
 
 def _slot(slot, version) -> str:
@@ -281,7 +291,7 @@ REPORT_TSV = {"slots": schema.SUMMARY, "ops": schema.OPS_VIEW, "faults": schema.
               "ranges": schema.RANGES, "verdicts": schema.VERDICTS, "errors": schema.ERRORS,
               "vmas": None, "lost": schema.LOST}
 DIFF_TSV = {"slots": schema.DIFF_SLOTS, "latency": schema.DIFF_LATENCY, "vms": schema.DIFF_VMS,
-            "findings": None}
+            "findings": schema.DIFF_FINDINGS}
 _TSV_ESC = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
 
 
@@ -325,15 +335,9 @@ def to_tsv(model: Model, pid=None, slot=None, table=None) -> str:
     return _tsv({n: (t[n], REPORT_TSV[n]) for n in names})
 
 
-def diff_findings(c) -> pd.DataFrame:
-    """The diff's findings as a table (slot, metric, base, new, regression, text, detail)."""
-    cols = ["slot", "metric", "base", "new", "regression", "text", "detail"]
-    return pd.DataFrame([{k: getattr(f, k) for k in cols} for f in c.findings], columns=cols,
-                        dtype=object)
-
-
 def diff_to_tsv(base, new, c, table=None) -> str:
-    t = {"slots": c.slots, "latency": c.latency, "vms": c.totals, "findings": diff_findings(c)}
+    t = {"slots": c.slots, "latency": c.latency, "vms": c.totals,
+         "findings": compare.findings_table(c)}
     names = [table] if table else list(t)
     return _tsv({n: (t[n], DIFF_TSV[n]) for n in names})
 
@@ -385,7 +389,8 @@ def _memslot_table(s: pd.DataFrame, console: Console):
             if r.ended_by:
                 hist += f"; {r.ended_by} {_t(r.t_end_s)}"
             rows.append([_slot(_sid(r.as_id, r.slot), r.version),
-                         f"{_hex(r.gpa)}-{_hex(r.gpa_end)}", _size(r.size), r.flag_names,
+                         f"{_hex(r.gpa)}-{_hex(r.gpa_end)}", _size(r.size_bytes),
+                         _flags(r.flag_names),
                          _hex(r.hva), r.vma, r.vm_flags, r.slot_vma_memtype,
                          str(r.ioctl_name).replace("KVM_SET_USER_MEMORY_", ""), hist])
         fit_table(console, f"memslots of VM pid {who} vm fd {vm}", MEMSLOT_COLS, rows)
@@ -426,7 +431,7 @@ def _verdict_table(v: pd.DataFrame, console: Console):
 
 def _ranges_table(r: pd.DataFrame, console: Console, page: int):
     rows = [[x.slot, f"{_hex(x.gfn_first * page)}-{_hex((x.gfn_last + 1) * page)}",
-             x.pages, x.size, x.vma_memtype, x.spte_memtype,
+             x.pages, _mapping(x.mapping_size_bytes), x.vma_memtype, x.spte_memtype,
              _c(x.verdict, VERDICT_STYLE.get(x.verdict, ""))] for x in r.itertuples(index=False)]
     fit_table(console, "page ranges (guest frames faulted, by level and memory types)",
               [Col("slot"), Col("GPA range"), Col("pages", "num", drop=1), Col("level"),
@@ -441,7 +446,8 @@ def _ops_table(o: pd.DataFrame, console: Console):
             _c(r.errno, "red"), ": ", _c(str(r.reason).split(": ", 1)[-1]))
         rows.append([_t(r.t_s), identity.label(r.pid, r.proc), r.vm_fd,
                      str(r.ioctl_name).replace("KVM_SET_USER_MEMORY_", ""),
-                     _sid(r.as_id, r.slot_id), r.op, r.flag_names, _hex(r.gpa), _size(r.size),
+                     _sid(r.as_id, r.slot_id), r.op, _flags(r.flag_names), _hex(r.gpa),
+                     _size(r.size_bytes),
                      res])
     fit_table(console, "memslot ioctls",
               [Col("time", drop=4), Col("pid", drop=3), Col("vm", drop=2), Col("ioctl", drop=1),
@@ -484,7 +490,8 @@ def _faults_table(f: pd.DataFrame, model: Model, console: Console):
     for r in f.itertuples(index=False):
         svc = r.service_ns
         rows.append([_t((r.ts - base) / 1e9), identity.label(r.pid, r.proc), r.tid,
-                     "" if pd.isna(r.slot) else r.slot, _hex(r.gfn * page), r.access, r.size,
+                     "" if pd.isna(r.slot) else r.slot, _hex(r.gfn * page), r.access,
+                     _mapping(r.mapping_size_bytes),
                      r.spte_memtype, r.vma_memtype,
                      _c(r.verdict, VERDICT_STYLE.get(r.verdict, "")),
                      "" if pd.isna(svc) else f"{svc / 1e3:.1f}",
@@ -581,12 +588,12 @@ def diff_summary_lines(c) -> list[str]:
     'slot 2 (GPA ...): 2M/1G mappings 100% -> 0%, p50 fault time +180% [...]; cause: ...'"""
     by_slot: dict[str, list] = {}
     for f in c.findings:
-        by_slot.setdefault(f.slot, []).append(f)
+        by_slot.setdefault(compare.label(f), []).append(f)
     lines = []
     for slot, fs in by_slot.items():
         mark = "REGRESSION" if any(f.regression for f in fs) else "changed"
-        cause = c.causes.get(slot) or []
-        lines.append(f"{mark}: {slot}: " + ", ".join(f.text for f in fs)
+        cause = [x["message"] for x in fs[0].causes]
+        lines.append(f"{mark}: {slot}: " + ", ".join(f.message for f in fs)
                      + (f"; cause: {', '.join(cause)}" if cause else ""))
     return lines
 
@@ -602,12 +609,14 @@ def diff_to_text(base, new, c, console: Console):
     for p in c.notes:
         console.print(f"  [yellow]note:[/] {_m(p)}")
     def pair(a, b, fmt=str):
-        fa = "" if pd.isna(a) else fmt(a)
-        fb = "" if pd.isna(b) else fmt(b)
+        def one(x):  # a list (slot ids) is a value; None / NaN / NA is missing
+            return fmt(x) if isinstance(x, list) or not pd.isna(x) else ""
+        fa, fb = one(a), one(b)
         return fa if fa == fb else f"{fa} -> {fb}"
 
     rows = [[
-        _hex(r["gpa"]), _size(r["bytes"]), pair(r["slot_base"], r["slot_new"]),
+        _hex(r["gpa"]), _size(r["size_bytes"]),
+        pair(r["slot_base"], r["slot_new"], lambda x: "/".join(map(str, x))),
         pair(r["backing_base"], r["backing_new"]),
         pair(r["faults_base"], r["faults_new"], lambda x: str(int(x))),
         pair(r["pages_base"], r["pages_new"], lambda x: str(int(x))),
@@ -624,8 +633,8 @@ def diff_to_text(base, new, c, console: Console):
     lat = c.latency
     if len(lat):
         rows = [[r["by"], r["key"], r["side"], r["count"],
-                 "" if pd.isna(r.get("rate")) else f"{r['rate']:.0f}",
-                 *(f"{r[q]:.2f}" for q in ("p50", "p90", "p99", "max"))]
+                 "" if pd.isna(r["faults_per_s"]) else f"{r['faults_per_s']:.0f}",
+                 *(f"{r[q]:.2f}" for q in ("p50_us", "p90_us", "p99_us", "max_us"))]
                 for r in lat.sort_values(["by", "key", "side"]).to_dict("records")]
         fit_table(console, "fault service time (us) by slot, memory type and level", [
             Col("by"), Col("key"), Col("side"), Col("count", "num"),
@@ -658,7 +667,7 @@ def diff_to_json(base, new, c) -> str:
         "regressions": len(c.regressions),
         "notes": c.notes,
         "summary": diff_summary_lines(c),
-        "findings": [f.__dict__ for f in c.findings],
+        "findings": schema.records(compare.findings_table(c)),
         "tables_schema_version": schema.SCHEMA_VERSION,
         "slots": schema.records(c.slots),
         "latency": schema.records(c.latency),

@@ -100,11 +100,11 @@ def test_duckdb_reads_every_value_exactly(ds, models):
             assert schema.records(b) == a, (name, rid)
     types = {r[0]: r[1] for r in con.sql(
         f"DESCRIBE SELECT * FROM read_parquet('{ds}/slots/*/*/*.parquet', {HIVE})").fetchall()}
-    assert types["t_end"] == "UBIGINT" and types["kernelpagesize_kb"] == "BIGINT"
+    assert types["end_ts"] == "UBIGINT" and types["kernelpagesize_kb"] == "BIGINT"
     assert types["pfnmap"] == "BOOLEAN" and types["snapshot_delay_ms"] == "DOUBLE"
     live = con.sql(f"SELECT count(*) FROM read_parquet('{ds}/slots/*/*/*.parquet', {HIVE}) "
-                   "WHERE t_end = 18446744073709551615").fetchall()[0][0]
-    assert live == sum(int((m.slots["t_end"] == 2**64 - 1).sum()) for _, m in models.values())
+                   "WHERE end_ts = 18446744073709551615").fetchall()[0][0]
+    assert live == sum(int((m.slots["end_ts"] == 2**64 - 1).sum()) for _, m in models.values())
 
 
 def test_raw_events_and_recordings_table(ds, models):
@@ -137,7 +137,7 @@ def test_polars_reads_it(ds, models):
     assert f.schema["gfn"] == pl.UInt64 and f.schema["service_ns"] == pl.Int64
     assert set(f["host"].unique().to_list()) == {"vm", "kvmtrace-arm64", WEIRD, None}
     s = pl.scan_parquet(f"{ds}/slots/**/*.parquet", hive_partitioning=True).collect()
-    assert s["t_end"].max() == 2**64 - 1
+    assert s["end_ts"].max() == 2**64 - 1
     v = pl.scan_parquet(f"{ds}/raw/memslot/**/*.parquet", hive_partitioning=True).collect()
     assert v.height == sum(len(r["memslot"]) for r, _ in models.values())
 

@@ -16,6 +16,7 @@ import stat
 import pytest
 
 import kvmtrace
+from kvmtrace.analysis import pages
 from conftest import FIXTURES, kvmtrace as run, one_line_error
 from test_fleet import cli
 
@@ -99,8 +100,9 @@ def test_a_thread_track_per_vcpu_with_a_slice_per_fault(case):
         assert sorted(_args(e[2])["fault_id"] for e in faults) == sorted(ff["fault_id"])
         names = collections.Counter(e[2].name for e in faults)
         want = collections.Counter(
-            " ".join(x for x in (r.access or "fault", r.size, r.spte_memtype or
-                                 "nothing installed") if x) for r in ff.itertuples())
+            " ".join(x for x in (r.access or "fault", pages.size_name(int(r.mapping_size_bytes)),
+                                 r.spte_memtype or "nothing installed") if x)
+            for r in ff.itertuples())
         assert names == want
         # each slice lasts from the fault's start to its install (or handler return)
         stack = {}
@@ -116,6 +118,7 @@ def test_a_thread_track_per_vcpu_with_a_slice_per_fault(case):
                 assert (begin, ts) == (int(r.start_ts), int(end))
                 assert a.get("verdict", "") == r.verdict
                 assert a["gfn"] == int(r.gfn)
+                assert a["mapping_size_bytes"] == int(r.mapping_size_bytes)
         assert not stack and len(begins) <= len(ff)
         mmio = [e for e in mine if e[2].type == TE.TYPE_INSTANT and e[2].name.startswith("MMIO")]
         ex = m.exits[m.exits["tid"] == tid]

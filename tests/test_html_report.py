@@ -125,7 +125,7 @@ def check_page(root: Node, model):
     maps = root.find("svg", "gpamap")
     want = vm_slots(model)
     assert len(maps) == len(want) >= 1
-    slots = model.slots.assign(end=model.slots["gpa"] + model.slots["size"])
+    slots = model.slots.assign(end=model.slots["gpa"] + model.slots["size_bytes"])
     summary = render.tables(model)["slots"]
     for svg, (vm, versions) in zip(maps, sorted(want.items())):
         bands = svg.find("g", "slot")
@@ -138,7 +138,7 @@ def check_page(root: Node, model):
             title = b.find("title")
             assert len(title) == 1
             hover = title[0].text()
-            assert f"GPA {row.gpa:#x}-{row.end:#x} ({htmlmap.size(row['size'])})" in hover
+            assert f"GPA {row.gpa:#x}-{row.end:#x} ({htmlmap.size(row['size_bytes'])})" in hover
             assert f"HVA {row.hva:#x}" in hover
             assert f"VMA {row.vma}" in hover and "VM flags " in hover
             assert "VMA memory type: " in hover and "installed (" in hover

@@ -50,10 +50,11 @@ def window(faults=(), invalidations=(), slots=(), lost=0):
                        "install_ts": ts, "spte_memtype": mt} for gfn, pfn, mt, ts in faults],
                      columns=["pid", "vm_fd", "gfn", "pfn", "level", "ts", "install_ts",
                               "spte_memtype"])
-    inv = pd.DataFrame([{"pid": 100, "ts": ts, "start": a, "end": b}
-                        for a, b, ts in invalidations], columns=["pid", "ts", "start", "end"])
-    sl = pd.DataFrame(list(slots), columns=["pid", "vm_fd", "as_id", "slot", "gpa", "size",
-                                            "t_start", "created_by"])
+    inv = pd.DataFrame([{"pid": 100, "ts": ts, "hva_start": a, "hva_end": b}
+                        for a, b, ts in invalidations],
+                       columns=["pid", "ts", "hva_start", "hva_end"])
+    sl = pd.DataFrame(list(slots), columns=["pid", "vm_fd", "as_id", "slot", "gpa", "size_bytes",
+                                            "start_ts", "created_by"])
     return SimpleNamespace(faults=f, prefetch=pd.DataFrame(), invalidations=inv, slots=sl,
                            lost=pd.DataFrame({"lost": [lost]}), meta=PVM)
 
@@ -146,10 +147,10 @@ def test_smaps_fallback_pfnmap_takes_its_frames_type():
 # -- selections and what cannot be answered ---------------------------------------------
 def test_gpa_and_hva_select_the_part_asked():
     (r,) = q.to_records(q.answer(snapshot(), gpa=(GPA + 0x2000, 0x1000)))
-    assert (r["range_gpa"], r["range_size"], r["range_hva"]) == (GPA + 0x2000, 0x1000,
+    assert (r["range_gpa"], r["range_size_bytes"], r["range_hva"]) == (GPA + 0x2000, 0x1000,
                                                                   HVA + 0x2000)
     (h,) = q.to_records(q.answer(snapshot(), hva=(HVA + 0x3000, 0x100000)))
-    assert (h["range_gpa"], h["range_size"]) == (GPA + 0x3000, 0xD000)
+    assert (h["range_gpa"], h["range_size_bytes"]) == (GPA + 0x3000, 0xD000)
 
 
 @pytest.mark.parametrize("kw,words", [

@@ -219,7 +219,7 @@ def test_iterators_load_and_read_the_vms_memslots(vm):
     rows = _rows(vm.now)
     for n, s in _final(vm.vmm).items():
         r = rows[n]
-        assert (r["as_id"], r["gpa"], r["size"], r["hva"], r["flags"]) == \
+        assert (r["as_id"], r["gpa"], r["size_bytes"], r["hva"], r["flags"]) == \
             (s["as_id"], s["final"]["gpa"], s["size"], s["hva"], s["final"]["flags"]), n
     want = set(VMA_TYPE) - ({"bar-cacheable"} if vm.scenario["cbar_errno"] else set())
     assert {s["backing"] for s in _final(vm.vmm).values()} == want
@@ -312,10 +312,11 @@ def test_window_agrees_with_the_report_of_the_same_vm(vm):
     f = m.faults[m.faults["pid"] == vm.pid]
     for n, s in _final(vm.vmm).items():
         r = rows[n]
-        v = m.slots[(m.slots["pid"] == vm.pid) & (m.slots["slot"] == n)].sort_values("t_start")
+        v = m.slots[(m.slots["pid"] == vm.pid) & (m.slots["slot"] == n)] \
+            .sort_values("start_ts")
         last = v.iloc[-1]
-        assert (int(last["gpa"]), int(last["size"]), int(last["hva"])) == \
-            (r["gpa"], r["size"], r["hva"]), n
+        assert (int(last["gpa"]), int(last["size_bytes"]), int(last["hva"])) == \
+            (r["gpa"], r["size_bytes"], r["hva"]), n
         assert int(last["kvm_pgprot"]) == now[n]["vm_page_prot"], n
         assert int(last["kvm_vm_flags"]) == now[n]["vm_flags"], n
         assert last["vma_memtype_arm64"] == now[n]["vma_memtype"], n

@@ -124,12 +124,14 @@ def test_memslots_are_the_vmms_own(held):
     rows = _rows(held.cli)
     want = {n: (s["as_id"], s["final"]["gpa"], s["size"], s["hva"], s["final"]["flags"])
             for n, s in _final_slots(held.vmm).items()}
-    got = {r["slot"]: (r["as_id"], r["gpa"], r["size"], r["hva"], r["flags"]) for r in rows}
+    got = {r["slot"]: (r["as_id"], r["gpa"], r["size_bytes"], r["hva"], r["flags"])
+           for r in rows}
     assert got == want
     assert {r["vm_fd"] for r in rows} == {held.vmm["vm_fd"]}
     backings = {s["backing"] for s in _final_slots(held.vmm).values()}
     assert {"anon", "memfd", "file", "pfnmap"} <= backings
-    assert all(r["range_gpa"] == r["gpa"] and r["range_size"] == r["size"] for r in rows)
+    assert all(r["range_gpa"] == r["gpa"] and r["range_size_bytes"] == r["size_bytes"]
+               for r in rows)
 
 
 def test_vmas_match_proc_maps_and_smaps(held):
@@ -189,11 +191,13 @@ def test_text_format(held):
 
 def test_ranges_select_the_slot_and_the_part_asked(held):
     (g,) = _rows(held.cli_gpa)
-    assert (g["slot"], g["range_gpa"], g["range_size"]) == (5, held.slot5["final"]["gpa"], 0x1000)
+    assert (g["slot"], g["range_gpa"], g["range_size_bytes"]) == \
+        (5, held.slot5["final"]["gpa"], 0x1000)
     assert g["range_hva"] == held.slot5["hva"]
     (h,) = _rows(held.cli_hva)
     assert h["slot"] == 3 and h["range_hva"] == held.slot3["hva"] + 0x1000
-    assert h["range_gpa"] == held.slot3["final"]["gpa"] + 0x1000 and h["range_size"] == 0x1000
+    assert h["range_gpa"] == held.slot3["final"]["gpa"] + 0x1000 and \
+        h["range_size_bytes"] == 0x1000
     (s,) = _rows(held.cli_slot)
     assert s["slot"] == 4 and s["gpa"] == held.vmm["slots"][4]["final"]["gpa"]
     assert held.cli_hole.returncode == 2
@@ -217,9 +221,9 @@ def test_same_as_the_recording_of_the_same_vm(held):
     rows = _rows(held.cli)
     slots = m.slots[m.slots["pid"] == held.pid]
     for r in rows:
-        v = slots[slots["slot"] == r["slot"]].sort_values("t_start").iloc[-1]
-        assert (int(v["gpa"]), int(v["size"]), int(v["hva"]), int(v["flags"])) == \
-            (r["gpa"], r["size"], r["hva"], r["flags"]), r["slot"]
+        v = slots[slots["slot"] == r["slot"]].sort_values("start_ts").iloc[-1]
+        assert (int(v["gpa"]), int(v["size_bytes"]), int(v["hva"]), int(v["flags"])) == \
+            (r["gpa"], r["size_bytes"], r["hva"], r["flags"]), r["slot"]
         assert (int(v["vma_start"]), int(v["vma_end"])) == (r["vma_start"], r["vma_end"])
         assert int(v["vm_flags"]) == r["vm_flags"]
         assert int(v["vm_page_prot"]) == r["vm_page_prot"]
@@ -375,9 +379,9 @@ def test_window_agrees_with_the_report_of_the_same_vm(windowed):
     rows = {r["slot"]: r for r in json.loads(W.q.stdout)["rows"]}
     f = m.faults[m.faults["pid"] == W.pid]
     for n, r in rows.items():
-        v = m.slots[(m.slots["pid"] == W.pid) & (m.slots["slot"] == n)].sort_values("t_start")
+        v = m.slots[(m.slots["pid"] == W.pid) & (m.slots["slot"] == n)].sort_values("start_ts")
         first_current = v[v["created_by"] != "flags"].iloc[-1]
-        mine = f[(f["slot"] == n) & (f["ts"] >= int(first_current.t_start))]
+        mine = f[(f["slot"] == n) & (f["ts"] >= int(first_current.start_ts))]
         assert r["installed_pages"] == mine["gfn"].nunique(), n
         if len(mine):
             assert set(mine["verdict"]) == {r["verdict"]} == {"consistent"}

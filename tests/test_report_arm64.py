@@ -33,7 +33,8 @@ WC_RULE = {"6.1": "PFNMAP forced to Device: kernel before the cacheable-PFNMAP r
 
 def check_slots_and_faults(m, g):
     """The slot table equals the guest's ioctls; faults per slot its measured rule."""
-    got = [(int(r.slot_id), int(r.gpa), int(r.size), int(r.hva)) for r in m.ops.itertuples()]
+    got = [(int(r.slot_id), int(r.gpa), int(r.size_bytes), int(r.hva))
+           for r in m.ops.itertuples()]
     want = [(x["slot"], x["gpa"], x["size"], x["hva"]) for x in g["memslot_ioctls"]]
     assert got == want
     per = m.faults[m.faults["slot_row"] >= 0].groupby("slot_row").size()

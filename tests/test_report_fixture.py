@@ -37,7 +37,7 @@ def check_against_guest(model, guest):
     ops = model.ops
     want = [(m["slot"], m["as_id"], m["flags"], m["gpa"], m["size"], m["hva"], m["errno"])
             for m in guest["memslot_ioctls"]]
-    got = [(int(r.slot_id), int(r.as_id), int(r.flags), int(r.gpa), int(r.size), int(r.hva),
+    got = [(int(r.slot_id), int(r.as_id), int(r.flags), int(r.gpa), int(r.size_bytes), int(r.hva),
             -int(r.ret) if r.ret < 0 else 0) for r in ops.itertuples()]
     assert got == want
     assert set(ops["pid"]) == {guest["pid"]} and set(ops["vm_fd"]) == {guest["vm_fd"]}
@@ -49,7 +49,7 @@ def check_against_guest(model, guest):
             assert s["slot"] not in first.index
             continue
         row = first.loc[s["slot"]]
-        assert (row.gpa, row["size"], row.hva) == (s["gpa"], s["size"], s["hva"])
+        assert (row.gpa, row["size_bytes"], row.hva) == (s["gpa"], s["size"], s["hva"])
         idx = model.slots.index[(model.slots["slot"] == s["slot"])
                                 & (model.slots["version"] == 0)][0]
         assert per_row.get(idx, 0) == s["expected_faults"], s["slot"]
@@ -85,7 +85,7 @@ def test_access_kinds_and_levels(model, guest):
     # r pages: one read fault; w: one write; rw: read then write; x: one exec
     t = slot1["touched_counts"]
     assert counts == {"read": t["r"] + t["rw"], "write": t["w"] + t["rw"], "exec": t["x"]}
-    assert set(model.faults["size"]) == {"4K"}
+    assert set(model.faults["mapping_size_bytes"]) == {4096}
 
 
 def test_verdicts(model):

@@ -86,12 +86,25 @@ def test_what_breaks_the_schema_is_refused(validator):
     assert bad(lambda b: b["recording"].update(complete="yes"))
 
 
-def test_new_time_and_size_columns_carry_their_unit_in_the_name():
-    """The tables added with the export and fleets follow the naming rule the
-    issue asks for (older columns are listed for renaming, not renamed)."""
-    suffix = {"ns": "_ns", "s": "_s", "ms": "_ms", "us": "_us", "bytes": "_bytes",
-              "KiB": "_kb"}
-    for t in (schema.RECORDINGS, schema.PROCESSES, schema.FLEET):
+def test_every_column_with_a_unit_carries_it_in_its_name():
+    """The naming rule (issue 13): a time, duration, size, share or rate says
+    its unit in its name; ``ts`` / ``*_ts`` are ns; an address (bytes) or a
+    frame number (pages) says what it is (schema.unit_in_name)."""
+    for t in schema.TABLES.values():
         for c in t.columns:
-            if c.unit in suffix:
-                assert c.name.endswith(suffix[c.unit]), (t.name, c.name)
+            assert schema.unit_in_name(c), (t.name, c.name, c.unit)
+    C = schema.C
+    assert not schema.unit_in_name(C("size", "uint64", "bytes", ""))
+    assert not schema.unit_in_name(C("t_start", "uint64", "ns", ""))
+    assert not schema.unit_in_name(C("p50", "float64", "us", ""))
+    assert not schema.unit_in_name(C("start", "uint64", "bytes", ""))
+    assert not schema.unit_in_name(C("rate", "float64", "1/s", ""))
+    assert not schema.unit_in_name(C("len_ns", "int64", "bytes", ""))
+    # the names the issue asked about, and what they are now
+    names = {t.name: set(t.names) for t in schema.TABLES.values()}
+    for t in ("ops", "slots", "verdicts", "summary", "ops_view", "diff_slots"):
+        assert "size_bytes" in names[t] and "size" not in names[t], t
+    assert {"mapping_size_bytes", "map_size_bytes"} <= names["faults"]
+    assert "mapping_size_bytes" in names["ranges"] and "size_bytes" in names["prefetch"]
+    assert {"start_ts", "end_ts"} <= names["slots"] and "len_bytes" in names["exits"]
+    assert {"p50_us", "p90_us", "p99_us", "max_us", "faults_per_s"} <= names["diff_latency"]

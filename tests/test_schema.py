@@ -98,7 +98,7 @@ def test_filter_applies_to_every_table():
     assert set(t["ops"]["slot_id"]) == {slot}
     s = m.slots[m.slots["slot"] == slot].iloc[0]
     v = t["vmas"]
-    assert len(v) and ((v["start"] < s.hva + s["size"]) & (v["end"] > s.hva)).all()
+    assert len(v) and ((v["start"] < s.hva + s["size_bytes"]) & (v["end"] > s.hva)).all()
     other = render.tables(m, pid + 1_000_000, None)
     assert all(len(other[n]) == 0 for n in ("slots", "faults", "verdicts", "ranges", "ops",
                                             "vmas", "errors"))
@@ -118,7 +118,7 @@ def test_diff_tables_are_declared():
     a = kvmtrace.load(FIXTURES[0])
     c = compare.compare(a, a)
     for df, t in ((c.slots, schema.DIFF_SLOTS), (c.latency, schema.DIFF_LATENCY),
-                  (c.totals, schema.DIFF_VMS)):
+                  (c.totals, schema.DIFF_VMS), (compare.findings_table(c), schema.DIFF_FINDINGS)):
         assert list(df.columns) == t.names
 
 
@@ -148,3 +148,28 @@ def test_page_size_drives_levels_and_frames():
     assert pages.page_size({}) == 4096
     s = summary.LEVELS
     assert s == ("level1", "level2", "level3")
+
+
+def test_no_flags_is_empty_in_data_and_a_dash_in_text():
+    """flag_names is '' for "no flags" in the library, JSON and CSV; only the
+    text views print '-' for it."""
+    import csv
+    import io
+
+    m = kvmtrace.load(FIXTURES[0])
+    assert "" in set(m.ops["flag_names"]) and "" in set(m.slots["flag_names"])
+    assert not any("-" in x for x in m.slots["flag_names"])
+    body = json.loads(render.to_json(m))
+    for table in ("slots", "ops"):
+        names = {r["flag_names"] for r in body[table]}
+        assert "" in names and "-" not in names, table
+    rows = list(csv.DictReader(io.StringIO(render.to_csv(m, table="ops"))))
+    assert "" in {r["flag_names"] for r in rows} and "-" not in {r["flag_names"] for r in rows}
+    from rich.console import Console
+    con = Console(file=io.StringIO(), width=200, emoji=False)
+    render.to_text(m, con, table="ops")
+    text = con.file.getvalue().splitlines()
+    head = [c.strip() for c in next(ln for ln in text if "┃" in ln).split("┃")[1:-1]]
+    rows = [[c.strip() for c in ln.split("│")[1:-1]] for ln in text if "│" in ln]
+    shown = [r[head.index("flags")] for r in rows]
+    assert shown == [x or "-" for x in m.ops["flag_names"]]

@@ -95,7 +95,7 @@ def test_report_fits(rec, width):
     check_fits(out, width, report_text(rec, 10000))
     m = model(rec)
     for s in m.slots.itertuples():  # every slot's GPA range, whole, on one line
-        assert f"{s.gpa:#x}-{s.gpa + s.size:#x}" in out, (s.slot, width)
+        assert f"{s.gpa:#x}-{s.gpa + s.size_bytes:#x}" in out, (s.slot, width)
     for g in m.verdicts["gpa"]:
         assert f"{int(g):#x}" in out
     lines = out.splitlines()

@@ -131,7 +131,7 @@ def test_diff_tsv():
     assert t["slots"][0] == schema.DIFF_SLOTS.names
     assert t["latency"][0] == schema.DIFF_LATENCY.names
     assert t["vms"][0] == schema.DIFF_VMS.names
-    assert t["findings"][0] == ["slot", "metric", "base", "new", "regression", "text", "detail"]
+    assert t["findings"][0] == schema.DIFF_FINDINGS.names
     body = json.loads(run("diff", X86, X86, "--format", "json").stdout)
     assert len(t["slots"]) - 1 == len(body["slots"]) and len(t["vms"]) - 1 == len(body["vms"])
     i = t["slots"][0].index("levels_base")  # nested values as compact JSON

@@ -128,16 +128,20 @@ def test_slower_service_time_is_a_latency_regression(base, tmp_path):
     c = compare.compare(base, new)
     assert {f.metric for f in c.findings} == {"latency"}
     regs = c.regressions
-    slots = {f.slot.split(" ")[1] for f in regs}
-    assert slots == {"1", "2", "3", "7"}
+    assert {(f.as_id, f.gpa, f.size_bytes) for f in regs} == {
+        (0, 0x1000000, 0x40000), (0, 0x1400000, 0x20000), (0, 0x1800000, 0x20000),
+        (0, 0x2800000, 0x20000)}
+    assert sorted((f.slot_base, f.slot_new) for f in regs) == [([1], [1]), ([2], [2]),
+                                                              ([3], [3]), ([7], [7])]
+    assert {compare.label(f).split(" ")[1] for f in regs} == {"1", "2", "3", "7"}
     for f in regs:
-        assert f.text.startswith("p50 fault time +200%"), f.text
+        assert f.message.startswith("p50 fault time +200%"), f.message
         assert f.new == pytest.approx(3 * f.base)
         assert f.detail["ci_low"] > 1.25  # the whole interval past the threshold
     # the other way round it is an improvement, not a regression
     back = compare.compare(new, base)
     assert len(back.findings) == 4 and back.regressions == []
-    assert all(f.text.startswith("p50 fault time -67%") for f in back.findings)
+    assert all(f.message.startswith("p50 fault time -67%") for f in back.findings)
 
 
 # ---------------------------------------------------------------- one change per slot
@@ -145,8 +149,9 @@ def test_slower_service_time_is_a_latency_regression(base, tmp_path):
 
 
 SLOT1_GFNS = range(0x1000, 0x1040)
+SLOT1, SLOT2, SLOT3 = (0, 0x1000000, 0x40000), (0, 0x1400000, 0x20000), (0, 0x1800000, 0x20000)
+SLOT9 = (0, 0x3000000, 0x200000)  # the THP slot: 2 MiB
 LABEL1 = "slot 1 (GPA 0x1000000+256 KiB)"
-LABEL2 = "slot 2 (GPA 0x1400000+128 KiB)"
 LABEL3 = "slot 3 (GPA 0x1800000+128 KiB)"
 
 
@@ -175,23 +180,28 @@ def changed(base, tmp_path_factory):
 
 def test_each_change_is_found_on_its_own_slot_and_nothing_else(changed):
     _, c = changed
-    assert sorted((f.metric, f.slot, f.regression) for f in c.findings) == [
+    assert sorted((f.metric, compare.label(f), f.regression) for f in c.findings) == [
         ("errors", "all slots", True),
         ("faults", LABEL3, True),
         ("memtype", LABEL1, True),
         ("slots", "slot 9 (GPA 0x3000000)", False)]
+    # the slot of each finding is data: address space, GPA, size, slot id per side
+    assert sorted(((f.metric, f.key, f.slot_base, f.slot_new) for f in c.findings),
+                  key=str) == sorted([
+        ("errors", None, None, None), ("faults", SLOT3, [3], [3]),
+        ("memtype", SLOT1, [1], [1]), ("slots", SLOT9, [9], None)], key=str)
 
 
 def test_more_faults_on_one_slot(base, changed):
     new, c = changed
     assert len(new.faults) == len(base.faults) + 48
     f = by_metric(c, "faults")[0]
-    assert (f.base, f.new, f.text) == (48, 96, "faults 48 -> 96 (+100%)")
+    assert (f.base, f.new, f.message) == (48, 96, "faults 48 -> 96 (+100%)")
     row = c.slots[c.slots["gpa"] == 0x1800000].iloc[0]
     assert (row["pages_base"], row["pages_new"]) == (32, 32)
     # past a threshold of +150% it is still reported, but not a regression
     lenient = compare.compare(base, new, thresholds={"faults": 1.5}, metrics=("faults",))
-    assert [(f.slot, f.regression) for f in by_metric(lenient, "faults")] == [(LABEL3, False)]
+    assert [(f.key, f.regression) for f in by_metric(lenient, "faults")] == [(SLOT3, False)]
     assert {f.metric for f in lenient.findings} == {"faults", "slots"}  # slots always
 
 
@@ -199,16 +209,19 @@ def test_dirty_logging_turned_on_is_named_as_the_cause(changed):
     """Slot 3 was created with KVM_MEM_LOG_DIRTY_PAGES in the new copy;
     slot 1 had dirty logging turned on during both runs: no cause there."""
     _, c = changed
-    assert c.causes[LABEL3] == ["dirty logging turned on"]
+    assert c.causes[SLOT3] == [{"cause": "dirty_logging", "base": False, "new": True,
+                                "message": "dirty logging turned on"}]
+    assert by_metric(c, "faults")[0].causes == c.causes[SLOT3]  # each finding carries them
     row = c.slots[c.slots["gpa"] == 0x1800000].iloc[0]
-    assert (row["flags_base"], row["flags_new"]) == ("-", "LOG_DIRTY_PAGES")
-    assert c.causes[LABEL1] == []
+    assert (row["flags_base"], row["flags_new"]) == ([""], ["LOG_DIRTY_PAGES"])
+    assert c.causes[SLOT1] == []
 
 
 def test_a_flags_change_alone_is_a_cause_not_a_finding(changed):
     _, c = changed
-    assert c.causes[LABEL2] == ["flags - -> READONLY"]
-    assert not [f for f in c.findings if f.slot == LABEL2]
+    assert c.causes[SLOT2] == [{"cause": "flags", "base": [""], "new": ["READONLY"],
+                                "message": "flags - -> READONLY"}]
+    assert not [f for f in c.findings if f.key == SLOT2]
 
 
 def test_a_slot_whose_memory_type_changed(changed):
@@ -217,7 +230,7 @@ def test_a_slot_whose_memory_type_changed(changed):
     assert on1.sum() == 68 and set(new.faults.loc[on1, "spte_memtype"]) == {"UC"}
     f = by_metric(c, "memtype")[0]
     assert (f.base, f.new) == ({"WB": 1.0}, {"UC": 1.0})
-    assert f.text == "memory types WB 100% -> UC 100%"
+    assert f.message == "memory types WB 100% -> UC 100%"
     row = c.slots[c.slots["gpa"] == 0x1000000].iloc[0]
     assert (row["cacheable_share_base"], row["cacheable_share_new"]) == (1.0, 0.0)
 
@@ -226,6 +239,39 @@ def test_a_missing_slot_and_a_new_refusal(changed):
     """Slot 9 only in BASE is not a regression by itself; one more refused
     memslot ioctl is."""
     _, c = changed
-    assert [(f.text, f.regression) for f in by_metric(c, "slots")] == [("only in BASE", False)]
-    assert [(f.text, f.base, f.new) for f in by_metric(c, "errors")] == \
-        [("KVM_SET_USER_MEMORY_REGION EEXIST: 1 -> 2", 1, 2)]
+    assert [(f.message, f.base, f.new, f.regression) for f in by_metric(c, "slots")] == \
+        [("only in BASE", True, False, False)]
+    assert [(f.message, f.base, f.new, f.detail) for f in by_metric(c, "errors")] == \
+        [("KVM_SET_USER_MEMORY_REGION EEXIST: 1 -> 2", 1, 2,
+          {"what": "KVM_SET_USER_MEMORY_REGION", "errno": "EEXIST"})]
+
+
+def test_json_findings_name_the_slot_in_data_columns(base, changed):
+    """diff --format json: each finding names its slot by address space, GPA,
+    size and slot ids (schema.DIFF_FINDINGS); prose only in ``message`` (and
+    the causes' ``message``), beside the structured fields."""
+    from kvmtrace import render
+    from kvmtrace.analysis import schema
+
+    new, c = changed
+    body = json.loads(render.diff_to_json(base, new, c))
+    rows = body["findings"]
+    assert [list(r) for r in rows] == [schema.DIFF_FINDINGS.names] * len(c.findings)
+    faults = next(r for r in rows if r["metric"] == "faults")
+    assert (faults["as_id"], faults["gpa"], faults["size_bytes"]) == SLOT3
+    assert (faults["slot_base"], faults["slot_new"]) == ([3], [3])
+    assert (faults["base"], faults["new"], faults["regression"]) == (48, 96, True)
+    assert faults["message"] == "faults 48 -> 96 (+100%)"
+    assert faults["causes"] == [{"cause": "dirty_logging", "base": False, "new": True,
+                                 "message": "dirty logging turned on"}]
+    gone = next(r for r in rows if r["metric"] == "slots")
+    assert (gone["gpa"], gone["slot_base"], gone["slot_new"]) == (0x3000000, [9], None)
+    errors = next(r for r in rows if r["metric"] == "errors")
+    assert (errors["as_id"], errors["gpa"], errors["slot_base"]) == (None, None, None)
+    # the slots table: slot ids and flags as data too
+    s = next(r for r in body["slots"] if r["gpa"] == 0x1800000)
+    assert (s["slot_base"], s["flags_base"], s["flags_new"]) == ([3], [""], ["LOG_DIRTY_PAGES"])
+    assert next(r for r in body["slots"] if r["gpa"] == 0x3000000)["slot_new"] is None
+    # the human summary line still says it all
+    assert f"REGRESSION: {LABEL3}: faults 48 -> 96 (+100%); cause: dirty logging turned on" \
+        in body["summary"]

@@ -113,12 +113,12 @@ def test_ops_match_the_vmms_own_record(path):
     want = guest["memslot_ioctls"]
     assert len(ops) == len(want)
     for o, m in zip(ops.itertuples(index=False), want):
-        assert (int(o.slot_id), int(o.as_id), int(o.gpa), int(o.size), int(o.hva),
+        assert (int(o.slot_id), int(o.as_id), int(o.gpa), int(o.size_bytes), int(o.hva),
                 int(o.flags)) == (m["slot"], m["as_id"], m["gpa"], m["size"], m["hva"],
                                   m["flags"])
         assert o.ioctl_name == m["ioctl"]
         assert o.errno == m["errno_name"]
-        assert o.flag_names == ("|".join(m["flag_names"]) or "-")
+        assert o.flag_names == "|".join(m["flag_names"])  # "" for none
         assert m["time_ns"] <= int(o.enter_ts) <= int(o.ts) <= m["time_ns"] + m["duration_ns"]
         assert 0 <= int(o.latency_ns) <= m["duration_ns"]
         if m["errno_name"]:
@@ -139,13 +139,13 @@ def test_final_slots_match_the_vmms_own_record(path):
             assert not len(versions(slots, s["slot"])), s["slot"]  # never set
             continue
         v = versions(slots, s["slot"], as_id=s["as_id"])
-        live = v[[is_open(t) for t in v["t_end"]]]
+        live = v[[is_open(t) for t in v["end_ts"]]]
         fin = s["final"]
         if fin["present"]:
             assert len(live) == 1
             assert (int(live["gpa"].iloc[0]), int(live["flags"].iloc[0])) == (fin["gpa"],
                                                                             fin["flags"])
-            assert int(live["size"].iloc[0]) == s["size"]
+            assert int(live["size_bytes"].iloc[0]) == s["size"]
             assert int(live["hva"].iloc[0]) == s["hva"]
         else:
             assert not len(live)
@@ -167,25 +167,25 @@ def test_x86_slot_versions():
 
     s1 = versions(slots, 1)
     assert ints(s1["version"]) == [0, 1]
-    assert ints(s1["t_start"]) == [ts[1], ts[9]]
-    assert int(s1["t_end"].iloc[0]) == ts[9] and is_open(s1["t_end"].iloc[1])
+    assert ints(s1["start_ts"]) == [ts[1], ts[9]]
+    assert int(s1["end_ts"].iloc[0]) == ts[9] and is_open(s1["end_ts"].iloc[1])
     assert list(s1["created_by"]) == ["create", "flags"]
     assert list(s1["ended_by"]) == ["flags", ""]
     assert ints(s1["flags"]) == [0, 1]
-    assert list(s1["flag_names"]) == ["-", "LOG_DIRTY_PAGES"]
+    assert list(s1["flag_names"]) == ["", "LOG_DIRTY_PAGES"]
     assert ints(s1["gpa"]) == [0x1000000] * 2
 
     s4 = versions(slots, 4)
     assert ints(s4["gpa"]) == [0x1c00000, 0x3400000]
     assert list(s4["created_by"]) == ["create", "move"] and s4["ended_by"].iloc[0] == "move"
-    assert int(s4["t_end"].iloc[0]) == int(s4["t_start"].iloc[1]) == ts[10]
+    assert int(s4["end_ts"].iloc[0]) == int(s4["start_ts"].iloc[1]) == ts[10]
     assert ints(s4["gfn_start"]) == [0x1c00, 0x3400]
     assert ints(s4["gfn_end"]) == [0x1c00 + 32, 0x3400 + 32]
     assert ints(s4["hva"])[0] == ints(s4["hva"])[1]  # a move keeps the memory
 
     s2 = versions(slots, 2)
     assert len(s2) == 1 and s2["ended_by"].iloc[0] == "delete"
-    assert int(s2["t_end"].iloc[0]) == ts[11]
+    assert int(s2["end_ts"].iloc[0]) == ts[11]
 
     s3 = versions(slots, 3)
     assert s3["ioctl_name"].iloc[0] == "KVM_SET_USER_MEMORY_REGION2"
@@ -226,7 +226,7 @@ def test_decode_ops_sorts_and_decodes():
     d = memslots.decode_ops(derive(t, (6, {"slot": (1 << 16) | 6, "flags": 3}),
                                    (3, {"slot": (2 << 16) | 0x7fff})))
     assert ints(d["as_id"].iloc[-2:]) == [1, 2] and ints(d["slot_id"].iloc[-2:]) == [6, 0x7fff]
-    assert list(d["flag_names"].iloc[-2:]) == ["LOG_DIRTY_PAGES|READONLY", "-"]
+    assert list(d["flag_names"].iloc[-2:]) == ["LOG_DIRTY_PAGES|READONLY", ""]
     assert list(d["ioctl_name"].iloc[-2:]) == ["KVM_SET_USER_MEMORY_REGION",
                                           "KVM_SET_USER_MEMORY_REGION2"]
     assert (d["latency_ns"].astype("int64") > 0).all()
@@ -286,10 +286,10 @@ def test_refusal_reasons(row, changes, op, reason):
     r = ops.iloc[-1]
     assert r.op.startswith(op) and r.op.startswith("failed ")
     assert r.reason == reason
-    cols = ["as_id", "slot", "version", "gpa", "size", "flags", "t_start", "created_by"]
+    cols = ["as_id", "slot", "version", "gpa", "size_bytes", "flags", "start_ts", "created_by"]
     pd.testing.assert_frame_equal(slots[cols].reset_index(drop=True),
                                   before[cols].reset_index(drop=True))
-    assert [is_open(t) for t in slots["t_end"]] == [is_open(t) for t in before["t_end"]]
+    assert [is_open(t) for t in slots["end_ts"]] == [is_open(t) for t in before["end_ts"]]
 
 
 # ---------------------------------------------------------------- derived: classification
@@ -298,7 +298,7 @@ def test_repeat_is_a_no_op():
     """Row 9 (slot 1 -> LOG_DIRTY_PAGES) issued again: nothing changes."""
     ops, slots = replay(derive(x86_table(), (9, {})))
     assert ops["op"].iloc[-1] == "no-op" and ops["reason"].iloc[-1] == ""
-    assert len(versions(slots, 1)) == 2 and is_open(versions(slots, 1)["t_end"].iloc[1])
+    assert len(versions(slots, 1)) == 2 and is_open(versions(slots, 1)["end_ts"].iloc[1])
 
 
 def test_move_with_new_flags_is_a_move():
@@ -324,8 +324,8 @@ def test_flags_back_move_back_and_recreate():
     assert ints(s4["gpa"]) == [0x1c00000, 0x3400000, 0x1c00000]
     assert list(s4["created_by"]) == ["create", "move", "move"]
     assert ints(s2["version"]) == [0, 1] and list(s2["created_by"]) == ["create", "create"]
-    assert s2["ended_by"].iloc[0] == "delete" and is_open(s2["t_end"].iloc[1])
-    assert int(s2["t_start"].iloc[1]) > int(s2["t_end"].iloc[0])
+    assert s2["ended_by"].iloc[0] == "delete" and is_open(s2["end_ts"].iloc[1])
+    assert int(s2["start_ts"].iloc[1]) > int(s2["end_ts"].iloc[0])
 
 
 def test_address_spaces_are_separate():
@@ -386,7 +386,7 @@ def test_pid_reuse_is_a_new_vmm():
     assert list(ops["op"].iloc[14:]) == list(ops["op"].iloc[:14])
     first = slots[slots["proc"] == 0]
     assert len(first) == len(slots[slots["proc"] == 1]) == 11
-    live_first = [is_open(x) for x in first["t_end"]]
+    live_first = [is_open(x) for x in first["end_ts"]]
     assert sum(live_first) == 8  # slots 0, 1 (v1), 3, 4 (v1), 5, 6, 7, 9
 
 

@@ -371,7 +371,7 @@ def test_slot_without_any_vma_says_why():
     import pandas as pd
 
     slots = pd.DataFrame([{"pid": 7, "vm_fd": 4, "as_id": 0, "slot": 1, "hva": 0x10000,
-                           "size": 0x4000, "t_start": 100}])
+                           "size_bytes": 0x4000, "start_ts": 100}])
     empty_vmas = pd.DataFrame(columns=["ts", "pid", "start", "end", "inode", "path",
                                        "vmflags", "kernelpagesize_kb", "anonhugepages_kb"])
     memslot = pd.DataFrame([{"pid": 7, "vm_fd": 4, "slot": 1, "ts": 100, "vma_status": 0}])

@@ -12,6 +12,12 @@ fault service time distribution (kvmtrace.analysis.stats for the effect
 sizes). A metric is a regression when it moves past its threshold in the bad
 direction; service time only when the whole 95% interval of the median ratio
 is past it.
+
+Everything a program needs is data: each finding names its slot by address
+space, GPA, size and slot ids (``findings_table``, schema.DIFF_FINDINGS), its
+values before and after, and the likely causes (each a dict with a
+``message``); the prose of a finding is its ``message``, and ``label`` makes
+the human name of its slot for the text views.
 """
 
 from __future__ import annotations
@@ -24,11 +30,11 @@ import pandas as pd
 
 from .. import kvmapi
 from ..memtype import CACHEABLE
-from . import hostload, schema, stats
+from . import hostload, pages, schema, stats
 from .model import Model
 
-KEY = ["as_id", "gpa", "bytes"]  # a slot as the guest sees it
-PROFILE_DTYPES = {"as_id": "int64", "gpa": "uint64", "bytes": "uint64", "faults": "Int64",
+KEY = ["as_id", "gpa", "size_bytes"]  # a slot as the guest sees it
+PROFILE_DTYPES = {"as_id": "int64", "gpa": "uint64", "size_bytes": "uint64", "faults": "Int64",
                   "pages": "Int64", "invalidations": "Int64", "mmio_exits": "Int64",
                   "huge_share": "float64", "cacheable_share": "float64"}
 
@@ -69,7 +75,7 @@ def backing_class(vma: str, vmflags: str, anonhuge_kb: int = 0) -> str:
 
 def slot_profile(model: Model) -> pd.DataFrame:
     """One row per (as_id, gpa, size) with the slot's activity, all VMs pooled."""
-    s = model.slots.rename(columns={"size": "bytes"})
+    s = model.slots.copy()
     if not len(s):
         return pd.DataFrame(columns=KEY + ["slot", "backing", "flags", "dirty_logging",
                                            "faults", "pages",
@@ -84,7 +90,8 @@ def slot_profile(model: Model) -> pd.DataFrame:
     def in_slots(df, cols=()):
         return df.loc[df["slot_row"] >= 0, ["slot_row", *cols]].merge(keys, on="slot_row")
 
-    f = in_slots(model.faults, ("gfn", "level", "size", "spte_memtype", "service_ns"))
+    f = in_slots(model.faults, ("gfn", "level", "mapping_size_bytes", "spte_memtype",
+                                "service_ns"))
     inv = in_slots(model.invalidations)
     ex = in_slots(model.exits)
     rows = []
@@ -98,14 +105,14 @@ def slot_profile(model: Model) -> pd.DataFrame:
         cache = mts.map(CACHEABLE).fillna(False).to_numpy(dtype=bool)
         rows.append({
             **dict(zip(KEY, key)),
-            "slot": "/".join(str(x) for x in sorted(set(g["slot"]))),
+            "slot": sorted({int(x) for x in g["slot"]}),
             "backing": "/".join(dict.fromkeys(g["backing"])),
-            "flags": " -> ".join(dict.fromkeys(g["flag_names"])),
+            "flags": list(dict.fromkeys(g["flag_names"])),
             "dirty_logging": bool((g["flags"] & kvmapi.KVM_MEM_LOG_DIRTY_PAGES).any()),
             "faults": n,
             "pages": faults["gfn"].nunique() if n else 0,
             "huge_share": float((faults["level"] > 1).mean()) if n else np.nan,
-            "levels": faults["size"].value_counts().to_dict() if n else {},
+            "levels": _level_counts(faults["mapping_size_bytes"]) if n else {},
             "cacheable_share": float(cache.mean()) if len(cache) else np.nan,
             "memtypes": mts.value_counts(normalize=True).round(4).to_dict(),
             "invalidations": ig.get(key, 0),
@@ -115,30 +122,73 @@ def slot_profile(model: Model) -> pd.DataFrame:
     return pd.DataFrame(rows).astype(PROFILE_DTYPES)
 
 
+def _level_counts(sizes: pd.Series) -> dict:
+    """{'4K': n, '2M': m}: faults per mapping size (analysis/pages.py names)."""
+    return {pages.size_name(int(k)): int(n) for k, n in sizes.dropna().value_counts().items()}
+
+
 @dataclass
 class Finding:
-    slot: str
+    """One change diff found. The slot it is about is data (``as_id``, ``gpa``,
+    ``size_bytes``, the slot ids on each side; all None for a finding about
+    every slot); ``base`` / ``new`` are the metric's values; ``message`` is the
+    change in words for people; ``causes`` the slot's likely causes."""
     metric: str
     base: object
     new: object
-    text: str
+    message: str
     regression: bool
     detail: dict = field(default_factory=dict)
+    as_id: int | None = None
+    gpa: int | None = None
+    size_bytes: int | None = None
+    slot_base: list[int] | None = None
+    slot_new: list[int] | None = None
+    causes: list[dict] = field(default_factory=list)
+
+    @property
+    def key(self) -> tuple | None:
+        """(as_id, gpa, size_bytes): the slot as the guest sees it; None for all slots."""
+        return None if self.as_id is None else (self.as_id, self.gpa, self.size_bytes)
 
 
 @dataclass
 class Comparison:
     findings: list[Finding]
     slots: pd.DataFrame          # matched slot table, side by side
-    latency: pd.DataFrame        # service-time quantiles per slot / memtype / level
+    latency: pd.DataFrame        # service-time quantiles per slot / memory type / level
     totals: pd.DataFrame         # per recording and VM
     method: str
-    causes: dict                 # slot label -> cause words
+    causes: dict                 # (as_id, gpa, size_bytes) -> [cause dict, ...]
     notes: list[str] = field(default_factory=list)  # host load, loss: context to read it in
 
     @property
     def regressions(self) -> list[Finding]:
         return [f for f in self.findings if f.regression]
+
+
+def _ids(ids) -> str:
+    return "/".join(str(x) for x in ids) if isinstance(ids, list) else ""
+
+
+def label(f: Finding) -> str:
+    """The human name of a finding's slot: 'slot 1 (GPA 0x1000000+256 KiB)',
+    'slot 2->5 (...)' when the sides number it differently, 'all slots'."""
+    if f.as_id is None:
+        return "all slots"
+    if f.slot_base is None or f.slot_new is None:
+        return f"slot {_ids(f.slot_base or f.slot_new)} (GPA {f.gpa:#x})"
+    return f"slot {_ids(f.slot_base)}" + (
+        f"->{_ids(f.slot_new)}" if f.slot_new != f.slot_base else "") + \
+        f" (GPA {f.gpa:#x}+{f.size_bytes // 1024} KiB)"
+
+
+def findings_table(c: Comparison) -> pd.DataFrame:
+    """The findings as the declared table schema.DIFF_FINDINGS."""
+    names = schema.DIFF_FINDINGS.names
+    rows = [{k: getattr(f, k) for k in names} for f in c.findings]
+    df = pd.DataFrame(rows, columns=names, dtype=object)
+    return schema.DIFF_FINDINGS.conform(df)
 
 
 def _pct(a, b) -> str:
@@ -151,38 +201,52 @@ def _share(x) -> str:
     return "n/a" if x is None or (isinstance(x, float) and np.isnan(x)) else f"{x * 100:.0f}%"
 
 
-def _label(row) -> str:
-    return f"slot {row['slot_base']}" + (
-        f"->{row['slot_new']}" if row["slot_new"] != row["slot_base"] else "") + \
-        f" (GPA {int(row['gpa']):#x}+{int(row['bytes']) // 1024} KiB)"
+def _slot_fields(row) -> dict:
+    """The Finding fields naming the slot of a merged profile row."""
+    ids = {side: row[f"slot_{side}"] if isinstance(row[f"slot_{side}"], list) else None
+           for side in ("base", "new")}
+    return {"as_id": int(row["as_id"]), "gpa": int(row["gpa"]),
+            "size_bytes": int(row["size_bytes"]), "slot_base": ids["base"],
+            "slot_new": ids["new"]}
 
 
-def _count_finding(label, metric, a, b, thr, name) -> Finding | None:
+def _count_finding(where, metric, a, b, thr, name) -> Finding | None:
     if a == b:
         return None
     rel = (b - a) / a if a else np.inf
     reg = b > a and rel > thr and (b - a) >= MIN_COUNT_CHANGE
     if not reg and abs(b - a) < MIN_COUNT_CHANGE:
         return None
-    return Finding(label, metric, a, b, f"{name} {a} -> {b} ({_pct(a, b)})", reg)
+    return Finding(metric, a, b, f"{name} {a} -> {b} ({_pct(a, b)})", reg, **where)
 
 
-def _causes(r) -> list[str]:
+def _flags(names: list) -> str:
+    return " -> ".join(x or "-" for x in names)
+
+
+def _causes(r) -> list[dict]:
+    """The likely causes of a matched slot's changes: each {"cause", "base",
+    "new", "message"}."""
     out = []
+
+    def cause(what, base, new, message):
+        out.append({"cause": what, "base": base, "new": new, "message": message})
     if r["backing_base"] != r["backing_new"]:
-        out.append(f"backing {r['backing_base']} -> {r['backing_new']}")
+        cause("backing", r["backing_base"], r["backing_new"],
+              f"backing {r['backing_base']} -> {r['backing_new']}")
     if r["flags_base"] != r["flags_new"]:
-        if r["dirty_logging_new"] and not r["dirty_logging_base"]:
-            out.append("dirty logging turned on")
-        elif r["dirty_logging_base"] and not r["dirty_logging_new"]:
-            out.append("dirty logging turned off")
+        db, dn = bool(r["dirty_logging_base"]), bool(r["dirty_logging_new"])
+        if db != dn:
+            cause("dirty_logging", db, dn, f"dirty logging turned {'on' if dn else 'off'}")
         else:
-            out.append(f"flags {r['flags_base']} -> {r['flags_new']}")
+            cause("flags", r["flags_base"], r["flags_new"],
+                  f"flags {_flags(r['flags_base'])} -> {_flags(r['flags_new'])}")
     same_levels = r["huge_share_base"] == r["huge_share_new"]
     if same_levels and r["pages_base"] and r["pages_new"] and r["pages_new"] != r["pages_base"]:
         # distinct guest pages faulted; only a cause when the mapping sizes are alike
-        out.append(f"pages touched {r['pages_base']} -> {r['pages_new']} "
-                   f"(x{r['pages_new'] / r['pages_base']:.2g})")
+        cause("pages", int(r["pages_base"]), int(r["pages_new"]),
+              f"pages touched {r['pages_base']} -> {r['pages_new']} "
+              f"(x{r['pages_new'] / r['pages_base']:.2g})")
     return out
 
 
@@ -194,43 +258,45 @@ def compare(base: Model, new: Model, thresholds: dict | None = None,
     findings: list[Finding] = []
     causes = {}
     for _, r in m.iterrows():
+        where = _slot_fields(r)
         if r["_merge"] != "both":
             side = "BASE" if r["_merge"] == "left_only" else "NEW"
-            sl = r["slot_base"] if side == "BASE" else r["slot_new"]
-            findings.append(Finding(f"slot {sl} (GPA {int(r['gpa']):#x})", "slots", None, None,
-                                    f"only in {side}", False))
+            findings.append(Finding("slots", side == "BASE", side == "NEW", f"only in {side}",
+                                    False, **where))
             continue
-        label = _label(r)
         cause = _causes(r)
-        causes[label] = cause
+        causes[(where["as_id"], where["gpa"], where["size_bytes"])] = cause
+        found: list[Finding] = []
         if "backing" in metrics and r["backing_base"] != r["backing_new"]:
             risky = r["backing_new"].startswith(("PFNMAP", "MIXEDMAP"))
-            findings.append(Finding(label, "backing", r["backing_base"], r["backing_new"],
-                                    f"backing {r['backing_base']} -> {r['backing_new']}", risky))
+            found.append(Finding("backing", r["backing_base"], r["backing_new"],
+                                 f"backing {r['backing_base']} -> {r['backing_new']}", risky,
+                                 **where))
         if "faults" in metrics:
-            f = _count_finding(label, "faults", int(r["faults_base"]), int(r["faults_new"]),
+            f = _count_finding(where, "faults", int(r["faults_base"]), int(r["faults_new"]),
                                thr["faults"], "faults")
-            findings += [f] if f else []
+            found += [f] if f else []
         if "levels" in metrics:
             hb, hn = r["huge_share_base"], r["huge_share_new"]
             if np.isfinite(hb) and np.isfinite(hn) and abs(hn - hb) > 1e-9:
-                findings.append(Finding(label, "levels", hb, hn,
-                                        f"2M/1G mappings {_share(hb)} -> {_share(hn)}",
-                                        hb - hn > thr["levels"],
-                                        {"base": r["levels_base"], "new": r["levels_new"]}))
+                found.append(Finding("levels", hb, hn,
+                                     f"2M/1G mappings {_share(hb)} -> {_share(hn)}",
+                                     hb - hn > thr["levels"],
+                                     {"base": r["levels_base"], "new": r["levels_new"]},
+                                     **where))
         if "memtype" in metrics:
             cb, cn = r["cacheable_share_base"], r["cacheable_share_new"]
             if r["memtypes_base"] != r["memtypes_new"] and np.isfinite(cb) and np.isfinite(cn):
-                findings.append(Finding(
-                    label, "memtype", r["memtypes_base"], r["memtypes_new"],
+                found.append(Finding(
+                    "memtype", r["memtypes_base"], r["memtypes_new"],
                     f"memory types {_mix(r['memtypes_base'])} -> {_mix(r['memtypes_new'])}",
-                    cb - cn > thr["memtype"]))
+                    cb - cn > thr["memtype"], **where))
         for metric, col, name in (("invalidations", "invalidations", "invalidations"),
                                   ("exits", "mmio_exits", "MMIO exits")):
             if metric in metrics:
-                f = _count_finding(label, metric, int(r[f"{col}_base"]), int(r[f"{col}_new"]),
+                f = _count_finding(where, metric, int(r[f"{col}_base"]), int(r[f"{col}_new"]),
                                    thr[metric], name)
-                findings += [f] if f else []
+                found += [f] if f else []
         if "latency" in metrics:
             sb, sn = r["service_ns_base"], r["service_ns_new"]
             if len(sb) >= MIN_SAMPLES and len(sn) >= MIN_SAMPLES:
@@ -238,11 +304,15 @@ def compare(base: Model, new: Model, thresholds: dict | None = None,
                 reg = e.ci_low > 1 + thr["latency"]
                 better = e.ci_high < 1 - thr["latency"]
                 if reg or better:
-                    findings.append(Finding(
-                        label, "latency", e.median_base, e.median_new,
+                    found.append(Finding(
+                        "latency", e.median_base, e.median_new,
                         f"p50 fault time {(e.ratio - 1) * 100:+.0f}% "
                         f"[95% CI {(e.ci_low - 1) * 100:+.0f}%..{(e.ci_high - 1) * 100:+.0f}%, "
-                        f"Cliff's d {e.cliffs_delta:+.2f} {e.magnitude}]", reg, e.__dict__))
+                        f"Cliff's d {e.cliffs_delta:+.2f} {e.magnitude}]", reg, e.__dict__,
+                        **where))
+        for f in found:
+            f.causes = cause
+        findings += found
     if "errors" in metrics:
         findings += _error_findings(base, new)
     totals = pd.concat([_totals(base, "base"), _totals(new, "new")], ignore_index=True)
@@ -278,8 +348,8 @@ def _error_findings(base: Model, new: Model) -> list[Finding]:
     for k in sorted(set(eb.index) | set(en.index)):
         a, b = int(eb.get(k, 0)), int(en.get(k, 0))
         if b != a:
-            out.append(Finding("all slots", "errors", a, b,
-                               f"{k[0]} {k[1]}: {a} -> {b}", b > a))
+            out.append(Finding("errors", a, b, f"{k[0]} {k[1]}: {a} -> {b}", b > a,
+                               {"what": k[0], "errno": k[1]}))
     return out
 
 
@@ -289,6 +359,9 @@ def _side_by_side(m: pd.DataFrame) -> pd.DataFrame:
               "cacheable_share", "invalidations", "mmio_exits"):
         cols += [f"{c}_base", f"{c}_new"]
     out = m[KEY + cols].copy()
+    for c in ("slot_base", "slot_new", "flags_base", "flags_new"):  # a side without it: null
+        out[c] = pd.Series([x if isinstance(x, list) else None for x in out[c]],
+                           index=out.index, dtype=object)
     for side in ("base", "new"):
         out[f"p50_us_{side}"] = [np.nanmedian(x) / 1e3 if isinstance(x, np.ndarray)
                                  and np.isfinite(x).any() else np.nan
@@ -307,13 +380,16 @@ def _latency_table(base, new, pb, pn) -> pd.DataFrame:
         s = model.slots
         f = f.assign(gpa=np.where(f["slot_row"] >= 0,
                                   s["gpa"].reindex(f["slot_row"]).to_numpy(), -1))
-        for by in ("gpa", "spte_memtype", "size"):
+        for by in ("gpa", "spte_memtype", "mapping_size_bytes"):
             for k, g in f.groupby(by):
                 q = stats.quantiles(g["service_ns"].to_numpy(dtype=float, na_value=np.nan) / 1e3)
                 rows.append({"side": side, "by": {"gpa": "slot GPA", "spte_memtype": "memtype",
-                                                  "size": "level"}[by],
-                             "key": f"{int(k):#x}" if by == "gpa" else str(k), **q,
-                             "rate": q["count"] / secs if secs else np.nan})
+                                                  "mapping_size_bytes": "level"}[by],
+                             "key": f"{int(k):#x}" if by == "gpa" else
+                             pages.size_name(int(k)) if by == "mapping_size_bytes" else str(k),
+                             "count": q["count"],
+                             **{f"{p}_us": q[p] for p in ("p50", "p90", "p99", "max")},
+                             "faults_per_s": q["count"] / secs if secs else np.nan})
     return schema.DIFF_LATENCY.conform(pd.DataFrame(rows, columns=schema.DIFF_LATENCY.names))
 
 

@@ -187,9 +187,9 @@ def attribute(df: pd.DataFrame, slots: pd.DataFrame, key: str, ts="ts") -> pd.Se
     pid, proc, vm = df["pid"].to_numpy(), df["proc"].to_numpy(), df["vm_fd"].to_numpy()
     addr = df[key].to_numpy(dtype=np.uint64)
     for i, s in slots.iterrows():
-        lo, hi = (s.gfn_start, s.gfn_end) if key == "gfn" else (s.hva, s.hva + s["size"])
-        t_end = s.t_end if s.t_end < np.iinfo(np.int64).max else np.iinfo(np.int64).max
-        hit = ((pid == s.pid) & (proc == s.proc) & (vm == s.vm_fd) & (t >= s.t_start)
+        lo, hi = (s.gfn_start, s.gfn_end) if key == "gfn" else (s.hva, s.hva + s.size_bytes)
+        t_end = s.end_ts if s.end_ts < np.iinfo(np.int64).max else np.iinfo(np.int64).max
+        hit = ((pid == s.pid) & (proc == s.proc) & (vm == s.vm_fd) & (t >= s.start_ts)
                & (t < t_end)
                & (addr >= np.uint64(lo)) & (addr < np.uint64(hi)))
         out[hit] = i

@@ -75,15 +75,15 @@ def per_slot(lw: pd.DataFrame, slots: pd.DataFrame, kinds=FAULT_KINDS) -> np.nda
     d = lw[lw["kind"].isin(kinds) & lw["gfn_start"].notna()]
     if not len(d) or not len(slots):
         return out
-    s = slots[["pid", "proc", "gfn_start", "gfn_end", "t_start", "t_end"]].astype("int64",
+    s = slots[["pid", "proc", "gfn_start", "gfn_end", "start_ts", "end_ts"]].astype("int64",
                                                                                     errors="ignore")
     s = s.assign(slot_row=np.arange(len(slots)))
     m = d.astype({"gfn_start": "int64", "gfn_end": "int64"}).merge(
         s, on=["pid", "proc"], suffixes=("", "_s"))
-    t_end = pd.to_numeric(slots["t_end"], errors="coerce").astype("float64").to_numpy()[
+    t_end = pd.to_numeric(slots["end_ts"], errors="coerce").astype("float64").to_numpy()[
         m["slot_row"].to_numpy()]
     hit = ((m["gfn_start"] < m["gfn_end_s"]) & (m["gfn_start_s"] < m["gfn_end"])
-           & (m["last_ts"] >= m["t_start"]) & (m["first_ts"] < t_end))
+           & (m["last_ts"] >= m["start_ts"]) & (m["first_ts"] < t_end))
     np.add.at(out, m.loc[hit, "slot_row"].to_numpy(), m.loc[hit, "count"].to_numpy())
     return out
 

@@ -18,12 +18,13 @@ from .. import kvmapi
 from ..kvmapi import ret_errno as errno_name
 INF = np.iinfo(np.uint64).max
 SLOT_INT_COLS = {"pid": "int64", "proc": "int64", "vm_fd": "int64", "as_id": "int64", "slot": "int64",
-                 "gpa": "uint64", "size": "uint64", "hva": "uint64", "flags": "int64",
-                 "gmem_fd": "int64", "t_start": "uint64", "t_end": "uint64"}
+                 "gpa": "uint64", "size_bytes": "uint64", "hva": "uint64", "flags": "int64",
+                 "gmem_fd": "int64", "start_ts": "uint64", "end_ts": "uint64"}
 
 
 def flag_names(flags: int) -> str:
-    return "|".join(kvmapi.mem_flag_names(flags)) or "-"
+    """KVM_MEM_* names, '|'-separated; '' for none (text views show '-')."""
+    return "|".join(kvmapi.mem_flag_names(flags))
 
 
 def _failure_reason(row, live: dict, page: int) -> str:
@@ -33,23 +34,26 @@ def _failure_reason(row, live: dict, page: int) -> str:
     if row.read_ok == 0:
         return f"{err}: the request could not be read from user memory by the probe"
     if err == "EINVAL":
-        bad = [n for n, v in (("guest_phys_addr", row.gpa), ("memory_size", row.size),
+        bad = [n for n, v in (("guest_phys_addr", row.gpa), ("memory_size", row.size_bytes),
                               ("userspace_addr", row.hva)) if v % page]
         if bad:
             return f"EINVAL: {', '.join(bad)} not page aligned"
         if row.flags & ~sum(kvmapi.MEM_FLAG_NAMES):
             return f"EINVAL: unknown flags 0x{row.flags:x}"
         old = live.get((row.as_id, row.slot_id))
-        if old is not None and row.size and (old["size"] != row.size or old["hva"] != row.hva):
+        if old is not None and row.size_bytes and (old["size_bytes"] != row.size_bytes
+                                                   or old["hva"] != row.hva):
             return "EINVAL: a live slot's size or userspace address cannot change"
-        if row.size == 0 and old is None:
+        if row.size_bytes == 0 and old is None:
             return "EINVAL: deleting a slot that does not exist"
         return "EINVAL: KVM refused the request (invalid parameters for this VM)"
     if err == "EEXIST":
-        lo, hi = row.gpa, row.gpa + row.size
+        lo, hi = row.gpa, row.gpa + row.size_bytes
         for (as_id, sid), s in live.items():
-            if as_id == row.as_id and sid != row.slot_id and s["gpa"] < hi and lo < s["gpa"] + s["size"]:
-                return f"EEXIST: GPA range overlaps slot {sid} ({s['gpa']:#x}+{s['size']:#x})"
+            if as_id == row.as_id and sid != row.slot_id and s["gpa"] < hi \
+                    and lo < s["gpa"] + s["size_bytes"]:
+                return (f"EEXIST: GPA range overlaps slot {sid} "
+                        f"({s['gpa']:#x}+{s['size_bytes']:#x})")
         return "EEXIST: GPA range overlaps another slot"
     if err == "EFAULT":
         return "EFAULT: userspace_addr range is not accessible"
@@ -61,8 +65,10 @@ def _failure_reason(row, live: dict, page: int) -> str:
 
 
 def decode_ops(memslot: pd.DataFrame) -> pd.DataFrame:
-    """The memslot ioctls with decoded fields (vectorised part)."""
-    df = memslot.sort_values("ts", kind="stable").reset_index(drop=True).copy()
+    """The memslot ioctls with decoded fields (vectorised part); the raw
+    event's byte counts renamed with their unit (schema.OPS)."""
+    df = memslot.sort_values("ts", kind="stable").reset_index(drop=True).rename(
+        columns={"size": "size_bytes", "gmem_offset": "gmem_offset_bytes"})
     df["as_id"] = (df["slot"].astype("int64") // 65536)
     df["slot_id"] = (df["slot"].astype("int64") % 65536)
     df["ioctl_name"] = np.where(df["ioctl"] == 2, "KVM_SET_USER_MEMORY_REGION2",
@@ -83,7 +89,7 @@ def replay(ops: pd.DataFrame, page: int = 4096):
         live = state.setdefault((row.pid, row.proc, row.vm_fd), {})
         key = (row.as_id, row.slot_id)
         old = live.get(key)
-        if row.size == 0:
+        if row.size_bytes == 0:
             op = "delete"
         elif old is None:
             op = "create"
@@ -102,24 +108,24 @@ def replay(ops: pd.DataFrame, page: int = 4096):
         if op == "no-op":
             continue
         if old is not None:
-            old["t_end"], old["ended_by"] = int(row.ts), op
+            old["end_ts"], old["ended_by"] = int(row.ts), op
         if op == "delete":
             live.pop(key, None)
             continue
         new = {"pid": row.pid, "proc": row.proc, "vm_fd": row.vm_fd, "as_id": row.as_id, "slot": row.slot_id,
-               "gpa": int(row.gpa), "size": int(row.size), "hva": int(row.hva),
+               "gpa": int(row.gpa), "size_bytes": int(row.size_bytes), "hva": int(row.hva),
                "flags": int(row.flags), "flag_names": row.flag_names,
                "ioctl_name": row.ioctl_name, "gmem_fd": int(row.gmem_fd) if row.ioctl == 2
                and row.flags & kvmapi.KVM_MEM_GUEST_MEMFD else -1,
-               "t_start": int(row.ts), "t_end": INF, "created_by": op, "ended_by": ""}
+               "start_ts": int(row.ts), "end_ts": INF, "created_by": op, "ended_by": ""}
         live[key] = new
         versions.append(new)
     ops = ops.assign(op=op_col, reason=reason_col)
-    cols = ["pid", "proc", "vm_fd", "as_id", "slot", "gpa", "size", "hva", "flags", "flag_names",
-            "ioctl_name", "gmem_fd", "t_start", "t_end", "created_by", "ended_by"]
+    cols = ["pid", "proc", "vm_fd", "as_id", "slot", "gpa", "size_bytes", "hva", "flags",
+            "flag_names", "ioctl_name", "gmem_fd", "start_ts", "end_ts", "created_by", "ended_by"]
     slots = pd.DataFrame(versions, columns=cols).astype(SLOT_INT_COLS)
     slots["gfn_start"] = (slots["gpa"] // page).astype("int64")
-    slots["gfn_end"] = ((slots["gpa"] + slots["size"]) // page).astype("int64")
+    slots["gfn_end"] = ((slots["gpa"] + slots["size_bytes"]) // page).astype("int64")
     slots["version"] = slots.groupby(["pid", "proc", "vm_fd", "as_id", "slot"]).cumcount() \
         .astype("int64")
     return ops, slots.reset_index(drop=True)

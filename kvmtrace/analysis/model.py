@@ -183,7 +183,7 @@ def build(path_or_recording) -> Model:
     # COW break makes 7.x retry); it says nothing about memory types
     f.loc[none, "verdict"] = ""
     f.loc[refused, "verdict"] = "rejected"
-    f["size"] = f["level"].map(pages.level_names(page))
+    f["mapping_size_bytes"] = pages.mapping_bytes(f["level"], page)
     f["slot"] = pd.array(np.where(f["slot_row"] >= 0, slots["slot"].to_numpy()[
         f["slot_row"].clip(lower=0)] if len(slots) else -1, -1), dtype="Int64")
     f.loc[f["slot_row"] < 0, "slot"] = pd.NA
@@ -193,16 +193,16 @@ def build(path_or_recording) -> Model:
     prefetch["vm_fd"] = faults_mod.attach_vm(prefetch, vcpus, slots)
     prefetch["slot_row"] = faults_mod.attribute(prefetch, slots, "gfn")
 
-    inv = t["unmap_hva_range"].copy()
+    inv = t["unmap_hva_range"].rename(columns={"start": "hva_start", "end": "hva_end"})
     inv["proc"] = identity.generations(inv, exits_)
     inv["vm_fd"] = faults_mod.attach_vm(inv, vcpus, slots)
-    inv["hva"] = inv["start"]
+    inv["hva"] = inv["hva_start"]
     inv["slot_row"] = faults_mod.attribute(inv, slots, "hva")
 
     ex = t["userspace_exit"].copy()
     ex["proc"] = identity.generations(ex, exits_)
     ex["reason_name"] = ex["reason"].map(EXIT_REASONS).fillna(ex["reason"].astype(str))
-    exits = t["mmio"].copy()
+    exits = t["mmio"].rename(columns={"len": "len_bytes"})
     exits["proc"] = identity.generations(exits, exits_)
     exits["vm_fd"] = faults_mod.attach_vm(exits, vcpus, slots)
     exits["gfn"] = exits["gpa"] // page
@@ -352,13 +352,15 @@ def _verdicts(slots, f, ops, slot_lost, unplaced_lost: int, installs_recorded: b
             reason += (f" (and {unplaced_lost} fault events were lost that cannot be placed "
                        "in a slot, so this slot's picture may be incomplete)")
         rows.append({"pid": s.pid, "proc": s.proc, "vm_fd": s.vm_fd, "as_id": s.as_id,
-                     "slot": s.slot, "version": s.version, "gpa": s.gpa, "size": s.size,
+                     "slot": s.slot, "version": s.version, "gpa": s.gpa,
+                     "size_bytes": s.size_bytes,
                      "faults": 0 if g is None else len(g), "lost": int(slot_lost[i]),
                      "verdict": verdict, "vma_memtype": vma_mt, "spte_memtype": spte_mt,
                      "reason": reason})
     for r in ops[ops["ret"] < 0].itertuples(index=False):
         rows.append({"pid": r.pid, "proc": r.proc, "vm_fd": r.vm_fd, "as_id": r.as_id,
-                     "slot": r.slot_id, "version": -1, "gpa": r.gpa, "size": r.size,
+                     "slot": r.slot_id, "version": -1, "gpa": r.gpa,
+                     "size_bytes": r.size_bytes,
                      "faults": 0, "lost": 0, "verdict": "rejected", "vma_memtype": "",
                      "spte_memtype": "", "reason": f"{r.ioctl_name} refused: {r.reason}"})
     v = schema.VERDICTS.conform(pd.DataFrame(rows, columns=schema.VERDICTS.names, dtype=object))
@@ -371,13 +373,15 @@ def _ranges(fv: pd.DataFrame, slots: pd.DataFrame) -> pd.DataFrame:
         return schema.RANGES.empty()
     d = (fv.sort_values("ts").drop_duplicates(["slot_row", "gfn"], keep="last")
          .sort_values(["slot_row", "gfn"]))
-    key = d[["slot_row", "size", "vma_memtype", "spte_memtype", "verdict"]]
+    key = d[["slot_row", "mapping_size_bytes", "vma_memtype", "spte_memtype", "verdict"]]
+    key = key.assign(mapping_size_bytes=key["mapping_size_bytes"].astype(object).fillna(0))
     gfn = d["gfn"].astype("int64")
     brk = (gfn.diff() != 1) | (key != key.shift()).any(axis=1)
     d = d.assign(run=brk.cumsum())
     out = d.groupby("run").agg(slot_row=("slot_row", "first"), gfn_first=("gfn", "min"),
                                gfn_last=("gfn", "max"), pages=("gfn", "size"),
-                               size=("size", "first"), vma_memtype=("vma_memtype", "first"),
+                               mapping_size_bytes=("mapping_size_bytes", "first"),
+                               vma_memtype=("vma_memtype", "first"),
                                spte_memtype=("spte_memtype", "first"),
                                verdict=("verdict", "first")).reset_index(drop=True)
     out["slot"] = slots.loc[out["slot_row"], "slot"].to_numpy()

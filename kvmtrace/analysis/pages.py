@@ -11,6 +11,7 @@ pages, 32 MiB with 16 KiB and 512 MiB with 64 KiB. Level 1 is a base page
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 
 DEFAULT_PAGE = 4096  # recordings made before page_size was stored: all x86 / 4K arm64
 
@@ -40,6 +41,14 @@ def size_name(nbytes: int) -> str:
 def level_names(page: int, levels=(1, 2, 3, 4)) -> dict[int, str]:
     """{1: '4K', 2: '2M', 3: '1G', 4: '512G'} for 4 KiB pages."""
     return {lv: size_name(level_bytes(lv, page)) for lv in levels}
+
+
+def mapping_bytes(levels: pd.Series, page: int) -> pd.Series:
+    """Bytes one entry at each of ``levels`` maps (UInt64: exact, never through
+    float; null where the level is not 1-4)."""
+    size = {lv: level_bytes(lv, page) for lv in (1, 2, 3, 4)}
+    return pd.Series(pd.array([size.get(int(lv)) if pd.notna(lv) else None for lv in levels],
+                              dtype="UInt64"), index=levels.index)
 
 
 def level_of_size(nbytes, page: int) -> np.ndarray:

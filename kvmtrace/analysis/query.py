@@ -43,8 +43,8 @@ PAGE = os.sysconf("SC_PAGE_SIZE")  # query runs on the host it asks about (4K, 1
 MISMATCH = ("downgraded", "upgraded")
 
 COLUMNS = [
-    "pid", "vm_fd", "as_id", "slot", "gpa", "size", "hva", "flags", "flag_names",
-    "range_gpa", "range_size", "range_hva",
+    "pid", "vm_fd", "as_id", "slot", "gpa", "size_bytes", "hva", "flags", "flag_names",
+    "range_gpa", "range_size_bytes", "range_hva",
     "vma", "vma_start", "vma_end", "vmflags", "vm_flags", "vm_page_prot", "pfnmap",
     "vma_count", "vma_covers", "vma_memtype", "vma_memtype_source", "vma_source",
     "installed_pages", "installed_memtype", "installed_levels", "installed_pfns",
@@ -347,13 +347,13 @@ def answer(snap, gpa: tuple[int, int] | None = None, hva: tuple[int, int] | None
     if not asked:
         if gpa is not None:
             fail(f"no memslot of process {pid} covers GPA {gpa[0]:#x}+{gpa[1]:#x}",
-                 range_gpa=gpa[0], range_size=gpa[1])
+                 range_gpa=gpa[0], range_size_bytes=gpa[1])
         elif hva is not None:
             over = _covering(vmas, hva[0], hva[0] + hva[1])
             extra = _vma_fields(over, hva[0], hva[0] + hva[1]) if over else {}
             fail(f"no memslot of process {pid} maps HVA {hva[0]:#x}+{hva[1]:#x}"
                  + ("" if over else " (and no VMA is there)"),
-                 range_hva=hva[0], range_size=hva[1], vma_source=vma_source, **extra)
+                 range_hva=hva[0], range_size_bytes=hva[1], vma_source=vma_source, **extra)
         else:
             fail(f"the VM(s) of process {pid} have no memslots")
         return _frame(rows, attrs)
@@ -364,9 +364,10 @@ def answer(snap, gpa: tuple[int, int] | None = None, hva: tuple[int, int] | None
         over = _covering(vmas, hlo, hhi)
         row = dict.fromkeys(COLUMNS)
         row.update(base, vm_fd=int(s.vm_fd), as_id=int(s.as_id), slot=int(s.slot), gpa=g0,
-                   size=int(s.size), hva=h0, flags=int(s.flags),
-                   flag_names="|".join(kvmapi.mem_flag_names(int(s.flags))) or "-",
-                   range_gpa=lo, range_size=hi - lo, range_hva=hlo, vma_source=vma_source,
+                   size_bytes=int(s.size), hva=h0, flags=int(s.flags),
+                   flag_names="|".join(kvmapi.mem_flag_names(int(s.flags))),
+                   range_gpa=lo, range_size_bytes=hi - lo, range_hva=hlo,
+                   vma_source=vma_source,
                    installed_source=inst_src, decided_by=decider)
         row.update(_vma_fields(over, hlo, hhi))
         g = _kvm_side(row, installs, s, lo, hi, over, pat_list, ram, len(snap.vm_fds) == 1,
@@ -487,7 +488,8 @@ def _version_start(window, s) -> int:
         return 0
     mine = sl[(sl["slot"] == int(s.slot)) & (sl["as_id"] == int(s.as_id))
               & (sl["gpa"].astype("uint64") == np.uint64(int(s.gpa)))
-              & (sl["size"].astype("uint64") == np.uint64(int(s.size)))].sort_values("t_start")
+              & (sl["size_bytes"].astype("uint64") == np.uint64(int(s.size)))] \
+        .sort_values("start_ts")
     if not len(mine):
         return 0
     last = mine.iloc[-1]
@@ -495,7 +497,7 @@ def _version_start(window, s) -> int:
         last = r
         if r.created_by != "flags":
             break
-    return int(last.t_start)
+    return int(last.start_ts)
 
 
 def _drop_unmapped(g: pd.DataFrame, window, s, pid: int) -> tuple[pd.DataFrame, int]:
@@ -509,7 +511,8 @@ def _drop_unmapped(g: pd.DataFrame, window, s, pid: int) -> tuple[pd.DataFrame, 
            + (g["gfn"].to_numpy(dtype=np.uint64) - np.uint64(int(s.gpa) // PAGE)) * np.uint64(PAGE))
     ts = g["ts"].to_numpy(dtype=np.int64)
     gone = np.zeros(len(g), dtype=bool)
-    for a, b, t in zip(inv["start"].to_numpy(dtype=np.uint64), inv["end"].to_numpy(dtype=np.uint64),
+    for a, b, t in zip(inv["hva_start"].to_numpy(dtype=np.uint64),
+                       inv["hva_end"].to_numpy(dtype=np.uint64),
                        inv["ts"].to_numpy(dtype=np.int64)):
         gone |= (hva >= a) & (hva < b) & (ts < t)
     return g[~gone], int(gone.sum())
@@ -526,8 +529,8 @@ def _pfn_ranges(pfn: np.ndarray, most: int = 4) -> str:
     return ", ".join(parts[:most]) + (f" (+{len(parts) - most} more)" if len(parts) > most else "")
 
 
-_INT_COLS = ("vm_fd", "as_id", "slot", "gpa", "size", "hva", "flags", "range_gpa",
-             "range_size", "range_hva", "vma_start", "vma_end", "vm_flags", "vm_page_prot",
+_INT_COLS = ("vm_fd", "as_id", "slot", "gpa", "size_bytes", "hva", "flags", "range_gpa",
+             "range_size_bytes", "range_hva", "vma_start", "vma_end", "vm_flags", "vm_page_prot",
              "vma_count", "installed_pages")
 
 
@@ -584,12 +587,12 @@ def to_text(df: pd.DataFrame) -> str:
         if r["slot"] is pd.NA or r["slot"] is None:
             lines += [f"{r['verdict']}: {r['reason']}", ""]
             continue
-        part = ("" if r["range_size"] == r["size"] else
-                f"  (asked: GPA {_hex(r['range_gpa'])}+{_hex(r['range_size'])}, "
+        part = ("" if r["range_size_bytes"] == r["size_bytes"] else
+                f"  (asked: GPA {_hex(r['range_gpa'])}+{_hex(r['range_size_bytes'])}, "
                 f"HVA {_hex(r['range_hva'])})")
         lines.append(f"slot {r['slot']} (as {r['as_id']}, VM fd {r['vm_fd']}): GPA "
-                     f"{_hex(r['gpa'])}+{_hex(r['size'])}  HVA {_hex(r['hva'])}  flags "
-                     f"{r['flag_names']}{part}")
+                     f"{_hex(r['gpa'])}+{_hex(r['size_bytes'])}  HVA {_hex(r['hva'])}  flags "
+                     f"{r['flag_names'] or '-'}{part}")
         lines.append(f"  VMA:       {r['vma']} {_hex(r['vma_start'])}-{_hex(r['vma_end'])} "
                      f"{vmas_mod.vmflag_words(r['vmflags'] or '')} [{r['vmflags']}]"
                      + ("" if r["vma_covers"] in (True, None) or r["vma_covers"] is pd.NA

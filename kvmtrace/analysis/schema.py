@@ -30,7 +30,8 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-SCHEMA_VERSION = 1  # of the JSON / CSV tables: bump when a column changes meaning or goes
+SCHEMA_VERSION = 2  # of the JSON / CSV tables: bump when a column changes meaning or goes
+# v2: units in column names (size_bytes, start_ts, p50_us...); flag_names "" for none; diff_findings
 
 _INT = {"int64", "uint64", "Int64", "UInt64"}
 
@@ -154,6 +155,37 @@ def json_schema(t: Table) -> dict:
             "items": {"type": "object", "properties": props, "required": t.names}}
 
 
+# -- the naming rule: a column says its unit -------------------------------
+#
+# A quantity carries its unit as a suffix (_ns _us _ms _s _bytes _kb _pct
+# _per_s); a CLOCK_MONOTONIC time is ``ts`` or ``*_ts`` (ns). A position
+# needs no suffix, its name says what it is: an address in bytes (gpa, hva,
+# ipa, phys, vma_start, ...) or a guest / host frame number in pages (gfn,
+# pfn, vm_pgoff; ``pages`` counts them). diff's ``_base`` / ``_new`` come after.
+
+UNIT_SUFFIX = {"ns": "_ns", "us": "_us", "ms": "_ms", "s": "_s", "bytes": "_bytes",
+               "KiB": "_kb", "%": "_pct", "1/s": "_per_s"}
+ADDRESSES = {"gpa", "gpa_end", "hva", "hva_start", "hva_end", "ipa", "install_ipa", "phys",
+             "vma_start", "vma_end"}
+_FRAMES = ("gfn", "pfn", "pgoff", "pages")
+
+
+def unit_in_name(c: Column) -> bool:
+    """Whether ``c``'s name says its unit (the rule above); a unit the rule
+    does not know is never said."""
+    name = c.name.removesuffix("_base").removesuffix("_new") \
+        if c.name.endswith(("_base", "_new")) else c.name
+    if not c.unit:
+        return True
+    if c.unit == "ns" and (name == "ts" or name.endswith("_ts")):
+        return True
+    if c.unit == "bytes" and name in ADDRESSES:
+        return True
+    if c.unit == "pages" and any(w in name.split("_") or name.startswith(w) for w in _FRAMES):
+        return True
+    return c.unit in UNIT_SUFFIX and name.endswith(UNIT_SUFFIX[c.unit])
+
+
 # -- identity columns every per-VM table shares ---------------------------
 
 PID = C("pid", "int64", "", "VMM process id")
@@ -174,9 +206,9 @@ OPS = Table("ops", "every memslot ioctl, decoded and classified by KVM's rules "
     C("slot", "int64", "", "the raw slot field: as_id << 16 | slot id"),
     C("flags", "int64", "", "KVM_MEM_* flags"),
     C("gpa", "uint64", "bytes", "guest_phys_addr"),
-    C("size", "uint64", "bytes", "memory_size (0 deletes)"),
+    C("size_bytes", "uint64", "bytes", "memory_size (0 deletes)"),
     C("hva", "uint64", "bytes", "userspace_addr"),
-    C("gmem_offset", "uint64", "bytes", "guest_memfd_offset (REGION2)"),
+    C("gmem_offset_bytes", "uint64", "bytes", "guest_memfd_offset (REGION2)"),
     C("gmem_fd", "int64", "", "guest_memfd (REGION2)"),
     C("read_ok", "int64", "", "1 when the probe could read the request"),
     C("ret", "int64", "", "the ioctl's return value"),
@@ -195,7 +227,7 @@ OPS = Table("ops", "every memslot ioctl, decoded and classified by KVM's rules "
     AS_ID, C("slot_id", "int64", "", "slot id within the address space"),
     C("ioctl_name", "str", "", "the ioctl's name"),
     C("errno", "str", "", "errno name of a failure, '' on success"),
-    C("flag_names", "str", "", "flags by name ('-' for none)"),
+    C("flag_names", "str", "", "flags by name, '|'-separated ('' for none)"),
     C("latency_ns", "int64", "ns", "time in the ioctl"),
     PROC,
     C("op", "str", "", "create / delete / move / flags / no-op, 'failed <op>' on failure"),
@@ -206,13 +238,14 @@ SLOTS = Table("slots", "slot versions over time: one row per create, move or fla
               "with the VMA behind it (analysis/memslots.py, analysis/vmas.py)", (
     PID, PROC, VM_FD, AS_ID, C("slot", "int64", "", "slot id"),
     C("gpa", "uint64", "bytes", "guest physical start"),
-    C("size", "uint64", "bytes", "size"),
+    C("size_bytes", "uint64", "bytes", "size"),
     C("hva", "uint64", "bytes", "host virtual start"),
-    C("flags", "int64", "", "KVM_MEM_* flags"), C("flag_names", "str", "", "flags by name"),
+    C("flags", "int64", "", "KVM_MEM_* flags"),
+    C("flag_names", "str", "", "flags by name, '|'-separated ('' for none)"),
     C("ioctl_name", "str", "", "the ioctl that set this version"),
     C("gmem_fd", "int64", "", "guest_memfd (-1 without)"),
-    C("t_start", "uint64", "ns", "when this version began"),
-    C("t_end", "uint64", "ns", "when it ended (2**64-1: still live at the end)"),
+    C("start_ts", "uint64", "ns", "when this version began"),
+    C("end_ts", "uint64", "ns", "when it ended (2**64-1: still live at the end)"),
     C("created_by", "str", "", "create / move / flags"),
     C("ended_by", "str", "", "delete / move / flags, '' while live"),
     C("gfn_start", "int64", "pages", "first guest frame"),
@@ -265,7 +298,7 @@ FAULTS = Table("faults", "one row per guest fault, paired from tracepoints (or k
     C("ipa", "UInt64", "bytes", "arm64: faulting IPA", True),
     C("esr", "UInt64", "", "arm64: ESR_EL2", True),
     C("install_ipa", "UInt64", "bytes", "arm64: IPA of the stage-2 map", True),
-    C("map_size", "UInt64", "bytes", "arm64: size of the stage-2 map", True),
+    C("map_size_bytes", "UInt64", "bytes", "arm64: size of the stage-2 map", True),
     C("phys", "UInt64", "bytes", "arm64: host physical address mapped", True),
     C("install_kind", "str", "", "arm64: map / relax", True),
     C("install_ret", "Int64", "", "arm64: kvm_pgtable_stage2_map's return", True),
@@ -279,7 +312,8 @@ FAULTS = Table("faults", "one row per guest fault, paired from tracepoints (or k
     C("rule", "str", "", "arm64: the kernel rule that applied"),
     C("verdict", "str", "", "consistent / downgraded / upgraded / rejected / unknown; '' "
       "when nothing was installed"),
-    C("size", "str", "", "mapping size (4K / 2M / 1G)"),
+    C("mapping_size_bytes", "UInt64", "bytes", "bytes one entry at this level maps (4K / 2M "
+      "/ 1G on x86; null: no known level)"),
 ))
 
 PREFETCH = Table("prefetch", "installs that answer no fault (x86 prefetch of neighbours; "
@@ -289,7 +323,7 @@ PREFETCH = Table("prefetch", "installs that answer no fault (x86 prefetch of nei
     C("spte", "UInt64", "", "x86: the spte", True),
     C("level", "Int64", "", "x86: level", True),
     C("ipa", "UInt64", "bytes", "arm64: IPA", True),
-    C("size", "UInt64", "bytes", "arm64: size", True),
+    C("size_bytes", "UInt64", "bytes", "arm64: size of the stage-2 map", True),
     C("phys", "UInt64", "bytes", "arm64: physical address", True),
     C("kind", "str", "", "arm64: map / relax", True),
     PROC, VM_FD, SLOT_ROW,
@@ -298,13 +332,14 @@ PREFETCH = Table("prefetch", "installs that answer no fault (x86 prefetch of nei
 
 INVALIDATIONS = Table("invalidations", "MMU-notifier invalidations of host ranges "
                       "(kvm_unmap_hva_range)", (
-    TS, PID, TID, C("start", "uint64", "bytes", "HVA start"),
-    C("end", "uint64", "bytes", "HVA end"), PROC, VM_FD, SLOT_ROW,
+    TS, PID, TID, C("hva_start", "uint64", "bytes", "first host virtual address"),
+    C("hva_end", "uint64", "bytes", "host virtual address after the last"), PROC, VM_FD,
+    SLOT_ROW,
 ))
 
 EXITS = Table("exits", "MMIO exits to the VMM (kvm_mmio)", (
     TS, PID, TID, VCPU_FD, C("type", "int64", "", "KVM_TRACE_MMIO_* type"),
-    C("len", "int64", "bytes", "access size"), C("gpa", "uint64", "bytes", "guest address"),
+    C("len_bytes", "int64", "bytes", "access size"), C("gpa", "uint64", "bytes", "guest address"),
     C("val", "uint64", "", "value"), C("gfn", "uint64", "pages", "guest frame"),
     PROC, VM_FD, SLOT_ROW,
 ))
@@ -319,7 +354,8 @@ VERDICTS = Table("verdicts", "per slot version (and per refused memslot ioctl): 
                  "memory type KVM installed match the host VMA's?", (
     PID, PROC, VM_FD, AS_ID, C("slot", "int64", "", "slot id"),
     C("version", "int64", "", "slot version; -1 for a refused ioctl"),
-    C("gpa", "uint64", "bytes", "guest physical start"), C("size", "uint64", "bytes", "size"),
+    C("gpa", "uint64", "bytes", "guest physical start"),
+    C("size_bytes", "uint64", "bytes", "size"),
     C("faults", "int64", "", "faults seen in the slot"),
     C("lost", "int64", "", "events lost in the slot's guest range"),
     C("verdict", "str", "", "consistent / downgraded / upgraded / rejected / unknown"),
@@ -334,7 +370,9 @@ RANGES = Table("ranges", "runs of consecutive guest pages of one slot with the s
     C("gfn_first", "uint64", "pages", "first guest frame"),
     C("gfn_last", "uint64", "pages", "last guest frame"),
     C("pages", "int64", "pages", "frames in the run"),
-    C("size", "str", "", "mapping size"), C("vma_memtype", "str", "", "VMA type"),
+    C("mapping_size_bytes", "UInt64", "bytes", "bytes one entry at the run's level maps "
+      "(null: no known level)"),
+    C("vma_memtype", "str", "", "VMA type"),
     C("spte_memtype", "str", "", "installed type"), C("verdict", "str", "", "verdict"),
 ))
 
@@ -361,7 +399,8 @@ SUMMARY = Table("summary", "the memslot table joined with its activity and verdi
     C("version", "int64", "", "slot version"),
     C("gpa", "uint64", "bytes", "guest physical start"),
     C("gpa_end", "uint64", "bytes", "guest physical end"),
-    C("size", "uint64", "bytes", "size"), C("flag_names", "str", "", "KVM_MEM_* flags"),
+    C("size_bytes", "uint64", "bytes", "size"),
+    C("flag_names", "str", "", "KVM_MEM_* flags, '|'-separated ('' for none)"),
     C("hva", "uint64", "bytes", "host virtual start"),
     C("ioctl_name", "str", "", "the ioctl that set it"),
     C("vma", "str", "", "VMA name"), C("vm_flags", "str", "", "VM_* flags in words"),
@@ -391,8 +430,10 @@ SUMMARY = Table("summary", "the memslot table joined with its activity and verdi
 OPS_VIEW = Table("ops_view", "the memslot ioctls as report prints them", (
     C("t_s", "float64", "s", "time from the recording's start"), PID, PROC, VM_FD,
     C("ioctl_name", "str", "", "ioctl"), AS_ID, C("slot_id", "int64", "", "slot id"),
-    C("op", "str", "", "KVM's classification"), C("flag_names", "str", "", "flags"),
-    C("gpa", "uint64", "bytes", "guest physical start"), C("size", "uint64", "bytes", "size"),
+    C("op", "str", "", "KVM's classification"),
+    C("flag_names", "str", "", "flags, '|'-separated ('' for none)"),
+    C("gpa", "uint64", "bytes", "guest physical start"),
+    C("size_bytes", "uint64", "bytes", "size"),
     C("hva", "uint64", "bytes", "host virtual start"), C("ret", "int64", "", "return value"),
     C("errno", "str", "", "errno name"), C("reason", "str", "", "why refused"),
     C("latency_ns", "int64", "ns", "time in the ioctl"),
@@ -406,8 +447,13 @@ def _sides(c: Column) -> tuple[Column, Column]:
             Column(f"{c.name}_new", c.dtype, c.unit, f"{c.doc} (NEW)", True))
 
 
-_PROFILE = (C("slot", "str", "", "slot id(s)"), C("backing", "str", "", "what backs the slot"),
-            C("flags", "str", "", "flags over time"), C("faults", "Int64", "", "faults"),
+_SLOT_IDS = ("slot ids [id, ...]: one, or several where pooled VMs number the slot "
+             "differently; null: not in the recording")
+_PROFILE = (C("slot", "object", "", _SLOT_IDS),
+            C("backing", "str", "", "what backs the slot"),
+            C("flags", "object", "", "the distinct flag_names of its versions in order of "
+              "first use [names, ...] ('' for none)"),
+            C("faults", "Int64", "", "faults"),
             C("pages", "Int64", "pages", "distinct guest pages faulted"),
             C("huge_share", "float64", "", "share of 2M / 1G mappings"),
             C("levels", "object", "", "mappings per size {size: count}"),
@@ -419,7 +465,7 @@ _PROFILE = (C("slot", "str", "", "slot id(s)"), C("backing", "str", "", "what ba
 DIFF_SLOTS = Table("diff_slots", "slots of both recordings matched by (address space, GPA, "
                    "size), side by side", (
     AS_ID, C("gpa", "uint64", "bytes", "guest physical start"),
-    C("bytes", "uint64", "bytes", "size"),
+    C("size_bytes", "uint64", "bytes", "size"),
     *[x for c in _PROFILE for x in _sides(c)],
 ))
 
@@ -427,9 +473,12 @@ DIFF_LATENCY = Table("diff_latency", "fault service-time quantiles by slot, memo
                      "and level, per side", (
     C("side", "str", "", "base / new"), C("by", "str", "", "slot GPA / memtype / level"),
     C("key", "str", "", "the slot's GPA, the memory type or the level"),
-    C("count", "int64", "", "faults"), C("p50", "float64", "us", "median"),
-    C("p90", "float64", "us", "90th percentile"), C("p99", "float64", "us", "99th percentile"),
-    C("max", "float64", "us", "maximum"), C("rate", "float64", "1/s", "faults per second"),
+    C("count", "int64", "", "faults"), C("p50_us", "float64", "us", "median"),
+    C("p90_us", "float64", "us", "90th percentile"),
+    C("p99_us", "float64", "us", "99th percentile"),
+    C("max_us", "float64", "us", "maximum"),
+    C("faults_per_s", "float64", "1/s", "faults per second of the recording (null: its "
+      "length is not known)"),
 ))
 
 DIFF_VMS = Table("diff_vms", "per recording and VM totals", (
@@ -443,9 +492,30 @@ DIFF_VMS = Table("diff_vms", "per recording and VM totals", (
     C("recorded_s", "float64", "s", "how long the recording ran (null: not closed)"),
 ))
 
+DIFF_FINDINGS = Table("diff_findings", "what changed between the recordings, one row per "
+                      "finding: the slot it is about as data, the values on both sides, and "
+                      "the change in words (analysis/compare.py)", (
+    C("as_id", "Int64", "", "KVM address space of the slot (null: a finding about every "
+      "slot, e.g. errors)"),
+    C("gpa", "UInt64", "bytes", "guest physical start of the slot"),
+    C("size_bytes", "UInt64", "bytes", "size of the slot"),
+    C("slot_base", "object", "", "BASE's " + _SLOT_IDS),
+    C("slot_new", "object", "", "NEW's " + _SLOT_IDS),
+    C("metric", "str", "", "latency / faults / levels / memtype / invalidations / exits / "
+      "errors / backing / slots (a slot in one recording only)"),
+    C("base", "object", "", "the metric in BASE (slots: whether the slot is in BASE)"),
+    C("new", "object", "", "the metric in NEW (slots: whether the slot is in NEW)"),
+    C("regression", "bool", "", "past its threshold in the bad direction"),
+    C("message", "str", "", "the change in words, for people"),
+    C("causes", "object", "", "likely causes seen on the slot [{cause: backing / "
+      "dirty_logging / flags / pages, base, new, message}, ...]"),
+    C("detail", "object", "", "more about the change: latency {ratio, ci_low, ci_high, "
+      "cliffs_delta, ...}, levels {base, new}, errors {what, errno}"),
+))
+
 TABLES = {t.name: t for t in (OPS, SLOTS, FAULTS, PREFETCH, INVALIDATIONS, EXITS, ERRORS,
                               VERDICTS, RANGES, LOST, LOST_WHERE, SUMMARY, OPS_VIEW,
-                              DIFF_SLOTS, DIFF_LATENCY, DIFF_VMS)}
+                              DIFF_SLOTS, DIFF_LATENCY, DIFF_VMS, DIFF_FINDINGS)}
 
 
 def markdown() -> str:
@@ -454,12 +524,18 @@ def markdown() -> str:
            "Generated from kvmtrace/analysis/schema.py by "
            "`python -m kvmtrace.analysis.schema > docs/tables.md`; do not edit.", "",
            f"JSON / CSV schema version {SCHEMA_VERSION}. Integers are exact (no floats), "
-           "null means not known.", ""]
+           "null means not known.", "",
+           "A column's name says its unit: a quantity ends in `_ns`, `_us`, `_ms`, `_s`, "
+           "`_bytes`, `_kb` (KiB), `_pct` or `_per_s`; a time is `ts` or `*_ts` "
+           "(CLOCK_MONOTONIC ns); an address (`gpa`, `hva`, `ipa`, `phys`, `vma_start`, ...) "
+           "is in bytes and a frame number (`gfn`, `pfn`, `vm_pgoff`) or `pages` in pages. "
+           "Text in a `str` column is data (`flag_names` is '' for no flags); the text "
+           "views print '-' for it.", ""]
     for t in TABLES.values():
         out += [f"## {t.name}", "", t.doc[0].upper() + t.doc[1:] + ".", "",
                 "| column | type | unit | meaning |", "|---|---|---|---|"]
         out += [f"| `{c.name}` | {c.dtype}{' (optional)' if c.optional else ''} | {c.unit} | "
-                f"{c.doc} |" for c in t.columns]
+                f"{c.doc.replace('|', chr(92) + '|')} |" for c in t.columns]  # \| in a cell
         out.append("")
     return "\n".join(out)
 

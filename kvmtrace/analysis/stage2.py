@@ -97,7 +97,7 @@ def pair(tables, meta) -> tuple[pd.DataFrame, pd.DataFrame]:
     last = own.groupby("fault_id").last()
     counts = own.groupby("fault_id").size()
     last = nullable(last[["ts", "ipa", "size", "phys", "prot", "kind", "ret"]].rename(columns={
-        "ts": "install_ts", "ipa": "install_ipa", "size": "map_size", "phys": "phys",
+        "ts": "install_ts", "ipa": "install_ipa", "size": "map_size_bytes", "phys": "phys",
         "prot": "spte", "kind": "install_kind", "ret": "install_ret"}))
     last.index = last.index.astype("int64")
     f = f.join(last, on="fault_id")
@@ -105,7 +105,7 @@ def pair(tables, meta) -> tuple[pd.DataFrame, pd.DataFrame]:
     f["ipa"] = f["ipa"].astype("UInt64").fillna(f["install_ipa"].astype("UInt64"))
     f["gfn"] = f["ipa"] // page
     f["pfn"] = f["phys"].astype("UInt64") // page
-    lvl = pages.level_of_size(f["map_size"].fillna(0).to_numpy(dtype="uint64"), page)
+    lvl = pages.level_of_size(f["map_size_bytes"].fillna(0).to_numpy(dtype="uint64"), page)
     f["level"] = np.where(lvl > 0, lvl, 1)
     f["error_code"] = f["esr"].astype("UInt64")
     f["access"] = _access(f["esr"])
@@ -114,7 +114,8 @@ def pair(tables, meta) -> tuple[pd.DataFrame, pd.DataFrame]:
     f["service_ns"] = f["handler_exit_ts"] - f["ts"]
     f = f[f["gfn"].notna().to_numpy(dtype=bool)].copy()
     f["gfn"] = f["gfn"].astype("uint64")
-    other = ins[ins["fault_id"].isna()].reset_index(drop=True)
+    other = ins[ins["fault_id"].isna()].reset_index(drop=True).rename(
+        columns={"size": "size_bytes"})
     other["gfn"] = other["ipa"].astype("uint64") // page
     return f.reset_index(drop=True), other
 
@@ -137,8 +138,8 @@ def slot_vma_types(slots: pd.DataFrame, prepare_vma: pd.DataFrame, kernel: str) 
     rows = []
     pv = prepare_vma
     for i, s in slots.iterrows():
-        hit = pv[(pv["pid"] == s.pid) & (pv["ts"] <= s.t_start)
-                 & (pv["vm_start"] < s.hva + s["size"]) & (pv["vm_end"] > s.hva)] \
+        hit = pv[(pv["pid"] == s.pid) & (pv["ts"] <= s.start_ts)
+                 & (pv["vm_start"] < s.hva + s.size_bytes) & (pv["vm_end"] > s.hva)] \
             if len(pv) else pv
         if not len(hit):
             rows.append({"kvm_vma_memtype": None, "kvm_vm_flags": None, "kvm_pgprot": None})

@@ -62,7 +62,7 @@ def slot_summary(model: Model, pid: int | None = None, slot: int | None = None) 
     extra = pd.concat([extra,
                        _per_slot(pf[~lost_req], "gfn", "prefetched"),
                        _per_slot(pf[lost_req], "gfn", "unpaired_installs"),
-                       _per_slot(model.invalidations, "start", "invalidations"),
+                       _per_slot(model.invalidations, "hva_start", "invalidations"),
                        _per_slot(model.exits, "gpa", "mmio_exits")], axis=1)
     s = s.merge(extra, left_on="slot_row", right_index=True, how="left")
     for c in ("faults", "read", "write", "exec", *LEVELS, "prefetched",
@@ -77,7 +77,7 @@ def slot_summary(model: Model, pid: int | None = None, slot: int | None = None) 
     key = ["pid", "proc", "vm_fd", "as_id", "slot", "version"]
     s = s.merge(v[key + ["lost", "verdict", "vma_memtype", "reason"]], on=key, how="left")
     s["lost"] = s["lost"].fillna(0).astype("int64")
-    s["gpa_end"] = s["gpa"] + s["size"]
+    s["gpa_end"] = s["gpa"] + s["size_bytes"]
     # the VMA's type even without faults: known for ordinary memory, else from faults
     arm = "vma_memtype_arm64" in s and s["vma_memtype_arm64"].notna().any()
     s["slot_vma_memtype"] = np.where(
@@ -88,8 +88,8 @@ def slot_summary(model: Model, pid: int | None = None, slot: int | None = None) 
     s["slot_vma_memtype"] = s["pgprot_memtype"].where(s["pgprot_memtype"].notna(),
                                                       s["slot_vma_memtype"])
     s["vm_flags"] = s["vmflags"].map(vmflag_words)
-    s["t_start_s"] = _rel(model, s["t_start"])
-    s["t_end_s"] = _rel(model, s["t_end"].where(s["t_end"] < np.iinfo(np.uint64).max))
+    s["t_start_s"] = _rel(model, s["start_ts"])
+    s["t_end_s"] = _rel(model, s["end_ts"].where(s["end_ts"] < np.iinfo(np.uint64).max))
     s = schema.SUMMARY.conform(s[schema.SUMMARY.names])
     s = s.sort_values(["pid", "proc", "vm_fd", "as_id", "slot", "version"]).reset_index(drop=True)
     return select(s, model, pid, slot)
@@ -125,7 +125,7 @@ def select(df: pd.DataFrame, model: Model, pid: int | None = None,
             sel = slots[slots["slot"] == slot]
             hit = np.zeros(len(df), dtype=bool)
             for s in sel.itertuples(index=False):  # slot versions: few
-                hit |= ((df["pid"] == s.pid) & (df["start"] < s.hva + s.size)
+                hit |= ((df["pid"] == s.pid) & (df["start"] < s.hva + s.size_bytes)
                         & (df["end"] > s.hva)).to_numpy(dtype=bool)
             keep &= hit
     return df[keep].reset_index(drop=True)

@@ -147,7 +147,7 @@ def _smaps_gone(notes: pd.DataFrame | None) -> set:
 
 
 def _events_by_slot(memslot: pd.DataFrame | None) -> dict:
-    """(pid, vm_fd, slot, ts) -> the memslot event (ts is the slot version's t_start)."""
+    """(pid, vm_fd, slot, ts) -> the memslot event (ts is the slot version's start_ts)."""
     if memslot is None or not len(memslot):
         return {}
     keys = zip(memslot["pid"].astype("int64"), memslot["vm_fd"].astype("int64"),
@@ -175,7 +175,7 @@ def _snapshot_rows(g, s, lo, hi):
     ov = g[(g["start"] < hi) & (g["end"] > lo)]
     if not len(ov):
         return None
-    after = ov[ov["ts"] >= s.t_start]
+    after = ov[ov["ts"] >= s.start_ts]
     snap_ts = after["ts"].min() if len(after) else ov["ts"].max()
     return ov[ov["ts"] == snap_ts].sort_values("start")
 
@@ -192,9 +192,9 @@ def slot_vmas(slots: pd.DataFrame, vmas: pd.DataFrame, memslot: pd.DataFrame | N
     gone = _smaps_gone(notes)
     for i, s in slots.iterrows():
         g = by_pid.get(s.pid)
-        lo, hi = int(s.hva), int(s.hva) + int(s["size"])
+        lo, hi = int(s.hva), int(s.hva) + int(s.size_bytes)
         k = events.get((int(s.pid), int(s.vm_fd), int(s.as_id) << 16 | int(s.slot),
-                        int(s.t_start)))
+                        int(s.start_ts)))
         ev = _event(memslot, k)
         hit = _snapshot_rows(g, s, lo, hi) if g is not None else None
         row = {"slot_row": i, "vma_start": None, "vma_end": None, "vm_flags": None,
@@ -205,7 +205,7 @@ def slot_vmas(slots: pd.DataFrame, vmas: pd.DataFrame, memslot: pd.DataFrame | N
             first = hit.iloc[0]
             row.update(kernelpagesize_kb=int(first.kernelpagesize_kb),
                        anonhuge_kb=int(hit["anonhugepages_kb"].sum()),
-                       snapshot_delay_ms=(int(first.ts) - int(s.t_start)) / 1e6)
+                       snapshot_delay_ms=(int(first.ts) - int(s.start_ts)) / 1e6)
         if ev is not None and ev.vma_status == FOUND:
             rows.append(_from_bpf(row, ev, hit, g, meta))
         elif hit is not None and len(hit):

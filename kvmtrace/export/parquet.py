@@ -22,7 +22,7 @@ as null. ``recordings.hostname`` holds the host name as recorded.
 Column types are the declarations' (analysis/schema.py for derived tables,
 recording/format.py for raw ones): integers stay integers, nullable where
 declared, floats only for fractions. 64-bit unsigned values (addresses,
-sptes, vm_flags, ``t_end`` = 2**64-1 for a live slot) are stored as Parquet
+sptes, vm_flags, ``end_ts`` = 2**64-1 for a live slot) are stored as Parquet
 ``INT(64, unsigned)``: exact in DuckDB (UBIGINT), polars (UInt64) and
 pyarrow (uint64); Spark, which has no unsigned 64-bit type, reads them as
 ``decimal(20,0)``, also exact (checked with Spark 4.3). They are not stored as

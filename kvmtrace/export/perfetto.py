@@ -11,10 +11,11 @@ REALTIME, so the UI also shows wall-clock time):
   (``start_ts``) to KVM's install (``install_ts``) or, where the fault
   handler's return was traced (kprobes), to that return; named
   ``ACCESS SIZE MEMTYPE`` (``write 4K WB``, ``exec 4K Device``); its
-  arguments hold the fault's columns (gfn, gpa, slot, pfn, spte, verdict,
-  both memory types, the kernel rule, service_ns). A fault whose start or
+  arguments hold the fault's columns (gfn, gpa, slot, mapping_size_bytes,
+  pfn, spte, verdict, both memory types, the kernel rule, service_ns); names
+  as in the tables (docs/tables.md). A fault whose start or
   end was not seen is an instant at ``ts``. MMIO exits (``kvm_mmio``) are
-  instants on the same track (``MMIO write``, gpa, len, val).
+  instants on the same track (``MMIO write``, gpa, len_bytes, val).
 - a track per VM (``VM fd N``): each memslot ioctl an instant (``create slot
   1``, ``failed create slot 10``) with the request and KVM's answer; under
   it a track per memslot whose slices are the slot's versions (create to
@@ -146,12 +147,14 @@ def _ptr(v):
 def _fault_name(r) -> str:
     access = r.access or "fault"
     mt = r.spte_memtype or "nothing installed"
-    return " ".join(x for x in (access, r.size if isinstance(r.size, str) else "", mt) if x)
+    size = "" if _isnull(r.mapping_size_bytes) else pages.size_name(int(r.mapping_size_bytes))
+    return " ".join(x for x in (access, size, mt) if x)
 
 
 def _fault_args(r, page: int) -> dict:
     out = {"fault_id": r.fault_id, "gfn": _ptr(r.gfn), "gpa": _ptr(int(r.gfn) * page),
-           "slot": r.slot, "level": r.level, "vcpu_fd": r.vcpu_fd, "cpu": r.cpu,
+           "slot": r.slot, "level": r.level, "mapping_size_bytes": r.mapping_size_bytes,
+           "vcpu_fd": r.vcpu_fd, "cpu": r.cpu,
            "pfn": _ptr(r.pfn), "spte": _ptr(r.spte), "error_code": _ptr(r.error_code),
            "start_kind": r.start_kind or None, "service_ns": r.service_ns,
            "verdict": r.verdict or None, "spte_memtype": r.spte_memtype or None,
@@ -159,7 +162,7 @@ def _fault_args(r, page: int) -> dict:
            "vma_memtype_source": r.vma_memtype_source or None,
            "expected_memtype": r.expected_memtype or None, "rule": r.rule or None,
            "ipa": _ptr(r.ipa), "esr": _ptr(r.esr), "phys": _ptr(r.phys),
-           "map_size": r.map_size, "install_kind": r.install_kind or None,
+           "map_size_bytes": r.map_size_bytes, "install_kind": r.install_kind or None,
            "handler_ret": r.handler_ret}
     return out
 
@@ -184,8 +187,8 @@ def _span(model: Model) -> tuple[int, int]:
             ts += [int(f[c].min()), int(f[c].max())]
     s = model.slots
     if len(s):
-        ts.append(int(s["t_start"].min()))
-        ended = s["t_end"][s["t_end"] != _U64_LIVE]
+        ts.append(int(s["start_ts"].min()))
+        ended = s["end_ts"][s["end_ts"] != _U64_LIVE]
         if len(ended):
             ts.append(int(ended.max()))
     start = (model.meta.get("clock") or {}).get("monotonic_ns")
@@ -269,7 +272,8 @@ def trace_bytes(model: Model) -> bytes:
     for r in ex.itertuples(index=False):
         b.event(r.ts, _INSTANT, thread_tracks[(int(r.pid), int(r.proc), int(r.tid))][0],
                 MMIO_TYPES.get(int(r.type), f"MMIO type {r.type}"),
-                {"gpa": _ptr(r.gpa), "len": r.len, "val": _ptr(r.val), "vcpu_fd": r.vcpu_fd,
+                {"gpa": _ptr(r.gpa), "len_bytes": r.len_bytes, "val": _ptr(r.val),
+                 "vcpu_fd": r.vcpu_fd,
                  "slot": int(slot_ids[r.slot_row]) if r.slot_row >= 0 else None})
 
     # VMs: memslot ioctls as instants, slot versions as slices, fault rates
@@ -285,8 +289,8 @@ def trace_bytes(model: Model) -> bytes:
     for r in model.ops.itertuples(index=False):
         sid = f"{r.as_id}:{r.slot_id}" if r.as_id else f"{r.slot_id}"
         b.event(r.ts, _INSTANT, vm_track(r.pid, r.proc, r.vm_fd), f"{r.op} slot {sid}",
-                {"ioctl": r.ioctl_name, "gpa": _ptr(r.gpa), "size": r.size,
-                 "hva": _ptr(r.hva), "flags": r.flag_names, "ret": r.ret,
+                {"ioctl": r.ioctl_name, "gpa": _ptr(r.gpa), "size_bytes": r.size_bytes,
+                 "hva": _ptr(r.hva), "flags": r.flag_names or None, "ret": r.ret,
                  "errno": r.errno or None, "reason": r.reason or None,
                  "latency_ns": r.latency_ns})
 
@@ -301,20 +305,21 @@ def trace_bytes(model: Model) -> bytes:
             slot_tracks[key] = b.track(parent=vm_track(r.pid, r.proc, r.vm_fd),
                                        name=f"slot {sid}")
         vr = verdict_of.get(key + (int(r.version),))
-        end = t1 if int(r.t_end) == _U64_LIVE else int(r.t_end)
-        name = f"{int(r.gpa):#x}+{_size(int(r.size))} {r.vma or '?'}"
+        end = t1 if int(r.end_ts) == _U64_LIVE else int(r.end_ts)
+        name = f"{int(r.gpa):#x}+{_size(int(r.size_bytes))} {r.vma or '?'}"
         args = {"verdict": vr.verdict if vr else None, "reason": vr.reason if vr else None,
                 "vma_memtype": (vr.vma_memtype or None) if vr else None,
                 "spte_memtype": (vr.spte_memtype or None) if vr else None,
                 "faults": vr.faults if vr else None, "lost": vr.lost if vr else None,
-                "gpa": _ptr(r.gpa), "size": r.size, "hva": _ptr(r.hva), "flags": r.flag_names,
+                "gpa": _ptr(r.gpa), "size_bytes": r.size_bytes, "hva": _ptr(r.hva),
+                "flags": r.flag_names or None,
                 "version": r.version, "created_by": r.created_by,
                 "ended_by": r.ended_by or None, "vma": r.vma, "vmflags": r.vmflags,
                 "vma_source": r.vma_source}
         if vr is not None:
             name += f": {vr.verdict}"
-        b.event(int(r.t_start), _BEGIN, slot_tracks[key], name, args)
-        b.event(max(end, int(r.t_start)), _END, slot_tracks[key])
+        b.event(int(r.start_ts), _BEGIN, slot_tracks[key], name, args)
+        b.event(max(end, int(r.start_ts)), _END, slot_tracks[key])
 
     fin = f[f["slot_row"] >= 0]
     if len(fin) and len(s):
