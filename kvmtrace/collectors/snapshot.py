@@ -453,14 +453,16 @@ def recorded_memslots(reader: IteratorReader, pid: int, ts: int) -> list[dict]:
                "flags": r.flags, "gpa": int(r.gpa), "size": int(r.size), "hva": int(r.hva),
                "generation": int(r.generation), "gmem": bool(r.gmem),
                "gmem_offset": int(r.gmem_offset), "vma_found": False, "vma_start": 0,
-               "vma_end": 0, "vm_flags": 0, "vm_page_prot": 0, "vm_pgoff": 0}
+               "vma_end": 0, "vm_flags": 0, "vm_page_prot": 0, "vm_pgoff": 0,
+               "vma_has_file": False, "vma_ino": 0, "vma_dev": 0}
         if vmas is not None and len(vmas):
             hit = vmas[(vmas["start"] <= int(r.hva)) & (vmas["end"] > int(r.hva))]
             if len(hit):
                 v = hit.iloc[0]
                 row.update(vma_found=True, vma_start=int(v["start"]), vma_end=int(v["end"]),
                            vm_flags=int(v["vm_flags"]), vm_page_prot=int(v["vm_page_prot"]),
-                           vm_pgoff=int(v["vm_pgoff"]))
+                           vm_pgoff=int(v["vm_pgoff"]), vma_has_file=bool(v["has_file"]),
+                           vma_ino=int(v["ino"]), vma_dev=int(v["dev"]))
         rows.append(row)
     return rows
 

@@ -85,6 +85,7 @@ MEMSLOT_SNAPSHOT_FIELDS = [
     ("generation", pa.uint64()), ("gmem", pa.bool_()), ("gmem_offset", pa.uint64()),
     ("vma_found", pa.bool_()), ("vma_start", pa.uint64()), ("vma_end", pa.uint64()),
     ("vm_flags", pa.uint64()), ("vm_page_prot", pa.uint64()), ("vm_pgoff", pa.uint64()),
+    ("vma_has_file", pa.bool_()), ("vma_ino", pa.uint64()), ("vma_dev", pa.uint32()),
 ]
 STATS_FIELDS = [("ts", pa.uint64()), ("kind", pa.string()),
                 ("events", pa.uint64()), ("lost", pa.uint64())]
