@@ -126,21 +126,26 @@ def _err(msg):
               help="After writing the report, keep everything mapped this long.")
 @click.option("--delay", type=float, default=0.0, metavar="SECONDS",
               help="Sleep before opening /dev/kvm (time for a tracer to attach).")
+@click.option("--pause", type=float, default=0.0, metavar="SECONDS",
+              help="Sleep after the memslots and vCPUs exist, before the guest runs "
+                   "(a tracer attaching then finds a running VM's memslots set).")
+@click.option("--gate", metavar="PATH",
+              help="After setting up, say so on stderr and run the guest once PATH exists.")
 @click.option("--timeout", type=float, default=30.0, metavar="SECONDS", show_default=True,
               help="Give up on a guest that runs longer.")
 @click.option("--device", default="/dev/kvm", hidden=True)  # tests
 @click.option("--list", "list_", is_flag=True, help="Print the built-in scenarios as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="No summary line.")
 def cli(scenario, scenario_file, slots, accesses, changes, vcpus, report, hold, delay,
-        timeout, device, list_, quiet):
+        pause, gate, timeout, device, list_, quiet):
     """Run a small KVM guest that touches chosen pages of chosen memslot
     backings, and report exactly what it did."""
     return run_cli(scenario, scenario_file, slots, accesses, changes, vcpus, report, hold,
-                   delay, timeout, device, list_, quiet)
+                   delay, timeout, device, list_, quiet, pause, gate)
 
 
 def run_cli(scenario, scenario_file, slots, accesses, changes, vcpus, report_path, hold,
-            delay, timeout, device, list_, quiet):
+            delay, timeout, device, list_, quiet, pause=0.0, gate=None):
     """The command's work; returns its exit status."""
     if list_:
         json.dump({n: f().to_dict() for n, f in sc_mod.BUILTIN.items()}, sys.stdout, indent=1)
@@ -167,7 +172,7 @@ def run_cli(scenario, scenario_file, slots, accesses, changes, vcpus, report_pat
         if delay > 0:
             time.sleep(delay)
         report = vmm.run(sc, timeout=timeout, on_report=on_report, hold=hold, device=device,
-                         log=None if quiet else _err)
+                         log=None if quiet else _err, pause=pause, gate=gate)
     except (vmm.VmmError, ScenarioError, OSError) as e:
         _err(str(e))
         return 2

@@ -34,6 +34,7 @@ import mmap
 import os
 import signal
 import struct
+import sys
 import threading
 import time
 
@@ -838,12 +839,25 @@ class Vmm:
             s.backing.close()
 
 
+def _wait_for(path: str, timeout: float):
+    print(f"testvmm: set up, waiting for {path}", file=sys.stderr, flush=True)
+    end = time.monotonic() + timeout
+    while not os.path.exists(path):
+        if time.monotonic() > end:
+            raise VmmError(f"{path} did not appear within {timeout:g} s")
+        time.sleep(0.01)
+
+
 def run(scenario, arch=None, timeout=30.0, log=None, on_report=None, hold=0.0,
-        device="/dev/kvm"):
+        device="/dev/kvm", pause=0.0, gate=None):
     """Run `scenario`; returns the report dict (report["ok"] says if all went as planned).
 
     on_report(report) is called before the hold, while every fd and mapping is
     still alive, so a tracer can inspect /proc/PID/* against the report.
+    ``pause``: seconds between setting up (memslots, vCPUs) and running the
+    guest, so that a tracer attaching then finds a VM whose memslots exist;
+    ``gate``: a path: say so on stderr ("testvmm: set up, waiting for PATH")
+    and run the guest once PATH exists (a test's handshake, not a timing).
     Raises VmmError for failures that leave nothing to report (no /dev/kvm,
     a setup memslot refused).
     """
@@ -854,6 +868,10 @@ def run(scenario, arch=None, timeout=30.0, log=None, on_report=None, hold=0.0,
         vmm.allocate()
         vmm.create_memslots()
         vmm.create_vcpus()
+        if pause > 0:
+            time.sleep(pause)
+        if gate:
+            _wait_for(gate, timeout)
         vmm.run_vcpus()
         vmm.check_writes()
         vmm.check_host_pages()

@@ -79,12 +79,48 @@ def decode_ops(memslot: pd.DataFrame) -> pd.DataFrame:
     return df
 
 
-def replay(ops: pd.DataFrame, page: int = 4096):
+# created_by of a slot that existed before recording began, read from the kernel
+# by record (table memslot_snapshot, collectors/snapshot.py)
+BEFORE_RECORDING = "before recording"
+
+
+def seed(snapshot: pd.DataFrame | None, ops: pd.DataFrame) -> tuple[dict, list]:
+    """(replay state, slot versions) of the memslots that existed when
+    recording began (``snapshot``: the recording's memslot_snapshot rows with
+    ``proc``). Each starts at time 0, since it was set before anything was
+    recorded. A slot that a recorded ioctl changed before the snapshot was
+    read is left to the ioctls: the snapshot shows it after that change."""
+    state: dict = {}
+    versions: list = []
+    if snapshot is None or not len(snapshot):
+        return state, versions
+    touched = {}
+    for r in ops[["pid", "proc", "vm_fd", "as_id", "slot_id", "ts"]].itertuples(index=False):
+        k = (r.pid, r.proc, r.vm_fd, r.as_id, r.slot_id)
+        touched[k] = min(touched.get(k, r.ts), r.ts)
+    for r in snapshot.itertuples(index=False):
+        k = (r.pid, r.proc, r.vm_fd, r.as_id, r.slot)
+        if k in touched and touched[k] < r.ts:
+            continue
+        live = state.setdefault((r.pid, r.proc, r.vm_fd), {})
+        if (r.as_id, r.slot) in live:  # the same VM read twice (a thread sharing the fd)
+            continue
+        new = {"pid": r.pid, "proc": r.proc, "vm_fd": r.vm_fd, "as_id": r.as_id,
+               "slot": r.slot, "gpa": int(r.gpa), "size_bytes": int(r.size), "hva": int(r.hva),
+               "flags": int(r.flags), "flag_names": flag_names(int(r.flags)),
+               "ioctl_name": "", "gmem_fd": -1, "start_ts": 0, "end_ts": INF,
+               "created_by": BEFORE_RECORDING, "ended_by": "", "snapshot_ts": int(r.ts)}
+        live[(r.as_id, r.slot)] = new
+        versions.append(new)
+    return state, versions
+
+
+def replay(ops: pd.DataFrame, page: int = 4096, snapshot: pd.DataFrame | None = None):
     """(ops with 'op' and 'reason' columns, slot versions table); ``page``:
-    the host's page size (analysis/pages.py)."""
+    the host's page size (analysis/pages.py); ``snapshot``: the memslots that
+    existed when recording began (see ``seed``), which the ioctls then change."""
     op_col, reason_col = [], []
-    versions = []
-    state: dict = {}  # (pid, proc, vm_fd) -> {(as_id, slot_id): version dict}
+    state, versions = seed(snapshot, ops)
     for row in ops.itertuples(index=False):
         live = state.setdefault((row.pid, row.proc, row.vm_fd), {})
         key = (row.as_id, row.slot_id)
@@ -124,6 +160,8 @@ def replay(ops: pd.DataFrame, page: int = 4096):
     cols = ["pid", "proc", "vm_fd", "as_id", "slot", "gpa", "size_bytes", "hva", "flags",
             "flag_names", "ioctl_name", "gmem_fd", "start_ts", "end_ts", "created_by", "ended_by"]
     slots = pd.DataFrame(versions, columns=cols).astype(SLOT_INT_COLS)
+    # when it was read from the kernel, for a slot that existed before recording
+    slots["snapshot_ts"] = pd.array([v.get("snapshot_ts") for v in versions], dtype="UInt64")
     slots["gfn_start"] = (slots["gpa"] // page).astype("int64")
     slots["gfn_end"] = ((slots["gpa"] + slots["size_bytes"]) // page).astype("int64")
     slots["version"] = slots.groupby(["pid", "proc", "vm_fd", "as_id", "slot"]).cumcount() \

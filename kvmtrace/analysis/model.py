@@ -154,8 +154,11 @@ def build(path_or_recording) -> Model:
     ops = memslots.decode_ops(t["memslot"])
     ops["proc"] = identity.generations(ops, exits_)
     page = pages.page_size(meta)
-    ops, slots = memslots.replay(ops, page)
-    sv = vmas_mod.slot_vmas(slots, t["vmas"], t["memslot"], meta, t["notes"])
+    snap = t.get("memslot_snapshot")  # slots set before recording (format 4+)
+    if snap is not None:
+        snap = snap.assign(proc=identity.generations(snap, exits_))
+    ops, slots = memslots.replay(ops, page, snap)
+    sv = vmas_mod.slot_vmas(slots, t["vmas"], t["memslot"], meta, t["notes"], snap)
     slots = pd.concat([slots, sv.drop(columns="slot_row")], axis=1) if len(slots) else \
         schema.SLOTS.empty().drop(columns=[c.name for c in schema.SLOTS.columns if c.optional])
 

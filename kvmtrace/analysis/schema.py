@@ -246,8 +246,11 @@ SLOTS = Table("slots", "slot versions over time: one row per create, move or fla
     C("gmem_fd", "int64", "", "guest_memfd (-1 without)"),
     C("start_ts", "uint64", "ns", "when this version began"),
     C("end_ts", "uint64", "ns", "when it ended (2**64-1: still live at the end)"),
-    C("created_by", "str", "", "create / move / flags"),
+    C("created_by", "str", "", "create / move / flags, or 'before recording' (set before "
+      "recording began: read from the kernel at the start)"),
     C("ended_by", "str", "", "delete / move / flags, '' while live"),
+    C("snapshot_ts", "UInt64", "ns", "when a slot set before recording was read from the "
+      "kernel (null: set while recording)"),
     C("gfn_start", "int64", "pages", "first guest frame"),
     C("gfn_end", "int64", "pages", "guest frame after the last"),
     C("version", "int64", "", "0 for the slot's first version, +1 per move / flags change"),
@@ -405,8 +408,9 @@ SUMMARY = Table("summary", "the memslot table joined with its activity and verdi
     C("ioctl_name", "str", "", "the ioctl that set it"),
     C("vma", "str", "", "VMA name"), C("vm_flags", "str", "", "VM_* flags in words"),
     C("vmflags", "str", "", "smaps VmFlags mnemonics"),
-    C("created_by", "str", "", "create / move / flags"),
-    C("t_start_s", "float64", "s", "start, from the recording's start"),
+    C("created_by", "str", "", "create / move / flags, or 'before recording'"),
+    C("t_start_s", "float64", "s", "start, from the recording's start (null: set before "
+      "recording)"),
     C("ended_by", "str", "", "delete / move / flags"),
     C("t_end_s", "float64", "s", "end, from the recording's start (null: live)"),
     C("faults", "int64", "", "faults"), C("read", "int64", "", "read faults"),

@@ -88,7 +88,7 @@ def slot_summary(model: Model, pid: int | None = None, slot: int | None = None) 
     s["slot_vma_memtype"] = s["pgprot_memtype"].where(s["pgprot_memtype"].notna(),
                                                       s["slot_vma_memtype"])
     s["vm_flags"] = s["vmflags"].map(vmflag_words)
-    s["t_start_s"] = _rel(model, s["start_ts"])
+    s["t_start_s"] = _rel(model, s["start_ts"].where(s["snapshot_ts"].isna()))  # null: before
     s["t_end_s"] = _rel(model, s["end_ts"].where(s["end_ts"] < np.iinfo(np.uint64).max))
     s = schema.SUMMARY.conform(s[schema.SUMMARY.names])
     s = s.sort_values(["pid", "proc", "vm_fd", "as_id", "slot", "version"]).reset_index(drop=True)

@@ -32,6 +32,7 @@ import pandas as pd
 from ..memtype import arm64 as a64
 from ..memtype import x86 as x86mt
 from ..probes.events import VMA_STATUS
+from .memslots import BEFORE_RECORDING
 
 VMFLAG_NAMES = {"pf": "VM_PFNMAP", "io": "VM_IO", "mm": "VM_MIXEDMAP", "ht": "hugetlb",
                 "hg": "THP advised", "nh": "no THP", "dd": "no dump", "sh": "shared"}
@@ -81,21 +82,21 @@ def dev_name(dev: int) -> str:
     return f"{dev >> KERNEL_MINORBITS:02x}:{dev & ((1 << KERNEL_MINORBITS) - 1):02x}"
 
 
-def pgprot_memtype(prot: int, meta: dict) -> tuple[str | None, str]:
-    """(memory type, how it was read) for a vm_page_prot value."""
+def pgprot_memtype(prot: int, meta: dict, when: str = "at the ioctl") -> tuple[str | None, str]:
+    """(memory type, how it was read) for a vm_page_prot value read ``when``."""
     arch = meta.get("arch") or ""
     if arch == "aarch64":
         kernel = meta.get("kernel")
         mt = str(a64.attrindx_memtype([prot], kernel)[0])
         idx = int(a64.attrindx([prot])[0])
-        return mt, f"vm_page_prot {prot:#x} at the ioctl: AttrIndx {idx} -> {mt}"
+        return mt, f"vm_page_prot {prot:#x} {when}: AttrIndx {idx} -> {mt}"
     if arch not in ("x86_64", ""):
         return None, f"vm_page_prot {prot:#x}: no decoder for {arch}"
     pat = ((meta.get("x86") or {}).get("pat") or {}).get("entries") or list(x86mt.LINUX_PAT)
     idx = int(x86mt.legacy_pat_index([prot], [1])[0])
     bits = [n for n, b in (("PWT", x86mt.PWT), ("PCD", x86mt.PCD), ("PAT", x86mt.PAT_4K))
             if prot & b]
-    return pat[idx], (f"vm_page_prot {prot:#x} at the ioctl: PAT index {idx} "
+    return pat[idx], (f"vm_page_prot {prot:#x} {when}: PAT index {idx} "
                       f"({'|'.join(bits) or 'no PWT/PCD/PAT'}) -> {pat[idx]}")
 
 
@@ -169,6 +170,28 @@ def _event(memslot, k):
                      dtype=object)
 
 
+# how the VMA of a slot set before recording was read (collectors/snapshot.py)
+AT_START = "read by a BPF iterator when recording began"
+
+
+def _events_from_snapshot(snapshot: pd.DataFrame | None) -> dict:
+    """(pid, vm_fd, as_id, slot) -> the slot's VMA as the iterator read it at
+    the start, in the memslot event's VMA fields (EVENT_FIELDS)."""
+    out = {}
+    if snapshot is None or not len(snapshot):
+        return out
+    for r in snapshot.itertuples(index=False):
+        end = int(r.hva) + int(r.size)
+        out[(int(r.pid), int(r.vm_fd), int(r.as_id), int(r.slot))] = pd.Series({
+            "vma_status": FOUND if r.vma_found else NONE, "vma_err": 0,
+            "vma_has_file": int(r.vma_has_file), "vma_covers": int(int(r.vma_end) >= end),
+            "vma_count": 1 if r.vma_found else 0, "vma_dev": int(r.vma_dev),
+            "vma_start": int(r.vma_start), "vma_end": int(r.vma_end),
+            "vm_flags": int(r.vm_flags), "vm_page_prot": int(r.vm_page_prot),
+            "vm_pgoff": int(r.vm_pgoff), "vma_ino": int(r.vma_ino)}, dtype=object)
+    return out
+
+
 def _snapshot_rows(g, s, lo, hi):
     """The rows of the first snapshot after the slot was set (else the last
     before) that overlap [lo, hi)."""
@@ -181,21 +204,27 @@ def _snapshot_rows(g, s, lo, hi):
 
 
 def slot_vmas(slots: pd.DataFrame, vmas: pd.DataFrame, memslot: pd.DataFrame | None = None,
-              meta: dict | None = None, notes: pd.DataFrame | None = None) -> pd.DataFrame:
+              meta: dict | None = None, notes: pd.DataFrame | None = None,
+              snapshot: pd.DataFrame | None = None) -> pd.DataFrame:
     """One row per slot version: its VMA, from the BPF capture at the ioctl
-    (``memslot``'s VMA fields) when there is one, else from the smaps snapshot
-    taken after the slot was set (else the last before)."""
+    (``memslot``'s VMA fields; for a slot set before recording, the start's
+    ``snapshot``) when there is one, else from the smaps snapshot taken after
+    the slot was set (else the last before)."""
     meta = meta or {}
     rows = []
     by_pid = {pid: g for pid, g in vmas.groupby("pid")} if len(vmas) else {}
     events = _events_by_slot(memslot)
+    at_start = _events_from_snapshot(snapshot)
     gone = _smaps_gone(notes)
     for i, s in slots.iterrows():
         g = by_pid.get(s.pid)
         lo, hi = int(s.hva), int(s.hva) + int(s.size_bytes)
-        k = events.get((int(s.pid), int(s.vm_fd), int(s.as_id) << 16 | int(s.slot),
-                        int(s.start_ts)))
-        ev = _event(memslot, k)
+        before = s.created_by == BEFORE_RECORDING
+        if before:
+            ev = at_start.get((int(s.pid), int(s.vm_fd), int(s.as_id), int(s.slot)))
+        else:
+            ev = _event(memslot, events.get((int(s.pid), int(s.vm_fd),
+                                             int(s.as_id) << 16 | int(s.slot), int(s.start_ts))))
         hit = _snapshot_rows(g, s, lo, hi) if g is not None else None
         row = {"slot_row": i, "vma_start": None, "vma_end": None, "vm_flags": None,
                "vm_page_prot": None, "vm_pgoff": None, "vma_has_file": None, "vma_ino": None,
@@ -205,9 +234,11 @@ def slot_vmas(slots: pd.DataFrame, vmas: pd.DataFrame, memslot: pd.DataFrame | N
             first = hit.iloc[0]
             row.update(kernelpagesize_kb=int(first.kernelpagesize_kb),
                        anonhuge_kb=int(hit["anonhugepages_kb"].sum()),
-                       snapshot_delay_ms=(int(first.ts) - int(s.start_ts)) / 1e6)
+                       snapshot_delay_ms=np.nan if before else
+                       (int(first.ts) - int(s.start_ts)) / 1e6)
         if ev is not None and ev.vma_status == FOUND:
-            rows.append(_from_bpf(row, ev, hit, g, meta))
+            rows.append(_from_bpf(row, ev, hit, g, meta, AT_START if before else
+                                  "captured in BPF at the ioctl"))
         elif hit is not None and len(hit):
             first = hit.iloc[0]
             flags = " ".join(dict.fromkeys(" ".join(hit["vmflags"]).split()))
@@ -217,7 +248,9 @@ def slot_vmas(slots: pd.DataFrame, vmas: pd.DataFrame, memslot: pd.DataFrame | N
                 vmflags=flags, pfnmap=bool(hit["vmflags"].map(is_pfn_mapped).any()),
                 vma_count=len(hit),
                 vma_covers=bool(hit["start"].min() <= lo and hit["end"].max() >= hi),
-                vma_source=(f"smaps snapshot {row['snapshot_delay_ms']:.1f} ms after the ioctl "
+                vma_source=("smaps snapshot when recording began (set before recording; "
+                            "the BPF iterator found no VMA at its address)" if before else
+                            f"smaps snapshot {row['snapshot_delay_ms']:.1f} ms after the ioctl "
                             f"(not captured at the ioctl: {_bpf_why(ev, meta)})"))
             rows.append(row)
         else:
@@ -236,7 +269,7 @@ def slot_vmas(slots: pd.DataFrame, vmas: pd.DataFrame, memslot: pd.DataFrame | N
     return out
 
 
-def _from_bpf(row: dict, ev, hit, g, meta: dict) -> dict:
+def _from_bpf(row: dict, ev, hit, g, meta: dict, how: str) -> dict:
     """The slot's VMA as captured at the ioctl; its name, page size and THP use
     from the smaps snapshot that shows the same VMA (start, end, inode: a later
     snapshot may show another mapping at that address)."""
@@ -266,12 +299,13 @@ def _from_bpf(row: dict, ev, hit, g, meta: dict) -> dict:
                 "[no file, VM_PFNMAP]" if flags & (VM_PFNMAP | VM_MIXEDMAP) else "[anon]")
         row.update(kernelpagesize_kb=None, anonhuge_kb=0)  # smaps showed another mapping
     count = int(ev.vma_count)
-    mt, mt_src = pgprot_memtype(prot, meta)
+    mt, mt_src = pgprot_memtype(prot, meta, "at the ioctl" if how.endswith("ioctl")
+                                else "when recording began")
     row.update(
         vma=name + ("" if count <= 1 else f" (+{count - 1} more)"),
         vmflags=vm_flags_mnemonics(flags), pfnmap=bool(flags & (VM_PFNMAP | VM_MIXEDMAP)),
         vma_count=count, vma_covers=bool(ev.vma_covers),
-        vma_source="captured in BPF at the ioctl" + _coverage(count, bool(ev.vma_covers)),
+        vma_source=how + _coverage(count, bool(ev.vma_covers)),
         vma_start=start, vma_end=end, vm_flags=flags, vm_page_prot=prot,
         vm_pgoff=int(ev.vm_pgoff), vma_has_file=has_file, vma_ino=ino if has_file else None,
         vma_dev=dev_name(dev) if has_file else "", pgprot_memtype=mt,

@@ -122,6 +122,7 @@ class Session:
         self._stop = False
         self.proc: child.Child | None = None
         self.snapshotted_pids: set[int] = set()
+        self._pidfds: list[int] = []  # of --pid processes (pidfd_open)
         self.write_error: OSError | None = None
         self._last_stats: dict | None = None
         self.btf = None
@@ -322,9 +323,15 @@ class Session:
 
         b, prog, hdr = loaded.bpf, loaded.program, loaded.headers
         self.btf = loaded.selection.btf
+        # record --pid stops once every traced process has exited (perf's -p habit)
         for pid in opts.pids:
-            if not os.path.exists(f"/proc/{pid}"):
-                raise RecordError(f"process {pid} exited before recording began", code=2)
+            try:
+                self._pidfds.append(os.pidfd_open(pid))
+            except ProcessLookupError:
+                raise RecordError(f"process {pid} exited before recording began",
+                                  code=2) from None
+            except OSError:  # no pidfd_open (before 5.3): record runs until stopped
+                pass
             self._add_pid(b, pid)
         # numpy (the ring reader) is imported once the probes are attached and
         # filtering: its import (0.1 to 0.2 s) does not delay the first event
@@ -442,6 +449,10 @@ class Session:
             if deadline is not None and now >= deadline:
                 self.stats.stopped_by = self.stats.stopped_by or "duration"
                 break
+            if self._pidfds and len(select.select(self._pidfds, [], [], 0)[0]) == len(
+                    self._pidfds):  # a pidfd is readable once its process has exited
+                self.stats.stopped_by = self.stats.stopped_by or "traced processes exited"
+                break
             if now >= next_flush:
                 self._lost(b, prog.events, writer)
                 writer.add_rows("stats", self._stats_rows(prog.events))
@@ -476,6 +487,9 @@ class Session:
 
     def _finish(self, b, prog, readers, writer, live):
         self._phase = "stopping"  # stop signals: the first is kept, a second hurries
+        for fd in self._pidfds:
+            os.close(fd)
+        self._pidfds = []
         if self.proc is not None:
             def waiting():  # the command's teardown events, drained while it stops
                 try:
