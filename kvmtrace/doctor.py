@@ -260,7 +260,10 @@ def run() -> list[Check]:
         from .collectors import snapshot  # kvmtrace query's live sources
 
         for what, (ok, detail) in snapshot.sources().items():
-            add(Check(f"query: {what} of a running VM", ok, detail))
+            if what == "memslots" and not ok:
+                detail += ("; record --pid of a VM that is already running then knows its "
+                           "slots only from memslot ioctls made while recording")
+            add(Check(f"query, record --pid: {what} of a running VM", ok, detail))
     return checks
 
 
