@@ -16,7 +16,9 @@ Kinds:
                /proc/sys/vm/nr_hugepages left enough free pages
   thp          private anonymous, 2 MiB aligned, MADV_HUGEPAGE
   pfnmap       the process's own [vvar] VMA (VM_PFNMAP|VM_IO in every Linux
-               process); read-only, not ours to write or unmap
+               process up to 6.x; on x86 7.3.4 it is VM_MIXEDMAP over
+               ordinary pages, see vvar_is_pfnmap()); read-only, not ours
+               to write or unmap
   bar-uc       a PCI memory BAR through sysfs resourceN (mmap: uncached,
                VM_PFNMAP|VM_IO); read-write
   bar-wc       the same BAR through resourceN_wc (write-combine mmap)
@@ -240,6 +242,22 @@ def find_special_vma(name):
                 start, end = (int(x, 16) for x in fields[0].split("-"))
                 return start, end
     return None
+
+
+def vvar_is_pfnmap():
+    """Is this process's [vvar] VMA VM_PFNMAP (smaps VmFlags "pf")?
+
+    It was on every kernel measured up to 6.18 (x86 and arm64); on x86
+    7.3.4 it is VM_MIXEDMAP ("mm") over ordinary pages, and KVM then treats
+    a guest write to it like one to any read-only VMA: KVM_RUN fails with
+    EFAULT instead of the KVM_EXIT_MMIO a VM_PFNMAP page gives.
+    None when there is no [vvar].
+    """
+    vma = find_special_vma("[vvar]")
+    if vma is None:
+        return None
+    found = find_vma(vma[0])
+    return "pf" in (found or {}).get("vm_flags", [])
 
 
 def allocate(kind, size, slot):

@@ -15,7 +15,7 @@ from kvmtrace.kvmapi import KVM_MEM_LOG_DIRTY_PAGES as LOG_DIRTY
 from kvmtrace.kvmapi import KVM_MEM_READONLY as READONLY
 
 # where the rule was measured (arm64: see arm64_rule() for the kernels)
-MEASURED_MMUS = ("pvm-shadow", "arm64-stage2")
+MEASURED_MMUS = ("pvm-shadow", "arm64-stage2", "tdp")
 WRITE_ACCESSES = ("w", "rw")
 
 
@@ -183,6 +183,8 @@ def expected_faults(kind, flags, touched, mmu, status="ok", role="data", extra=N
     if status != "ok":
         result.update(total=0, faults=0, set_spte=0, level=None)
         return result
+    if mmu == "tdp":
+        return tdp_expected_faults(kind, flags, touched, role, extra, host_written, fs, result)
     if gpage2m and not writes_land(kind, flags):
         result.update(level=None, rule="not measured (2 MiB guest pages on a read-only slot)")
         return result
@@ -338,7 +340,8 @@ class _Guest2MSptes4K(_Rule):
                 run = []
 
 
-def expected_dirty_pages(kind, flags, touched, gpage2m=False, host_written=None, mmu=None):
+def expected_dirty_pages(kind, flags, touched, gpage2m=False, host_written=None, mmu=None,
+                         fs=None):
     """Pages KVM_GET_DIRTY_LOG should report for a dirty-logged slot.
 
     4 KiB guest pages: those the guest wrote to memory (measured: the bitmap
@@ -353,8 +356,103 @@ def expected_dirty_pages(kind, flags, touched, gpage2m=False, host_written=None,
         return []
     if mmu == "arm64-stage2":
         return sorted({p for p, a in touched if a in WRITE_ACCESSES})
+    if mmu == "tdp":
+        return expected_faults(kind, flags | LOG_DIRTY, touched, "tdp", gpage2m=gpage2m,
+                               host_written=host_written, fs=fs)["dirty_pages"]
     return expected_faults(kind, flags | LOG_DIRTY, touched, "pvm-shadow", gpage2m=gpage2m,
                            host_written=host_written)["dirty_pages"]
+
+
+# --------------------------------------------------------------------------
+# x86 with TDP (NPT / EPT): the TDP MMU maps guest-physical pages directly
+
+# backings whose host page a guest read maps writable (shared memory without
+# write-notify: a read fault installs a writable host PTE)
+TDP_WRITABLE_ON_READ = ("memfd", "anon-shared")
+
+
+def tdp_expected_faults(kind, flags, touched, role, extra, host_written, fs, result):
+    """expected_faults() on a TDP host (mmu "tdp": SVM with NPT, VMX with EPT).
+
+    Measured 2026-12-01 on an emulated AMD host (testbed/x86: QEMU TCG,
+    -cpu EPYC,+svm,+npt, kvm_amd npt=Y, tdp_mmu=Y), Debian 6.1.0-57 and
+    7.3.4, by counting kvmmmu:kvm_mmu_spte_requested per gfn and level for
+    the guest's vCPU threads with bpftrace (and kvm:kvm_page_fault's error
+    codes), over the built-in scenarios:
+
+    * The guest's own page tables are guest-physical memory: every table
+      page on the walk to a page the guest touches takes one fault (NPF
+      with PFERR_GUEST_PAGE: the walker sets Accessed bits, a write), as
+      does each code page (one fetch fault). The system slot's extra
+      "page_tables_walked" lists those table pages. Stack and page 0: none.
+    * Data pages, 4 KiB host pages (anon, anon-shared, memfd, file): one
+      fault per page and kind of first access, level 1, whatever the guest
+      page size (NPT does not see it). A read or execute maps the page
+      writable when the host page is (memfd / anon-shared, and pages the
+      VMM wrote, e.g. execute stubs): a later write takes no fault. Private
+      anonymous memory read first maps the zero page read-only, so "rw" is
+      2 faults; a MAP_SHARED file read first is read-only too (write-notify).
+    * READONLY slots and [vvar] (pfnmap): reads map read-only, writes exit
+      as KVM_EXIT_MMIO and never fault a spte in.
+    * Dirty logging: no extra fault; a writable spte marks its page dirty.
+    * thp / hugetlb (2 MiB host pages, no dirty logging): one level-2 fault
+      per 2 MiB frame whose first access is a write; nothing after. A frame
+      read first (THP: the huge zero page, split by the first write) was not
+      measured, nor were huge kinds under dirty logging: None.
+    The TDP MMU never prefetches: set_spte == faults.
+    """
+    if role == "system":
+        tables = (extra or {}).get("page_tables_walked")
+        if tables is None:
+            result["rule"] = "not measured (no page_tables_walked)"
+            return result
+        host_written = [p for p, _ in touched] + list(tables)
+        touched = [(p, "w") for p in tables] + list(touched)
+    if host_written is None:
+        host_written = [p for p, a in touched if a == "x"]
+    lands = writes_land(kind, flags)
+    log_dirty = bool(flags & LOG_DIRTY)
+    rule = _Rule(result)
+    if kind in HUGE_HOST_KINDS:
+        if log_dirty:
+            result.update(level=None, rule="not measured (2 MiB host pages under dirty logging)")
+            return result
+        first = {}
+        for page, access in touched:
+            first.setdefault(page // PAGES_PER_2M, access)
+        if any(a not in WRITE_ACCESSES or a == "rw" for a in first.values()):
+            result.update(level=None, rule="not measured (2 MiB host frame read first)")
+            return result
+        for frame in sorted(first):
+            rule.install(frame * PAGES_PER_2M, 2, True)
+    else:
+        on_read = kind in TDP_WRITABLE_ON_READ or (kind == "file" and fs == "tmpfs")
+        host_rw = set(host_written)
+        state = {}  # page -> "r" / "w"
+        for page, access in touched:
+            for write in ((False, True) if access == "rw" else (access in WRITE_ACCESSES,)):
+                mapped = state.get(page)
+                if not write:
+                    if mapped is None:
+                        writable = lands and (on_read or page in host_rw)
+                        state[page] = "w" if writable else "r"
+                        rule.install(page, 1, writable)
+                        if writable and log_dirty:
+                            result["dirty_pages"].append(page)
+                elif not lands:
+                    result["mmio_exits"] += 1
+                elif mapped != "w":
+                    state[page] = "w"
+                    host_rw.add(page)
+                    rule.install(page, 1, True)
+                    if log_dirty:
+                        result["dirty_pages"].append(page)
+    result["dirty_pages"] = sorted(result["dirty_pages"])
+    levels = result["levels"]
+    result["level"] = next(iter(levels)) if len(levels) == 1 else (None if levels else 1)
+    result["faults"] = result["total"] = sum(levels.values())
+    result["set_spte"] = result["read_sptes"] + result["write_sptes"]
+    return result
 
 
 # --------------------------------------------------------------------------

@@ -311,6 +311,21 @@ class Vmm:
                           "code": code_list, "stack": stack_list}
         if page0:
             sys_slot.extra["vectors"] = [0]
+        if hasattr(arch, "walked_tables"):
+            # the table pages the guest's accesses walk through (GPA pages):
+            # each is a guest-physical access of its own on a TDP host
+            pages, frames = {SYSTEM_GPA // PAGE_SIZE + p for p in code_list}, set()
+            for s in self.slots.values():
+                if s.role != "data":
+                    continue
+                for p, _ in s.touched:
+                    if s.gpage2m:
+                        frames.add((s.gpa + p * PAGE_SIZE) // HUGE_SIZE)
+                    else:
+                        pages.add(s.gpa // PAGE_SIZE + p)
+            sys_slot.extra["page_tables_walked"] = [
+                t - SYSTEM_GPA // PAGE_SIZE
+                for t in arch.walked_tables(tables, mapped, huge_frames, pages, frames)]
         sys_slot.touched = [(p, "x") for p in code_list]
         # execute stubs in every page a step jumps into
         for s in self.slots.values():
@@ -735,7 +750,8 @@ class Vmm:
                 "dirty_pages": s.dirty_pages,
                 "expected_dirty_pages": (
                     faults.expected_dirty_pages(s.backing.kind, s.initial_flags, s.touched,
-                                                s.gpage2m, s.host_written, mmu=mmu)
+                                                s.gpage2m, s.host_written, mmu=mmu,
+                                                fs=s.backing.fs)
                     if s.dirty_pages is not None else None),
                 "write_check": s.write_check,
                 "final": {"present": s.present, "gpa": s.gpa, "flags": s.flags,

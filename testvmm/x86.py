@@ -13,7 +13,11 @@ segment state comes from KVM_SET_SREGS, and nothing may raise an exception
 (`hlt` at CPL3 would #GP and triple-fault without an IDT).
 
 On a VMX/SVM host the same guest also runs (natively or under EPT/NPT); only
-the number of faults differs, which scenario.expected_faults describes.
+the number of faults differs, which faults.expected_faults describes. Measured
+on an SVM + NPT host (testbed/x86: QEMU TCG, -cpu EPYC,+svm,+npt, kvm_amd
+npt=Y, TDP MMU), 6.1 and 7.3: this CPL3 guest runs unchanged, and every
+guest-physical page it reaches takes a real NPT fault, the page-table pages
+of its walks included (walked_tables()).
 
 arm64.py is the arm64 counterpart; everything else (scenario, backings,
 VMM loop, report) is shared through the small interface at the bottom
@@ -21,11 +25,12 @@ VMM loop, report) is shared through the small interface at the bottom
 """
 
 import ctypes
+import os
 import struct
 
-from kvmtrace.kvmapi import _IOR, _IOW
+from kvmtrace.kvmapi import _IOR, _IOW, _IOWR
 
-from .kvmcall import ioctl
+from .kvmcall import ioctl, open_kvm
 
 ARCH = "x86_64"
 PAGE_SIZE = 4096
@@ -64,6 +69,21 @@ class kvm_sregs(ctypes.Structure):
 assert ctypes.sizeof(kvm_regs) == 144
 assert ctypes.sizeof(kvm_sregs) == 312
 
+class kvm_cpuid_entry2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_uint32) for name in
+                "function index flags eax ebx ecx edx".split()] + [
+        ("padding", ctypes.c_uint32 * 3)]
+
+
+class kvm_cpuid2(ctypes.Structure):
+    """The header; the entries follow it (cpuid_buffer())."""
+    _fields_ = [("nent", ctypes.c_uint32), ("padding", ctypes.c_uint32)]
+
+
+assert ctypes.sizeof(kvm_cpuid_entry2) == 40
+
+KVM_GET_SUPPORTED_CPUID = _IOWR(0x05, kvm_cpuid2)
+KVM_SET_CPUID2 = _IOW(0x90, kvm_cpuid2)
 KVM_GET_REGS = _IOR(0x81, kvm_regs)
 KVM_SET_REGS = _IOW(0x82, kvm_regs)
 KVM_GET_SREGS = _IOR(0x83, kvm_sregs)
@@ -146,6 +166,35 @@ def build_page_tables(memory, base_gpa, table_gpas, gpa_pages, huge_frames=()):
     return pml4, used
 
 
+def walked_tables(tables, gpa_pages, huge_frames, accessed_pages, accessed_frames=()):
+    """The table pages the CPU walks to reach the accessed pages (GPA >> 12 each).
+
+    tables: build_page_tables()'s list of table GPAs (in the order it created
+    them), for the same gpa_pages and huge_frames; accessed_pages: 4 KiB pages
+    (GPA >> 12) the guest touches through PTEs; accessed_frames: 2 MiB frames
+    (GPA >> 21) it touches through PDEs. On a TDP host (NPT / EPT) every table
+    page on such a walk is itself a guest-physical access (the walker reads it
+    and sets its Accessed bits), so it takes a fault of its own.
+    """
+    order = [(4, 0)]
+    for page in sorted(set(gpa_pages)):
+        for key in ((3, page >> 27), (2, page >> 18), (1, page >> 9)):
+            if key not in order:
+                order.append(key)
+    small_frames = {page >> 9 for page in gpa_pages}
+    for frame in sorted(set(huge_frames) - small_frames):
+        for key in ((3, frame >> 18), (2, frame >> 9)):
+            if key not in order:
+                order.append(key)
+    gpa = dict(zip(order, tables))
+    walked = {(4, 0)} if accessed_pages or accessed_frames else set()
+    for page in accessed_pages:
+        walked |= {(3, page >> 27), (2, page >> 18), (1, page >> 9)}
+    for frame in accessed_frames:
+        walked |= {(3, frame >> 18), (2, frame >> 9)}
+    return sorted(gpa[k] // PAGE_SIZE for k in walked)
+
+
 # --------------------------------------------------------------------------
 # guest code generation
 #
@@ -219,12 +268,48 @@ def _user_segment(seg, selector, type_, long_mode):
     seg.avl = seg.unusable = 0
 
 
+def cpuid_buffer(nent):
+    class buf(ctypes.Structure):
+        _fields_ = [("nent", ctypes.c_uint32), ("padding", ctypes.c_uint32),
+                    ("entries", kvm_cpuid_entry2 * nent)]
+    b = buf()
+    b.nent = nent
+    return b
+
+
+_supported_cpuid = []
+
+
+def supported_cpuid():
+    """KVM_GET_SUPPORTED_CPUID of /dev/kvm (read once per process)."""
+    if not _supported_cpuid:
+        fd = open_kvm()
+        try:
+            b = cpuid_buffer(256)
+            ioctl(fd, KVM_GET_SUPPORTED_CPUID, b)
+            _supported_cpuid.append(b)
+        finally:
+            os.close(fd)
+    return _supported_cpuid[0]
+
+
+def set_cpuid(vcpu_fd):
+    """Give the vCPU the CPUID KVM supports, as every VMM does.
+
+    Needed for long mode on newer kernels: 7.3.4 checks KVM_SET_SREGS'
+    CR4.PAE and EFER.LME/LMA against the vCPU's CPUID and refuses them
+    (EINVAL) on a vCPU with none; 6.1 did not check.
+    """
+    ioctl(vcpu_fd, KVM_SET_CPUID2, supported_cpuid())
+
+
 def setup_vcpu(vcpu_fd, cr3, rip, rsp):
     """Put a fresh vCPU in 64-bit long mode at CPL3 with paging on.
 
     Order matters on PVM: sregs (CS.DPL=3) go in before the first KVM_RUN so
-    the vCPU starts in user mode.
+    the vCPU starts in user mode. CPUID goes in before the sregs.
     """
+    set_cpuid(vcpu_fd)
     sregs = kvm_sregs()
     ioctl(vcpu_fd, KVM_GET_SREGS, sregs)
     _user_segment(sregs.cs, USER_CS, 0xB, True)  # execute/read, accessed
@@ -246,6 +331,36 @@ def get_rip(vcpu_fd):
     return regs.rip
 
 
+# the loads and stores of ACCESS_BODIES: mov rax, [rdi+disp32] / mov [rdi+disp32], rax
+_DATA_INSNS = (_LOAD, _STORE[-7:])
+
+
+def refusal(vcpu_fd, how, exc=None):
+    """What KVM refused and where the guest can go on (KVM_RUN failed).
+
+    The vCPU stopped at the faulting instruction: the fetch of an execute
+    stub (rip == rdi + EXEC_STUB_OFFSET; go on at r11, as the stub would) or
+    a load / store of DATA_OFFSET in rdi's page (7 bytes; go on after it).
+    Returns {"access", "gpa", "pc", "resume"} (VA == GPA), or None.
+    """
+    if how != "kvm_run":
+        return None
+    regs = kvm_regs()
+    ioctl(vcpu_fd, KVM_GET_REGS, regs)
+    if regs.rip == regs.rdi + EXEC_STUB_OFFSET:
+        return {"access": "x", "gpa": regs.rip, "pc": regs.rip, "resume": regs.r11}
+    return {"access": "data", "gpa": regs.rdi + DATA_OFFSET, "pc": regs.rip,
+            "resume": regs.rip + len(_DATA_INSNS[0])}
+
+
+def resume(vcpu_fd, how, target):
+    """Go on at `target` after a refusal (see refusal())."""
+    regs = kvm_regs()
+    ioctl(vcpu_fd, KVM_GET_REGS, regs)
+    regs.rip = target
+    ioctl(vcpu_fd, KVM_SET_REGS, regs)
+
+
 # --------------------------------------------------------------------------
 # the interface the VMM uses
 
@@ -262,8 +377,11 @@ class X86Arch:
 
     page_table_pages = staticmethod(page_table_pages)
     build_page_tables = staticmethod(build_page_tables)
+    walked_tables = staticmethod(walked_tables)
     setup_vcpu = staticmethod(setup_vcpu)
     get_pc = staticmethod(get_rip)
+    refusal = staticmethod(refusal)
+    resume = staticmethod(resume)
     written_value = staticmethod(written_value)
 
     def gen_program(self, steps, vcpu_index):
