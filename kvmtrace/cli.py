@@ -38,12 +38,14 @@ def _check_output(output: str | None, force: bool):
             _fail(str(e))
 
 
-def _emit(text: str, output: str | None, force: bool = False):
-    """To stdout, or to a file (saying where it went)."""
+def _emit(text, output: str | None, force: bool = False):
+    """To stdout, or to a file (saying where it went); ``text``: a string or an
+    iterable of strings (a streamed report, written as it is made)."""
     from .outputs import OutputError, write_text
 
     if not output:
-        _write_stdout(text)
+        for chunk in ([text] if isinstance(text, str) else text):
+            _write_stdout(chunk)
         return
     try:
         write_text(output, text, force)
@@ -516,7 +518,8 @@ def report(recording, fmt, pid, slot, table, fail_on, output, force, width):
         _need_plots()
     _check_output(output or ("report.html" if fmt == "html" else None), force)
     try:
-        model = build(recording)
+        # html plots from the raw events; the other views never read them again
+        model = build(recording, keep_raw=fmt == "html")
     except RecordingError as e:
         _fail(str(e))
     if fmt == "text":
@@ -525,9 +528,9 @@ def report(recording, fmt, pid, slot, table, fail_on, output, force, width):
     elif fmt == "tsv":
         _emit(render.to_tsv(model, pid, slot, table), output, force)
     elif fmt == "json":
-        _emit(render.to_json(model, pid, slot, table) + "\n", output, force)
+        _emit(render.json_chunks(model, pid, slot, table, end="\n"), output, force)
     elif fmt == "csv":
-        _emit(render.to_csv(model, pid, slot, table), output, force)
+        _emit(render.csv_chunks(model, pid, slot, table), output, force)
     elif fmt == "html":
         from .html import report_html
         _emit(report_html(model, render.tables(model, pid, slot)), output or "report.html",

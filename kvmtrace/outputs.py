@@ -151,22 +151,31 @@ def open_new(path, force: bool = False, binary: bool = False):
     return os.fdopen(fd, "wb" if binary else "w", encoding=None if binary else "utf-8")
 
 
-def write_text(path, text: str, force: bool = False):
-    """A whole report file at once; on any failure nothing half-written is left
-    (and with ``force`` the old file is kept)."""
+def write_text(path, text, force: bool = False):
+    """A whole report file at once (``text``: a string, or an iterable of
+    strings written as they come, so a big report streams); on any failure
+    nothing half-written is left (and with ``force`` the old file is kept)."""
     path = os.fspath(path)
-    data = text.encode("utf-8", "backslashreplace")  # lone surrogates too
+    chunks = [text] if isinstance(text, str) else text
     replace = _check(path, force)
     if replace:
         fd, tmp = _temp_beside(path)
     else:
         fd, tmp = _open_excl(path, path), None
     try:
-        view = memoryview(data)
-        while view:
-            n = os.write(fd, view)
-            view = view[n:]
-    except OSError as e:
+        for chunk in chunks:
+            view = memoryview(chunk.encode("utf-8", "backslashreplace"))  # lone surrogates too
+            while view:
+                n = os.write(fd, view)
+                view = view[n:]
+    except BaseException as e:
+        if not isinstance(e, OSError):  # the text failed to make: nothing left behind
+            if tmp:
+                _unlink_quietly(tmp)
+            else:
+                _unlink_if_ours(path, fd)
+            os.close(fd)
+            raise
         if tmp:
             _unlink_quietly(tmp)
         else:

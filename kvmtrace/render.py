@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -245,36 +246,99 @@ def fit_table(console: Console, title, cols: list[Col], rows: list[list]):
                            "--width or --format tsv shows them)", style="dim"))
 
 
-def tables(model: Model, pid=None, slot=None) -> dict[str, pd.DataFrame]:
+class _Tables(Mapping):
+    """The report's tables by name, each made when first asked for (the text
+    report never needs the per-fault rows)."""
+
+    def __init__(self, model: Model, pid, slot):
+        sel = summary.select
+        self._make = {
+            "slots": lambda: summary.slot_summary(model, pid, slot),
+            "ops": lambda: summary.ops_table(model, pid, slot),
+            "faults": lambda: sel(model.faults, model, pid, slot),
+            "ranges": lambda: sel(model.ranges, model, pid, slot),
+            "verdicts": lambda: sel(model.verdicts, model, pid, slot),
+            "errors": lambda: sel(model.errors, model, pid, slot),
+            "vmas": lambda: sel(model.recording["vmas"], model, pid, slot),
+            "lost": lambda: model.lost,  # per kind, host-wide: not placeable per process or slot
+        }
+        self._made: dict[str, pd.DataFrame] = {}
+
+    def __getitem__(self, name: str) -> pd.DataFrame:
+        if name not in self._made:
+            self._made[name] = self._make[name]()
+        return self._made[name]
+
+    def __iter__(self):
+        return iter(self._make)
+
+    def __len__(self):
+        return len(self._make)
+
+
+def tables(model: Model, pid=None, slot=None) -> Mapping[str, pd.DataFrame]:
     """The tables every output format shows, all through one filter."""
-    sel = summary.select
-    return {
-        "slots": summary.slot_summary(model, pid, slot),
-        "ops": summary.ops_table(model, pid, slot),
-        "faults": sel(model.faults, model, pid, slot),
-        "ranges": sel(model.ranges, model, pid, slot),
-        "verdicts": sel(model.verdicts, model, pid, slot),
-        "errors": sel(model.errors, model, pid, slot),
-        "vmas": sel(model.recording["vmas"], model, pid, slot),
-        "lost": model.lost,  # per kind, host-wide: not placeable per process or slot
-    }
+    return _Tables(model, pid, slot)
+
+
+# tables of the whole JSON report: every table but the VMA snapshots and the
+# per-fault rows (millions on a long recording: --table faults streams them)
+JSON_TABLES = tuple(k for k in schema.REPORT_TABLES if k not in schema.WHOLE_LEAVES_OUT)
+CHUNK_ROWS = 100_000  # rows per piece of a streamed table
+
+
+def _streamable(df: pd.DataFrame) -> bool:
+    """Written by pandas' to_json exactly as json.dumps writes its records:
+    integers, text and booleans (a float would be rounded to 15 digits)."""
+    return not any(df[c].dtype.kind == "f" or df[c].dtype == object for c in df.columns)
+
+
+def _json_rows(df: pd.DataFrame):
+    """``df``'s rows as the elements of a JSON array, compact, row-chunk by
+    row-chunk (a line per chunk)."""
+    for start in range(0, len(df), CHUNK_ROWS):
+        text = df.iloc[start:start + CHUNK_ROWS].to_json(orient="records", force_ascii=True)
+        yield ("\n" if not start else ",\n") + text[1:-1]  # without the array's brackets
+
+
+def json_chunks(model: Model, pid=None, slot=None, table=None, end=""):
+    """`kvmtrace report --format json`, piece by piece: the whole report (its
+    summary tables, indented), or ``table`` alone; a big table without
+    floats (the per-fault rows) streams one compact row a line."""
+    t = tables(model, pid, slot)
+    if table is not None:
+        df = t[table]
+        if len(df) > CHUNK_ROWS and _streamable(df):
+            yield "{" + json.dumps(table) + ": ["
+            yield from _json_rows(df)
+            yield "\n]}" + end
+            return
+        yield json.dumps({table: schema.records(df)}, indent=1, default=str) + end
+        return
+    body = {"recording": {"path": model.recording.path, "complete": model.recording.complete,
+                          "problems": model.recording.problems,
+                          "schema_version": model.recording.schema_version},
+            "tables_schema_version": schema.SCHEMA_VERSION,
+            "meta": model.meta, "notes": model.notes,
+            **{name: schema.records(t[name]) for name in JSON_TABLES}}
+    yield json.dumps(body, indent=1, default=str) + end
 
 
 def to_json(model: Model, pid=None, slot=None, table=None) -> str:
-    t = tables(model, pid, slot)
-    body = {name: schema.records(df) for name, df in t.items()
-            if (table is None and name != "vmas") or table == name}
-    if table is None:
-        body = {"recording": {"path": model.recording.path, "complete": model.recording.complete,
-                              "problems": model.recording.problems,
-                              "schema_version": model.recording.schema_version},
-                "tables_schema_version": schema.SCHEMA_VERSION,
-                "meta": model.meta, "notes": model.notes, **body}
-    return json.dumps(body, indent=1, default=str)
+    return "".join(json_chunks(model, pid, slot, table))
+
+
+def csv_chunks(model: Model, pid=None, slot=None, table="slots"):
+    """--format csv, row-chunk by row-chunk (the header once)."""
+    df = tables(model, pid, slot)[table or "slots"]
+    if not len(df):
+        yield df.to_csv(index=False)
+    for start in range(0, len(df), CHUNK_ROWS):
+        yield df.iloc[start:start + CHUNK_ROWS].to_csv(index=False, header=not start)
 
 
 def to_csv(model: Model, pid=None, slot=None, table="slots") -> str:
-    return tables(model, pid, slot)[table or "slots"].to_csv(index=False)
+    return "".join(csv_chunks(model, pid, slot, table))
 
 
 # -- TSV: for grep, awk, cut ----------------------------------------------------
@@ -352,7 +416,7 @@ def _header(model: Model, console: Console):
     console.print(f"  host {_m(m.get('host'))}  kernel {_m(m.get('kernel'))}  {_m(m.get('arch'))}  "
                   f"KVM {_m(kvm.get('vendor'))} ({_m(kvm.get('mmu'))}, "
                   f"{_m(kvm.get('spte_format'))} sptes)")
-    n_events = sum(len(rec[name]) for name in EVENTS)
+    n_events = sum(model.event_counts.get(name, len(rec[name])) for name in EVENTS)
     if endv:
         try:
             lost = f"{sum((endv.get('lost') or {}).values()):,} lost"

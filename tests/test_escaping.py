@@ -115,6 +115,9 @@ def test_hostile_fixture_reads(evil):
     vmas = {s["slot"]: s["vma"] for s in j["slots"]}
     assert vmas[4] == EVIL_FILE_VMA and vmas[5] == EVIL_PFN_VMA
     base = json.loads(kvmtrace("report", REC, "--format", "json").stdout)
+    for body, path in ((j, evil), (base, REC)):  # the per-fault rows: --table faults
+        body |= json.loads(kvmtrace("report", path, "--format", "json", "--table",
+                                    "faults").stdout)
     assert len(j["slots"]) == len(base["slots"]) and len(j["faults"]) == len(base["faults"])
 
 

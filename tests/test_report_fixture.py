@@ -111,6 +111,8 @@ def test_text_report_shows_every_section():
 def test_json_and_csv():
     p = run("report", REC, "--format", "json")
     body = json.loads(p.stdout)
+    assert "faults" not in body  # the per-fault rows: --table faults (tables schema v3)
+    body |= json.loads(run("report", REC, "--format", "json", "--table", "faults").stdout)
     assert {"slots", "ops", "faults", "verdicts", "errors", "meta"} <= set(body)
     assert body["meta"]["kvm"]["spte_format"] == "legacy"
     p = run("report", REC, "--format", "csv")

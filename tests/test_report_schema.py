@@ -68,19 +68,23 @@ def test_cli_json_validates(validator):
 
 
 def test_what_breaks_the_schema_is_refused(validator):
-    good = json.loads(render.to_json(kvmtrace.load(FIXTURES[0])))
+    m = kvmtrace.load(FIXTURES[0])
+    good = json.loads(render.to_json(m))
     validator.validate(good)
+    faults = json.loads(render.to_json(m, table="faults"))  # --table faults only (v3)
+    validator.validate(faults)
 
-    def bad(change):
-        body = copy.deepcopy(good)
+    def bad(change, of=None):
+        body = copy.deepcopy(good if of is None else of)
         change(body)
         return not validator.is_valid(body)
 
-    assert bad(lambda b: b["faults"][0].pop("spte"))
-    assert bad(lambda b: b["faults"][0].update(extra=1))
+    assert bad(lambda b: b["faults"][0].pop("spte"), faults)
+    assert bad(lambda b: b["faults"][0].update(extra=1), faults)
+    assert bad(lambda b: b.update(faults=faults["faults"]))  # not in the whole report
     assert bad(lambda b: b["slots"][0].update(faults="-"))
     assert bad(lambda b: b["slots"][0].update(gpa=-1))          # uint64
-    assert bad(lambda b: b["faults"][0].update(spte=2**64))     # past uint64
+    assert bad(lambda b: b["faults"][0].update(spte=2**64), faults)  # past uint64
     assert bad(lambda b: b.update(tables_schema_version=schema.SCHEMA_VERSION + 1))
     assert bad(lambda b: b.pop("notes"))
     assert bad(lambda b: b["recording"].update(complete="yes"))

@@ -54,6 +54,7 @@ def test_report_tables_are_declared(model):
 def test_json_integers_are_integers(model):
     body = json.loads(render.to_json(model))
     assert body["tables_schema_version"] == schema.SCHEMA_VERSION
+    body |= json.loads(render.to_json(model, table="faults"))  # per-fault rows: --table only
     decl = {"slots": schema.SUMMARY, "faults": schema.FAULTS, "verdicts": schema.VERDICTS,
             "ops": schema.OPS_VIEW, "ranges": schema.RANGES, "errors": schema.ERRORS}
     for name, t in decl.items():

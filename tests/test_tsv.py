@@ -49,6 +49,7 @@ def test_report_tsv_is_the_json_report(rec):
     assert not set("┃│━─┏┗") & set(text)
     t = sections(text)
     body = json.loads(run("report", rec, "--format", "json").stdout)
+    body |= json.loads(run("report", rec, "--format", "json", "--table", "faults").stdout)
     assert list(t) == ["slots", "ops", "faults", "ranges", "verdicts", "errors", "lost"]
     for name, rows in t.items():
         declared = render.REPORT_TSV[name]

@@ -101,7 +101,8 @@ def slot_profile(model: Model) -> pd.DataFrame:
     for key, g in s.groupby(KEY):
         faults = fg.get(key, f.iloc[0:0])
         n = len(faults)
-        mts = faults["spte_memtype"][faults["spte_memtype"] != ""]
+        mts = faults["spte_memtype"].astype(object)  # text: value_counts as for any column
+        mts = mts[mts != ""]
         cache = mts.map(CACHEABLE).fillna(False).to_numpy(dtype=bool)
         rows.append({
             **dict(zip(KEY, key)),

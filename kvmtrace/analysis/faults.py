@@ -56,7 +56,7 @@ def _asof(left, right, on_left, on_right, direction, suffix_cols):
 
 def pair(tables: dict, spte_format: str) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(faults, prefetches): one row per fault with start / install joined."""
-    req = tables["spte_requested"].copy()
+    req = tables["spte_requested"]  # its needed columns only are copied
     cols = ["ts", "pid", "tid", "vcpu_fd", "cpu", "gfn", "pfn", "level"]
     if not len(req):
         return schema.FAULTS.empty(), tables["set_spte"].copy()

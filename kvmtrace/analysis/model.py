@@ -47,6 +47,8 @@ class Model:
     lost: pd.DataFrame        # per event kind: events, lost (see loss.py)
     lost_where: pd.DataFrame  # per process, kind and 2 MiB region
     notes: list[str] = field(default_factory=list)
+    # events per raw table as read (build(keep_raw=False) empties the fault tables)
+    event_counts: dict[str, int] = field(default_factory=dict)
 
     @property
     def meta(self) -> dict:
@@ -60,36 +62,94 @@ def _x86_context(meta: dict):
 
 
 def _vma_memtypes(f: pd.DataFrame, slots: pd.DataFrame, meta: dict):
-    """(memtype, source) of the host side for each fault (x86 rules, see vmas.py)."""
+    """(memtype, source) of the host side for each fault (x86 rules, see vmas.py), as
+    categoricals: decided per slot version, then taken by each fault's slot_row;
+    only a VM_PFNMAP slot's faults are looked up per frame."""
     n = len(f)
-    mt = np.full(n, "unknown", dtype=object)
-    src = np.full(n, "the fault is outside every recorded memslot", dtype=object)
-    if not n:
-        return mt, src
     row = f["slot_row"].to_numpy()
-    in_slot = row >= 0
-    observed = np.zeros(n, bool)
-    pfnmap = np.zeros(n, bool)
-    pgprot = np.zeros(n, bool)  # vm_page_prot captured at the ioctl: decoded (vmas.py)
-    if len(slots):
-        observed[in_slot] = slots["vma_count"].to_numpy()[row[in_slot]] > 0
-        pfnmap[in_slot] = slots["pfnmap"].to_numpy()[row[in_slot]].astype(bool)
-        pg = slots["pgprot_memtype"].to_numpy()[row[in_slot]]
-        pgprot[in_slot] = pd.notna(pg)
-        mt[pgprot] = pg[pd.notna(pg)]
-        src[pgprot] = slots["pgprot_memtype_source"].to_numpy()[row[pgprot]]
-        src[in_slot & ~observed] = slots["vma_source"].to_numpy()[row[in_slot & ~observed]]
-    observed &= ~pgprot
-    ordinary = in_slot & observed & ~pfnmap
-    mt[ordinary] = "WB"
-    src[ordinary] = "ordinary memory mapping (struct pages, default pgprot): write-back"
-    pm = in_slot & observed & pfnmap
+    ns = len(slots)
+    # per slot version, and a last entry for "outside every slot" (slot_row -1)
+    mt = np.full(ns + 1, "unknown", dtype=object)
+    src = np.full(ns + 1, "the fault is outside every recorded memslot", dtype=object)
+    pm_slot = np.zeros(ns + 1, bool)
+    if ns:
+        observed = slots["vma_count"].to_numpy() > 0
+        pfnmap = slots["pfnmap"].to_numpy().astype(bool)
+        pg = slots["pgprot_memtype"].to_numpy(dtype=object)
+        pgprot = pd.notna(pg)  # vm_page_prot captured at the ioctl: decoded (vmas.py)
+        smt, ssrc = np.full(ns, "unknown", dtype=object), np.full(ns, None, dtype=object)
+        smt[pgprot] = pg[pgprot]
+        ssrc[pgprot] = slots["pgprot_memtype_source"].to_numpy(dtype=object)[pgprot]
+        ssrc[~observed] = slots["vma_source"].to_numpy(dtype=object)[~observed]
+        observed &= ~pgprot
+        ordinary = observed & ~pfnmap
+        smt[ordinary] = "WB"
+        ssrc[ordinary] = "ordinary memory mapping (struct pages, default pgprot): write-back"
+        # a slot none of these cases decides keeps "unknown" and the outside source,
+        # as each of its faults did before (the per-fault rules, per slot)
+        undecided = ~(pgprot | ~(slots["vma_count"].to_numpy() > 0) | ordinary)
+        ssrc[undecided] = src[0]
+        mt[:ns], src[:ns] = smt, ssrc
+        pm_slot[:ns] = observed & pfnmap
+    mcodes, mvals = pd.factorize(mt, use_na_sentinel=True)
+    scodes, svals = pd.factorize(src, use_na_sentinel=True)
+    mcodes, scodes = mcodes[row], scodes[row]  # row -1: the last entry
+    pm = pm_slot[row] if n else np.zeros(0, bool)
     if pm.any():
         _, pat_list, ram = _x86_context(meta)
         t, s = x86mt.pfn_memtype(f.loc[pm, "pfn"].to_numpy(dtype="uint64", na_value=0),
                                  pat_list, ram, pages.page_size(meta))
-        mt[pm], src[pm] = t, ("VM_PFNMAP VMA: " + pd.Series(s, dtype=object)).to_numpy()
-    return mt, src
+        tc, tv = pd.factorize(np.asarray(t, dtype=object))
+        sc, sv = pd.factorize(np.asarray(s, dtype=object))
+        mcodes[pm] = tc + len(mvals)
+        scodes[pm] = sc + len(svals)
+        mvals = np.concatenate([np.asarray(mvals, dtype=object), np.asarray(tv, dtype=object)])
+        svals = np.concatenate([np.asarray(svals, dtype=object),
+                                ("VM_PFNMAP VMA: " + pd.Series(sv, dtype=object)).to_numpy()])
+    return schema.categorical(mvals, mcodes), schema.categorical(svals, scodes)
+
+
+def _verdict_codes(vma_mt: pd.Categorical, spte_mt: pd.Categorical, combines=None,
+                   mmu: str = "") -> pd.Categorical:
+    """compare_memtypes over each pair of distinct values, taken by index. x86:
+    where ``combines`` (per fault) says the CPU combines the guest's PAT with
+    the spte's type (NPT, EPT without IPAT), x86mt.combined_verdicts."""
+    vc, sc = np.asarray(vma_mt.codes, np.int64), np.asarray(spte_mt.codes, np.int64)
+    vcat = list(vma_mt.categories) + [None]
+    scat = list(spte_mt.categories) + [None]
+    grid_v = np.repeat(np.array(vcat, dtype=object), len(scat))
+    grid_s = np.tile(np.array(scat, dtype=object), len(vcat))
+    out = compare_memtypes(grid_v, grid_s)
+    idx = vc * len(scat) + sc
+    if combines is not None:
+        both = x86mt.combined_verdicts(grid_v, grid_s, np.ones(len(out), bool), out, mmu)
+        out = np.concatenate([out, both])
+        idx = idx + len(grid_v) * np.asarray(combines, bool)
+    codes, vals = pd.factorize(out)
+    return schema.categorical(vals, codes[idx])
+
+
+def _x86_rules(f: pd.DataFrame, mmu: str, pat):
+    """(rule, combines) per fault: the kernel rule behind its spte's memory type
+    (x86mt.kvm_rules) as a categorical, and whether the CPU combines the guest's
+    PAT with it. Decided once per distinct memory-type bits of the sptes."""
+    has = f["spte"].notna().to_numpy(dtype=bool)
+    rule = np.zeros(len(f), np.int64)  # code 0: "" (nothing installed)
+    combines = np.zeros(len(f), bool)
+    vals = [""]
+    if has.any():
+        spte = f.loc[has, "spte"].astype("uint64").to_numpy()
+        level = f.loc[has, "level"].to_numpy(dtype=np.int64)
+        bits = spte & np.uint64(x86mt.EPT_IPAT | x86mt.EPT_MT_MASK << x86mt.EPT_MT_SHIFT
+                                | x86mt.PWT | x86mt.PCD | x86mt.PAT_4K | x86mt.PAT_LARGE)
+        key = bits * np.uint64(2) + (level > 1).astype(np.uint64)
+        uk, first, inv = np.unique(key, return_index=True, return_inverse=True)
+        rules = x86mt.kvm_rules(spte[first], level[first], mmu, pat)
+        rc, rv = pd.factorize(rules)
+        rule[has] = rc[inv] + 1
+        vals += list(rv)
+        combines[has] = x86mt.guest_pat_combines(spte, mmu)
+    return schema.categorical(vals, rule), combines
 
 
 def compare_memtypes(vma_mt: np.ndarray, spte_mt: np.ndarray) -> np.ndarray:
@@ -142,9 +202,19 @@ def _arm64_vma_memtypes(f, slots):
     return mt, src
 
 
-def build(path_or_recording) -> Model:
+# the raw tables pairing reads and nothing after it (x86): build(keep_raw=False) lets them go
+FAULT_EVENT_TABLES = ("spte_requested", "set_spte", "pt_walk", "page_fault", "tdp_spte_changed",
+                      "fault_handler")
+
+
+def build(path_or_recording, keep_raw: bool = True) -> Model:
+    """The model of a recording. ``keep_raw=False`` (kvmtrace report's text,
+    JSON, CSV and TSV, which never read them): the raw x86 fault events are
+    emptied from ``model.recording`` once paired, to bound memory; their
+    counts stay in ``event_counts``."""
     rec = path_or_recording if isinstance(path_or_recording, Recording) else read(path_or_recording)
     t, meta = rec.tables, rec.meta
+    event_counts = {k: len(v) for k, v in t.items()}
     kvm = meta.get("kvm") or {}
     spte_format = kvm.get("spte_format", "legacy")
     pat, _, _ = _x86_context(meta)
@@ -166,6 +236,10 @@ def build(path_or_recording) -> Model:
     vcpus = memslots.vcpu_to_vm(vm_ioctl)
     arm = stage2.has_stage2(t)
     f, prefetch = stage2.pair(t, meta) if arm else faults_mod.pair(t, spte_format)
+    if not keep_raw and not arm:
+        for k in FAULT_EVENT_TABLES:
+            if k in t:
+                t[k] = t[k].iloc[:0]
     f["proc"] = identity.generations(f, exits_)
     f["vm_fd"] = faults_mod.attach_vm(f, vcpus, slots)
     f["slot_row"] = faults_mod.attribute(f, slots, "gfn")
@@ -178,14 +252,28 @@ def build(path_or_recording) -> Model:
     else:
         f["spte_memtype"] = faults_mod.spte_memtypes(f, spte_format, pat)
         f["vma_memtype"], f["vma_memtype_source"] = _vma_memtypes(f, slots, meta)
-        f["expected_memtype"], f["rule"] = None, ""
-    f["verdict"] = compare_memtypes(f["vma_memtype"].to_numpy(), f["spte_memtype"].to_numpy())
-    none = (f["spte_memtype"] == "").to_numpy()
-    refused = none & f["rule"].astype(str).str.contains(r"\[E").to_numpy()
+        f["expected_memtype"] = schema.categorical([], np.full(len(f), -1))
+        f["rule"], combines = _x86_rules(f, x86mt.mmu_kind(kvm), pat)
+    # per-fault text as categoricals: every rule below runs once per distinct value
+    for c in ("spte_memtype", "vma_memtype", "vma_memtype_source", "expected_memtype",
+              "rule", "access", "start_kind"):
+        if not isinstance(f[c].dtype, pd.CategoricalDtype):
+            f[c] = schema.categorical(f[c].to_numpy(dtype=object))
+    verdict = _verdict_codes(f["vma_memtype"].array, f["spte_memtype"].array,
+                             None if arm else combines, x86mt.mmu_kind(kvm))
+    vcodes = np.asarray(verdict.codes, np.int64)
+    vals = list(verdict.categories) + ["", "rejected"]
+    scats = f["spte_memtype"].cat.categories
+    none = np.isin(f["spte_memtype"].cat.codes.to_numpy(), np.flatnonzero(scats == ""))
+    rcats = f["rule"].cat.categories
+    refused_rule = np.flatnonzero(pd.Series(rcats, dtype=object).astype(str)
+                                  .str.contains(r"\[E").to_numpy(dtype=bool))
+    refused = none & np.isin(f["rule"].cat.codes.to_numpy(), refused_rule)
     # nothing installed and nothing refused: a retried or spurious fault (e.g. a
     # COW break makes 7.x retry); it says nothing about memory types
-    f.loc[none, "verdict"] = ""
-    f.loc[refused, "verdict"] = "rejected"
+    vcodes[none] = len(vals) - 2
+    vcodes[refused] = len(vals) - 1
+    f["verdict"] = schema.categorical(vals, vcodes)
     f["mapping_size_bytes"] = pages.mapping_bytes(f["level"], page)
     f["slot"] = pd.array(np.where(f["slot_row"] >= 0, slots["slot"].to_numpy()[
         f["slot_row"].clip(lower=0)] if len(slots) else -1, -1), dtype="Int64")
@@ -234,7 +322,8 @@ def build(path_or_recording) -> Model:
                  S.INVALIDATIONS.conform(inv, drop=("vcpu_fd", "cpu", "hva")),
                  S.EXITS.conform(exits, drop=("cpu",)), S.ERRORS.conform(errors),
                  S.VERDICTS.conform(verdicts), S.RANGES.conform(ranges),
-                 S.LOST.conform(lost_kinds), S.LOST_WHERE.conform(lost_where), notes)
+                 S.LOST.conform(lost_kinds), S.LOST_WHERE.conform(lost_where), notes,
+                 event_counts)
 
 
 # working columns of the install tables that are not part of the prefetch table
@@ -308,29 +397,31 @@ def _no_install_reason(n: int, lost: int, installs_recorded: bool) -> str:
     return f"{n} faults seen but no installed entry for them: {why}"
 
 
-def _slot_verdict(g: pd.DataFrame, lost: int, installs_recorded: bool):
-    """(verdict, vma_memtype, spte_memtype, reason) of one slot version's faults."""
-    if g is None or not len(g):
+def _slot_verdict(g: dict | None, lost: int, installs_recorded: bool):
+    """(verdict, vma_memtype, spte_memtype, reason) of one slot version's faults,
+    from their grouped counts (``_fault_groups``): never a loop over faults."""
+    if g is None or not g["n"]:
         if lost:
             return ("unknown", "", "", f"unknown: {lost} events lost in this slot (ring buffer "
                     "full); none of its faults was seen, so no memory type to compare")
         return ("unknown", "", "", "no faults observed in this slot during the recording: "
                 "nothing was mapped, so no memory type to compare")
-    counts = g.loc[g["verdict"] != "", "verdict"].value_counts()
-    spte_mts = set(g.loc[g["spte_memtype"] != "", "spte_memtype"])
-    vma_mts = "/".join(sorted(set(g["vma_memtype"])))
+    counts = g["counts"]  # verdict -> faults, as value_counts orders them
+    spte_mts = g["spte_mts"]
+    vma_mts = "/".join(sorted(g["vma_mts"]))
+    n = g["n"]
     if not len(counts):
-        return "unknown", vma_mts, "", _no_install_reason(len(g), lost, installs_recorded)
+        return "unknown", vma_mts, "", _no_install_reason(n, lost, installs_recorded)
     verdict = next(v for v in VERDICT_ORDER if v in counts.index)
-    worst = g[g["verdict"] == verdict].iloc[0]
-    reason = _reason(worst.vma_memtype, worst.vma_memtype_source, spte_mts, verdict)
-    rules = [r for r in dict.fromkeys(g["rule"].dropna().astype(str)) if r]
+    worst = g["first"][verdict]  # the slot's first fault with that verdict
+    reason = _reason(worst["vma_memtype"], worst["vma_memtype_source"], spte_mts, verdict)
+    rules = [r for r in g["rules"] if r]
     if rules:
         reason += "; kernel rule: " + " / ".join(rules)
-    if verdict == "unknown" and worst.vma_memtype == "unknown":
-        reason = f"host memory type not observable: {worst.vma_memtype_source}"
+    if verdict == "unknown" and worst["vma_memtype"] == "unknown":
+        reason = f"host memory type not observable: {worst['vma_memtype_source']}"
     if verdict == "rejected":
-        reason = "KVM refused the fault: " + worst.rule
+        reason = "KVM refused the fault: " + worst["rule"]
     if len(counts) > 1:
         reason += " [" + ", ".join(f"{v}: {n}" for v, n in counts.items()) + " faults]"
     # A mismatch or a refusal seen stays a fact however many events were lost;
@@ -338,14 +429,70 @@ def _slot_verdict(g: pd.DataFrame, lost: int, installs_recorded: bool):
     if lost and verdict in ("consistent", "unknown"):
         verdict = "unknown"
         reason = (f"unknown: {lost} events lost in this slot (ring buffer full); the "
-                  f"{len(g)} faults seen say: {reason}")
+                  f"{n} faults seen say: {reason}")
     return verdict, vma_mts, "/".join(sorted(spte_mts)), reason
+
+
+def _codes(s: pd.Series) -> tuple[np.ndarray, list]:
+    """(codes, values) of a categorical column (-1: null)."""
+    c = s.array
+    return np.asarray(c.codes, np.int64), [str(x) for x in c.categories]
+
+
+def _firsts(row: np.ndarray, codes: np.ndarray, ncat: int):
+    """(slot_row, code, first position, count) of each distinct (slot_row, code),
+    in order of first appearance within each slot_row."""
+    key = row * (ncat + 1) + (codes + 1)
+    uk, first, cnt = np.unique(key, return_index=True, return_counts=True)
+    order = np.lexsort((first, uk // (ncat + 1)))
+    uk, first, cnt = uk[order], first[order], cnt[order]
+    return uk // (ncat + 1), uk % (ncat + 1) - 1, first, cnt
+
+
+def _fault_groups(fv: pd.DataFrame) -> dict[int, dict]:
+    """Per slot_row: what _slot_verdict needs of its faults, from grouped
+    counts of the categorical columns (fault order kept: fv is in fault order)."""
+    if not len(fv):
+        return {}
+    row = fv["slot_row"].to_numpy(dtype=np.int64)
+    out = {int(r): {"n": int(n), "counts": None, "spte_mts": set(), "vma_mts": set(),
+                    "rules": [], "first": {}} for r, n in zip(*np.unique(row, return_counts=True))}
+    vc, vv = _codes(fv["verdict"])
+    vmc, vmv = _codes(fv["vma_memtype"])
+    vsc, vsv = _codes(fv["vma_memtype_source"])
+    rc, rv = _codes(fv["rule"])
+    sc, sv = _codes(fv["spte_memtype"])
+    val = lambda vals, c: vals[c] if c >= 0 else None  # noqa: E731
+    for r, c, _, _ in zip(*_firsts(row, sc, len(sv))):
+        if c >= 0 and sv[c] != "":
+            out[int(r)]["spte_mts"].add(sv[c])
+    for r, c, _, _ in zip(*_firsts(row, vmc, len(vmv))):
+        out[int(r)]["vma_mts"].add(val(vmv, c))
+    for r, c, _, _ in zip(*_firsts(row, rc, len(rv))):
+        if c >= 0:
+            out[int(r)]["rules"].append(rv[c])
+    per: dict[int, list] = {}
+    for r, c, first, n in zip(*_firsts(row, vc, len(vv))):
+        v = val(vv, c)
+        g = out[int(r)]
+        g["first"][v] = {"vma_memtype": val(vmv, vmc[first]),
+                         "vma_memtype_source": val(vsv, vsc[first]), "rule": val(rv, rc[first])}
+        if v != "":
+            per.setdefault(int(r), []).append((v, int(n)))
+    for r, g in out.items():
+        kv = per.get(r, [])
+        # value_counts' order: first appearance, then by count, largest first
+        g["counts"] = pd.Series([n for _, n in kv], index=[v for v, _ in kv],
+                                dtype="int64").sort_values(ascending=False)
+    return out
 
 
 def _verdicts(slots, f, ops, slot_lost, unplaced_lost: int, installs_recorded: bool):
     rows = []
-    fv = f[f["slot_row"] >= 0]
-    groups = {k: g for k, g in fv.groupby("slot_row")}
+    fv = f.loc[f["slot_row"].to_numpy() >= 0,
+               ["slot_row", "ts", "gfn", "mapping_size_bytes", "verdict", "vma_memtype",
+                "vma_memtype_source", "rule", "spte_memtype"]]
+    groups = _fault_groups(fv)
     for i, s in enumerate(slots.itertuples(index=False)):
         g = groups.get(i)
         verdict, vma_mt, spte_mt, reason = _slot_verdict(g, int(slot_lost[i]),
@@ -357,7 +504,7 @@ def _verdicts(slots, f, ops, slot_lost, unplaced_lost: int, installs_recorded: b
         rows.append({"pid": s.pid, "proc": s.proc, "vm_fd": s.vm_fd, "as_id": s.as_id,
                      "slot": s.slot, "version": s.version, "gpa": s.gpa,
                      "size_bytes": s.size_bytes,
-                     "faults": 0 if g is None else len(g), "lost": int(slot_lost[i]),
+                     "faults": 0 if g is None else g["n"], "lost": int(slot_lost[i]),
                      "verdict": verdict, "vma_memtype": vma_mt, "spte_memtype": spte_mt,
                      "reason": reason})
     for r in ops[ops["ret"] < 0].itertuples(index=False):
@@ -376,10 +523,12 @@ def _ranges(fv: pd.DataFrame, slots: pd.DataFrame) -> pd.DataFrame:
         return schema.RANGES.empty()
     d = (fv.sort_values("ts").drop_duplicates(["slot_row", "gfn"], keep="last")
          .sort_values(["slot_row", "gfn"]))
-    key = d[["slot_row", "mapping_size_bytes", "vma_memtype", "spte_memtype", "verdict"]]
-    key = key.assign(mapping_size_bytes=key["mapping_size_bytes"].astype(object).fillna(0))
-    gfn = d["gfn"].astype("int64")
-    brk = (gfn.diff() != 1) | (key != key.shift()).any(axis=1)
+    key = [d["slot_row"].to_numpy(dtype=np.int64),
+           d["mapping_size_bytes"].fillna(0).to_numpy(dtype=np.uint64)]
+    key += [np.asarray(d[c].array.codes) for c in ("vma_memtype", "spte_memtype", "verdict")]
+    gfn = d["gfn"].to_numpy(dtype=np.int64)
+    brk = np.ones(len(d), dtype=bool)
+    brk[1:] = (np.diff(gfn) != 1) | np.logical_or.reduce([k[1:] != k[:-1] for k in key])
     d = d.assign(run=brk.cumsum())
     out = d.groupby("run").agg(slot_row=("slot_row", "first"), gfn_first=("gfn", "min"),
                                gfn_last=("gfn", "max"), pages=("gfn", "size"),

@@ -46,9 +46,11 @@ def level_names(page: int, levels=(1, 2, 3, 4)) -> dict[int, str]:
 def mapping_bytes(levels: pd.Series, page: int) -> pd.Series:
     """Bytes one entry at each of ``levels`` maps (UInt64: exact, never through
     float; null where the level is not 1-4)."""
-    size = {lv: level_bytes(lv, page) for lv in (1, 2, 3, 4)}
-    return pd.Series(pd.array([size.get(int(lv)) if pd.notna(lv) else None for lv in levels],
-                              dtype="UInt64"), index=levels.index)
+    lv = pd.Series(levels).astype("Int64")
+    known = lv.between(1, 4).fillna(False).to_numpy(dtype=bool)
+    table = np.array([0] + [level_bytes(x, page) for x in (1, 2, 3, 4)], dtype=np.uint64)
+    idx = np.where(known, lv.fillna(0).to_numpy(dtype=np.int64), 0)
+    return pd.Series(pd.arrays.IntegerArray(table[idx], ~known), index=levels.index)
 
 
 def level_of_size(nbytes, page: int) -> np.ndarray:

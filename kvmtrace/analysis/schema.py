@@ -12,7 +12,10 @@ and CSV output (``records``), the library's DataFrames and docs/tables.md
 
 Dtypes: ``int64`` / ``uint64`` never missing; ``Int64`` / ``UInt64``
 nullable integers (pandas' masked arrays: null stays null, 2**63 stays
-exact); ``str`` text ("" means empty, null means not known); ``bool``;
+exact); ``str`` text ("" means empty, null means not known); ``category``
+text with few distinct values per table (memory types, verdicts, access
+kinds: a pandas Categorical, one small code per row; the same text as ``str``
+in every output); ``bool``;
 ``float64`` only for true fractions (shares, seconds relative to the start,
 percentiles in microseconds); ``object`` for nested values (dicts) in the
 diff's tables.
@@ -30,8 +33,10 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-SCHEMA_VERSION = 2  # of the JSON / CSV tables: bump when a column changes meaning or goes
+SCHEMA_VERSION = 3  # of the JSON / CSV tables: bump when a column changes meaning or goes
 # v2: units in column names (size_bytes, start_ts, p50_us...); flag_names "" for none; diff_findings
+# v3: the whole JSON report leaves out the per-fault rows (--table faults streams them);
+#     the faults table's text columns with few values are pandas categoricals
 
 _INT = {"int64", "uint64", "Int64", "UInt64"}
 
@@ -105,7 +110,28 @@ def _cast(s: pd.Series, c: Column, table: str) -> pd.Series:
                               f"{c.dtype}: {e}") from None
     if c.dtype == "str":
         return s.astype("str").where(pd.notna(s), None) if s.dtype == object else s.astype("str")
+    if c.dtype == "category":
+        return pd.Series(categorical(s.to_numpy()), index=s.index)
     return s.astype(c.dtype)
+
+
+def categorical(values, codes=None) -> pd.Categorical:
+    """Text as a Categorical of the distinct values used, sorted (so ordering
+    by the column orders by its text): ``values`` per row, or with ``codes``
+    the distinct values and each row's index into them (-1: null), as the
+    analysis builds a column per slot or per distinct value and takes by index."""
+    if codes is None:
+        codes, values = pd.factorize(np.asarray(values, dtype=object), use_na_sentinel=True)
+    codes = np.asarray(codes, dtype=np.int64)
+    vals = np.asarray(values, dtype=object)
+    used = np.bincount(codes[codes >= 0], minlength=len(vals)) > 0 if len(vals) else \
+        np.zeros(0, bool)
+    cats = sorted({str(v) for v, u in zip(vals, used) if u and pd.notna(v)})
+    pos = {v: i for i, v in enumerate(cats)}
+    remap = np.array([pos[str(v)] if u and pd.notna(v) else -1 for v, u in zip(vals, used)]
+                     + [-1], dtype=np.int64)
+    return pd.Categorical.from_codes(remap[codes], dtype=pd.CategoricalDtype(
+        pd.Index(cats, dtype="str"), ordered=False))
 
 
 def records(df: pd.DataFrame) -> list[dict]:
@@ -144,7 +170,8 @@ def json_schema(t: Table) -> dict:
     """The table as a JSON Schema fragment (an array of row objects)."""
     kinds = {"int64": "integer", "uint64": "integer", "Int64": ["integer", "null"],
              "UInt64": ["integer", "null"], "str": ["string", "null"], "bool": "boolean",
-             "boolean": ["boolean", "null"], "float64": ["number", "null"], "object": {}}
+             "boolean": ["boolean", "null"], "float64": ["number", "null"], "object": {},
+             "category": ["string", "null"]}
     props = {}
     for c in t.columns:
         k = kinds[c.dtype]
@@ -289,8 +316,8 @@ FAULTS = Table("faults", "one row per guest fault, paired from tracepoints (or k
       "arm64 ESR_EL2"),
     C("install_ts", "Int64", "ns", "when KVM installed the entry (null: none seen)"),
     C("spte", "UInt64", "", "x86: the installed spte; arm64: the stage-2 prot"),
-    C("access", "str", "", "read / write / exec"),
-    C("start_kind", "str", "", "which event started the fault"),
+    C("access", "category", "", "read / write / exec"),
+    C("start_kind", "category", "", "which event started the fault"),
     C("service_ns", "Int64", "ns", "fault service time (start to install, or handler "
       "entry to return)"),
     C("install_gfn", "UInt64", "pages", "x86: gfn of the install", True),
@@ -308,12 +335,12 @@ FAULTS = Table("faults", "one row per guest fault, paired from tracepoints (or k
     C("installs", "Int64", "", "arm64: stage-2 updates within the fault", True),
     PROC, VM_FD, SLOT_ROW,
     C("slot", "Int64", "", "slot id (null outside every slot)"),
-    C("spte_memtype", "str", "", "memory type KVM installed ('' when nothing)"),
-    C("vma_memtype", "str", "", "memory type of the host VMA"),
-    C("vma_memtype_source", "str", "", "how the VMA memory type was found"),
-    C("expected_memtype", "str", "", "arm64: what the kernel's rule gives"),
-    C("rule", "str", "", "arm64: the kernel rule that applied"),
-    C("verdict", "str", "", "consistent / downgraded / upgraded / rejected / unknown; '' "
+    C("spte_memtype", "category", "", "memory type KVM installed ('' when nothing)"),
+    C("vma_memtype", "category", "", "memory type of the host VMA"),
+    C("vma_memtype_source", "category", "", "how the VMA memory type was found"),
+    C("expected_memtype", "category", "", "arm64: what the kernel's rule gives"),
+    C("rule", "category", "", "arm64: the kernel rule that applied"),
+    C("verdict", "category", "", "consistent / downgraded / upgraded / rejected / unknown; '' "
       "when nothing was installed"),
     C("mapping_size_bytes", "UInt64", "bytes", "bytes one entry at this level maps (4K / 2M "
       "/ 1G on x86; null: no known level)"),
@@ -534,7 +561,14 @@ def markdown() -> str:
            "(CLOCK_MONOTONIC ns); an address (`gpa`, `hva`, `ipa`, `phys`, `vma_start`, ...) "
            "is in bytes and a frame number (`gfn`, `pfn`, `vm_pgoff`) or `pages` in pages. "
            "Text in a `str` column is data (`flag_names` is '' for no flags); the text "
-           "views print '-' for it.", ""]
+           "views print '-' for it. A `category` column is text too, with few distinct "
+           "values (a pandas Categorical in the DataFrames `kvmtrace.load()` returns; "
+           "the same strings in JSON, CSV, TSV and Parquet).", "",
+           "The whole JSON report (`kvmtrace report --format json`) holds every table "
+           "below that report prints but the per-fault rows: `--format json --table "
+           "faults` (or `--format csv --table faults`) streams those, one compact row "
+           "each, in pieces, so a recording of millions of faults is written in bounded "
+           "memory.", ""]
     for t in TABLES.values():
         out += [f"## {t.name}", "", t.doc[0].upper() + t.doc[1:] + ".", "",
                 "| column | type | unit | meaning |", "|---|---|---|---|"]
@@ -635,11 +669,13 @@ TABLES.update({t.name: t for t in (RECORDINGS, PROCESSES, FLEET)})
 # -- the whole JSON report (docs/report.schema.json) ------------------------
 
 # `kvmtrace report --format json`: each table key and the declaration of its rows
-# (render.tables); "vmas" (--table vmas only) is the recording's raw smaps table
+# (render.tables); "vmas" (--table vmas only) is the recording's raw smaps table;
+# "faults" (--table faults only: one row per fault, streamed) is not in the whole report
 REPORT_TABLES = {"slots": "summary", "ops": "ops_view", "faults": "faults",
                  "ranges": "ranges", "verdicts": "verdicts", "errors": "errors",
                  "lost": "lost", "vmas": None}
 REPORT_SCHEMA_ID = f"urn:kvmtrace:report-schema:{SCHEMA_VERSION}"
+WHOLE_LEAVES_OUT = ("vmas", "faults")  # --table NAME only
 
 _BOUNDS = {"int64": (-2**63, 2**63 - 1), "Int64": (-2**63, 2**63 - 1),
            "uint64": (0, 2**64 - 1), "UInt64": (0, 2**64 - 1)}
@@ -724,7 +760,7 @@ def report_json_schema() -> dict:
              "tables_schema_version": {"const": SCHEMA_VERSION,
                                        "description": "version of the tables' columns"},
              "meta": {"$ref": "#/$defs/meta"}, "notes": {"$ref": "#/$defs/notes"}}
-    whole |= {k: {"$ref": f"#/$defs/{k}"} for k in REPORT_TABLES if k != "vmas"}
+    whole |= {k: {"$ref": f"#/$defs/{k}"} for k in REPORT_TABLES if k not in WHOLE_LEAVES_OUT}
     return {
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "$id": REPORT_SCHEMA_ID,

@@ -219,7 +219,7 @@ def slot_vmas(slots: pd.DataFrame, vmas: pd.DataFrame, memslot: pd.DataFrame | N
     for i, s in slots.iterrows():
         g = by_pid.get(s.pid)
         lo, hi = int(s.hva), int(s.hva) + int(s.size_bytes)
-        before = s.created_by == BEFORE_RECORDING
+        before = s.get("created_by") == BEFORE_RECORDING
         if before:
             ev = at_start.get((int(s.pid), int(s.vm_fd), int(s.as_id), int(s.slot)))
         else:

@@ -79,7 +79,8 @@ PART = "part-0.parquet"
 
 _ARROW = {"int64": pa.int64(), "uint64": pa.uint64(), "Int64": pa.int64(),
           "UInt64": pa.uint64(), "str": pa.string(), "bool": pa.bool_(),
-          "boolean": pa.bool_(), "float64": pa.float64()}
+          "boolean": pa.bool_(), "float64": pa.float64(),
+          "category": pa.string()}  # a categorical is its text in the dataset
 _NEVER_NULL = {"int64", "uint64", "bool"}
 _LEFTOVER = re.compile(r"\..+\.kvmtrace-[0-9a-f]{12}\.tmp")
 _SAFE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-")
@@ -315,7 +316,11 @@ def plan(out, force: bool = False, append: bool = False) -> _Plan:
 # -- writing ------------------------------------------------------------------
 
 def _arrow(df: pd.DataFrame, sch: pa.Schema) -> pa.Table:
-    return pa.Table.from_pandas(df[sch.names], schema=sch, preserve_index=False, safe=True)
+    df = df[sch.names]
+    cats = [c for c in df.columns if isinstance(df[c].dtype, pd.CategoricalDtype)]
+    if cats:  # the dataset holds text (and pandas' metadata in it says so)
+        df = df.astype({c: "str" for c in cats})
+    return pa.Table.from_pandas(df, schema=sch, preserve_index=False, safe=True)
 
 
 def _write_table(root: str, rel: str, table: pa.Table):
