@@ -294,3 +294,105 @@ def test_model_nx_pcd_pwt_spte_is_uc(tmp_path):
     assert r["spte_memtype"] == "UC"
     assert r["verdict"] == "downgraded"
     assert (m.faults["spte_memtype"] == "WB").sum() == len(m.faults) - 1
+
+
+# ---------------------------------------------------------------- who decides the type
+
+@pytest.mark.parametrize("kernel,args,want,ipat", [
+    # a PCI BAR (kvm_is_mmio_pfn): UC without IPAT, whatever else holds
+    ("6.1", dict(is_mmio=True), "UC", False),
+    ("6.1", dict(is_mmio=True, noncoherent_dma=True), "UC", False),
+    ("7.x", dict(is_mmio=True), "UC", False),
+    ("7.x", dict(is_mmio=True, noncoherent_dma=True, ignore_guest_pat=False), "UC", False),
+    # RAM without non-coherent DMA: WB | IPAT (7.x: while the quirk is on)
+    ("6.1", dict(is_mmio=False), "WB", True),
+    ("7.x", dict(is_mmio=False), "WB", True),
+    ("7.x", dict(is_mmio=False, ignore_guest_pat=False), "WB", False),
+    # non-coherent DMA: 6.1 the guest's MTRR type (CR0.CD: WB|IPAT or UC|IPAT);
+    # 7.x WB without IPAT (the guest's PAT decides)
+    ("6.1", dict(is_mmio=False, noncoherent_dma=True, guest_mtrr="WC"), "WC", False),
+    ("6.1", dict(is_mmio=False, noncoherent_dma=True, cr0_cd=True), "WB", True),
+    ("6.1", dict(is_mmio=False, noncoherent_dma=True, cr0_cd=True, cd_nw_cleared=False),
+     "UC", True),
+    ("7.x", dict(is_mmio=False, noncoherent_dma=True), "WB", False),
+])
+def test_vmx_get_mt_mask_decoded(kernel, args, want, ipat):
+    """vmx_get_mt_mask()'s branches as 6.1 and 7.x read, put in an EPT leaf
+    and decoded back: memory type, IPAT, whether the guest's PAT combines,
+    and the rule named for it."""
+    bits = x86.vmx_get_mt_mask(kernel, **args)
+    assert bits & ~0x78 == 0
+    spte = u64((0x2a1b3 << 12) | EPT_RWX | EPT_A | EPT_D | bits | EPT_SVE)
+    assert names(spte, 1, "ept") == [want]
+    assert bool(x86.ept_ipat(spte)[0]) is ipat
+    assert bool(x86.guest_pat_combines(spte, "ept")[0]) is not ipat
+    rule = x86.kvm_rules(spte, 1, "ept")[0]
+    assert rule.startswith("EPT: vmx_get_mt_mask()")
+    if (want, ipat) == ("UC", False):
+        assert "host MMIO pfn" in rule and "WC" in rule
+    elif (want, ipat) == ("WB", True):
+        assert "KVM forces write-back" in rule
+    elif (want, ipat) == ("WB", False):
+        assert "the guest's PAT decides" in rule
+    elif want == "WC":
+        assert rule == x86.EPT_GUEST_MTRR_RULE
+
+
+def test_vmx_get_mt_mask_other_kernels_are_refused():
+    with pytest.raises(ValueError):
+        x86.vmx_get_mt_mask("5.4", False)
+
+
+def test_mmu_kind():
+    assert x86.mmu_kind({"mmu": "npt", "spte_format": "legacy", "vendor": "amd"}) == "npt"
+    assert x86.mmu_kind({"mmu": "ept", "spte_format": "ept"}) == "ept"
+    assert x86.mmu_kind({"spte_format": "legacy"}) == "shadow"
+    assert x86.mmu_kind(None) == "shadow"
+
+
+def test_npt_rules():
+    """An NPT leaf as KVM makes it (PAT:PCD:PWT 0, 6.1 and 7.x: the BAR pages
+    of tests/fixtures/x86-tdp/bar-*.kvt had low bits 0xe67): no type set, the
+    guest's PAT combines; a leaf with PCD (not made by KVM) names its type."""
+    leaf = (0xfe800 << 12) | 0xe67
+    s = u64(leaf, leaf | PS, leaf | PCD)
+    assert names(s, [1, 2, 1]) == ["WB", "WB", "UC-"]
+    rules = list(x86.kvm_rules(s, [1, 2, 1], "npt"))
+    assert rules[0] == rules[1] == x86.NPT_RULE
+    assert "KVM sets no memory type" in x86.NPT_RULE and "get_mt_mask" in x86.NPT_RULE
+    assert "MTRR" in x86.NPT_RULE and "guest's PAT" in x86.NPT_RULE
+    assert rules[2] == x86.NPT_TYPED_RULE
+    assert x86.guest_pat_combines(s, "npt").all()
+    assert not x86.guest_pat_combines(s, "shadow").any()
+    assert set(x86.kvm_rules(s, 1, "shadow")) == {x86.SHADOW_RULE}
+
+
+@pytest.mark.parametrize("vma,spte,mmu,bare,want", [
+    ("WB", "WB", "npt", "consistent", "consistent"),     # RAM
+    ("UC-", "WB", "npt", "upgraded", "unknown"),         # resource2: guest PAT + MTRRs decide
+    ("WC", "WB", "npt", "upgraded", "unknown"),          # resource2_wc
+    ("WB", "UC-", "npt", "downgraded", "downgraded"),    # a stricter host type stays
+    ("UC-", "UC", "ept", "consistent", "consistent"),    # BAR on EPT: UC, no IPAT
+    ("WC", "UC", "ept", "downgraded", "unknown"),        # the guest may pick WC
+    ("WC", "UC", "npt", "downgraded", "downgraded"),
+    ("WB", "UC", "ept", "downgraded", "downgraded"),
+])
+def test_combined_verdicts(vma, spte, mmu, bare, want):
+    from kvmtrace.analysis.model import compare_memtypes
+    v = compare_memtypes(np.array([vma], dtype=object), np.array([spte], dtype=object))
+    assert list(v) == [bare]
+    assert list(x86.combined_verdicts([vma], [spte], [True], v, mmu)) == [want]
+    # where the guest's PAT does not combine (EPT with IPAT, shadow paging):
+    # the bare comparison holds, e.g. UC- forced WB with IPAT is upgraded
+    assert list(x86.combined_verdicts([vma], [spte], [False], v, mmu)) == [bare]
+
+
+def test_ept_ipat_wb_over_uc_vma_is_upgraded():
+    """WB|IPAT over a UC- VMA (a host page KVM does not take for MMIO): the
+    guest's PAT cannot help: upgraded, the rule names the forced WB."""
+    from kvmtrace.analysis.model import _verdict_codes
+    spte = u64((0x1234 << 12) | EPT_RWX | x86.vmx_get_mt_mask("7.x", False))
+    smt = pd.Categorical(names(spte, 1, "ept"))
+    v = _verdict_codes(pd.Categorical(["UC-"]), smt, x86.guest_pat_combines(spte, "ept"), "ept")
+    assert list(v) == ["upgraded"]
+    assert "forces write-back" in x86.kvm_rules(spte, 1, "ept")[0]

@@ -325,6 +325,20 @@ def bar():
     return sc
 
 
+def x86_bar():
+    """x86: a RAM slot next to the ivshmem BAR through resource2 (UC-) and
+    resource2_wc (WC), each over its own part of the BAR: pages read,
+    written, read then written. No execute step: x86 KVM does not refuse
+    fetches from a BAR (arm64's bar scenario expects the refusal)."""
+    sc = Scenario("x86-bar")
+    anon = sc.add_slot("anon", 16)
+    sc.steps += [Step(anon.slot, 0, 8, "r"), Step(anon.slot, 8, 8, "w")]
+    for kind in BAR_KINDS:
+        s = sc.add_slot(kind, 24)
+        sc.steps += [Step(s.slot, 0, 8, "r"), Step(s.slot, 8, 8, "w"), Step(s.slot, 16, 8, "rw")]
+    return sc
+
+
 def cbar(rule=None, dic=None):
     """arm64: a RAM slot next to a *cacheable* mapping of the PCI BAR.
 
@@ -443,6 +457,7 @@ DIFF_PAIRS = (("huge-base", "huge-4k"), ("dirty-off", "dirty-on"), ("ram", "pfnm
               ("pages-1x", "pages-2x"))
 
 BUILTIN = {"demo": demo, "minimal": minimal, "smp": smp, "bar": bar, "cbar": cbar,
+           "x86-bar": x86_bar,
            "huge-base": huge_base, "huge-4k": huge_4k, "dirty-off": dirty_off,
            "dirty-on": dirty_on, "ram": ram, "pfnmap": pfnmap, "pages-1x": pages_1x,
            "pages-2x": pages_2x}

@@ -55,6 +55,7 @@ Such input is refused rather than decoded wrong.
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 
 LINUX_PAT = ("WB", "WC", "UC-", "UC", "WB", "WP", "UC-", "WT")
 LINUX_PAT_SOURCE = "assumed: Linux's PAT layout since 4.2 (the boot log was not readable)"
@@ -174,3 +175,169 @@ def pfn_memtype(pfn, pat_list: list[dict] | None, ram: list[dict] | None, page_s
         source[unknown] = ("PFN not in the PAT memtype list; System RAM ranges were not "
                            "recorded")
     return types, source
+
+
+# ---------------------------------------------------------------- who decides
+#
+# What the final memory type of a guest access is made of, per MMU, and which
+# part kvmtrace sees (the spte). Kernel source: arch/x86/kvm/mmu/spte.c
+# make_spte(), arch/x86/kvm/vmx/vmx.c vmx_get_mt_mask(), arch/x86/kvm/svm/.
+#
+# NPT (AMD), 6.1 and 7.x alike: make_spte() ORs a memory type into the spte
+# only through kvm_x86_ops.get_mt_mask, which SVM does not implement. 6.1
+# gates the call on shadow_memtype_mask (set only by kvm_mmu_set_ept_masks():
+# 0 on SVM); 7.x on kvm_x86_ops.get_mt_mask itself ("KVM: x86: remove
+# shadow_memtype_mask", merged with the KVM_X86_QUIRK_IGNORE_GUEST_PAT
+# series). kallsyms in testbed/x86: no
+# svm_get_mt_mask on either kernel, shadow_memtype_mask on 6.1.0-57 only
+# (not on 7.3.4). Measured in testbed/x86 on
+# 6.1.0-57 and 7.3.4: every NPT leaf KVM installed, RAM or a PCI BAR mapped
+# UC- or WC by the host, has PAT:PCD:PWT = 0 (tests/fixtures/x86-tdp). So the
+# NPT entry selects host PAT entry 0, WB, which restricts nothing. The CPU
+# (AMD APM vol. 2, "Nested Paging", the section on combining memory types)
+# combines the guest's PAT type (guest PTE bits through the guest's PAT,
+# VMCB G_PAT, which KVM loads from the guest's IA32_PAT) with the host's
+# (the NPT entry's bits through the host PAT); with a WB host type the
+# guest's type stands. The result is then combined with the host MTRRs of
+# the system-physical address (the guest's MTRRs play no part in hardware).
+# (The APM's combining table is cited from memory: no copy of the manual was
+# at hand to check it against.) The host VMA's type (UC- from resourceN, WC from
+# resourceN_wc) is not carried into the NPT entry: KVM cannot force WB on
+# AMD, nor does it force the VMA's type; the guest and the host MTRRs decide.
+#
+# EPT (Intel): vmx_get_mt_mask() puts the type in bits 5:3 and may set IPAT
+# (bit 6: the guest's PAT is ignored). Its branches, 6.1 and 7.x:
+#   host MMIO pfn (kvm_is_mmio_pfn())            UC, IPAT clear   both
+#   no non-coherent DMA                          WB | IPAT        6.1
+#   no non-coherent DMA and quirk
+#     KVM_X86_QUIRK_IGNORE_GUEST_PAT on (default) WB | IPAT        7.x
+#   non-coherent DMA, guest CR0.CD set           UC|IPAT, or WB (quirk
+#                                                CD_NW_CLEARED)   6.1 only
+#   non-coherent DMA                             the guest MTRR type of the
+#                                                gfn, IPAT clear  6.1
+#   non-coherent DMA, or the quirk off           WB, IPAT clear   7.x (6.11+:
+#                                                guest MTRRs no longer virtualized)
+# Without IPAT the EPT type takes the MTRR's role and combines with the
+# guest's PAT (Intel SDM vol. 3, "Memory Type Used for Translated
+# Guest-Physical Addresses"): EPT UC lets the guest pick WC (PAT WC over
+# MTRR UC gives WC), nothing cacheable; EPT WB leaves the guest's PAT type.
+
+NPT_RULE = ("NPT (6.1, 7.x): KVM sets no memory type in NPT entries (make_spte() adds one "
+            "only through kvm_x86_ops.get_mt_mask, which SVM lacks): PAT:PCD:PWT 0 is host PAT "
+            "entry 0, WB, which restricts nothing; the final type is the guest's PAT type "
+            "combined with it and then with the host MTRRs of the frame (AMD APM vol. 2, nested "
+            "paging); the host VMA's type is not carried into the entry, nor can KVM force WB")
+NPT_TYPED_RULE = ("NPT: the entry's PAT:PCD:PWT select a host PAT type KVM does not set "
+                  "(make_spte() adds none on SVM); the final type is the stricter of it and "
+                  "the guest's PAT type, combined with the host MTRRs")
+EPT_RULES = {
+    ("UC", False): ("EPT: vmx_get_mt_mask(): a host MMIO pfn (kvm_is_mmio_pfn()) is UC with "
+                    "IPAT clear (6.1 and 7.x): the guest's PAT can make it WC, never cacheable"),
+    ("WB", True): ("EPT: vmx_get_mt_mask(): no non-coherent DMA (7.x: and quirk "
+                   "KVM_X86_QUIRK_IGNORE_GUEST_PAT on, its default; 6.1 also: guest CR0.CD with "
+                   "quirk CD_NW_CLEARED): WB with IPAT, the guest's PAT is ignored: KVM forces "
+                   "write-back"),
+    ("WB", False): ("EPT: vmx_get_mt_mask(): WB with IPAT clear: non-coherent DMA (6.11+), or "
+                    "quirk KVM_X86_QUIRK_IGNORE_GUEST_PAT off: the guest's PAT decides"),
+    ("UC", True): ("EPT: vmx_get_mt_mask(): UC with IPAT: guest CR0.CD set with non-coherent "
+                   "DMA and quirk KVM_X86_QUIRK_CD_NW_CLEARED off (kernels before 6.11)"),
+}
+EPT_GUEST_MTRR_RULE = ("EPT: vmx_get_mt_mask(): the guest's MTRR type of the gfn, IPAT clear "
+                       "(non-coherent DMA, kernels before 6.11): combined with the guest's PAT")
+SHADOW_RULE = ("shadow paging: KVM puts no memory type in the spte (no get_mt_mask without "
+               "EPT): host PAT entry 0, WB, combined with the host MTRRs; the guest's PAT is "
+               "not used by the CPU")
+
+
+MTRR_TYPES = {"UC": 0, "WC": 1, "WT": 4, "WP": 5, "WB": 6}  # arch/x86/include/uapi/asm/mtrr.h
+
+
+def vmx_get_mt_mask(kernel: str, is_mmio: bool, noncoherent_dma: bool = False,
+                    ignore_guest_pat: bool = True, cr0_cd: bool = False,
+                    cd_nw_cleared: bool = True, guest_mtrr: str = "WB") -> int:
+    """The memory-type bits vmx_get_mt_mask() (arch/x86/kvm/vmx/vmx.c) returns,
+    as the source of each kernel reads ('6.1' or '7.x'); see the table above.
+    ``is_mmio``: kvm_is_mmio_pfn(pfn) (a reserved page not WB in the host PAT,
+    or a frame outside E820 RAM: a PCI BAR); ``noncoherent_dma``:
+    kvm_arch_has_noncoherent_dma(); ``ignore_guest_pat``: quirk
+    KVM_X86_QUIRK_IGNORE_GUEST_PAT (7.x; default on); ``cr0_cd``,
+    ``cd_nw_cleared``, ``guest_mtrr``: the guest's CR0.CD, quirk
+    KVM_X86_QUIRK_CD_NW_CLEARED and its MTRR type of the gfn (6.1 only)."""
+    wb, uc = MTRR_TYPES["WB"] << EPT_MT_SHIFT, MTRR_TYPES["UC"] << EPT_MT_SHIFT
+    if is_mmio:
+        return uc
+    if kernel == "6.1":
+        if not noncoherent_dma:
+            return wb | EPT_IPAT
+        if cr0_cd:
+            return (wb if cd_nw_cleared else uc) | EPT_IPAT
+        return MTRR_TYPES[guest_mtrr] << EPT_MT_SHIFT
+    if kernel == "7.x":
+        if ignore_guest_pat and not noncoherent_dma:
+            return wb | EPT_IPAT
+        return wb
+    raise ValueError(f"vmx_get_mt_mask of kernel {kernel!r} not transcribed (6.1, 7.x)")
+
+
+def mmu_kind(kvm_meta: dict | None) -> str:
+    """'npt', 'ept' or 'shadow' from the recording's meta['kvm']."""
+    kvm = kvm_meta or {}
+    if kvm.get("spte_format") == "ept" or kvm.get("mmu") == "ept":
+        return "ept"
+    if kvm.get("mmu") == "npt":
+        return "npt"
+    return "shadow"
+
+
+def guest_pat_combines(spte, mmu: str) -> np.ndarray:
+    """True where the CPU combines the guest's PAT type with the spte's type:
+    every NPT entry; an EPT entry without IPAT; never under shadow paging."""
+    spte = _u64(spte)
+    if mmu == "npt":
+        return np.ones(spte.shape, bool)
+    if mmu == "ept":
+        return ~ept_ipat(spte)
+    return np.zeros(spte.shape, bool)
+
+
+def kvm_rules(spte, level, mmu: str, pat=LINUX_PAT) -> np.ndarray:
+    """The kernel rule behind each installed spte's memory type (text)."""
+    spte = _u64(spte)
+    out = np.empty(spte.shape, dtype=object)
+    if mmu == "ept":
+        mt = spte_memtype(spte, level, "ept")
+        ipat = ept_ipat(spte)
+        for i, (m, p) in enumerate(zip(mt.reshape(-1), ipat.reshape(-1))):
+            out.reshape(-1)[i] = EPT_RULES.get((m, bool(p)), EPT_GUEST_MTRR_RULE if not p
+                                               else f"EPT: {m} with IPAT (no vmx_get_mt_mask() "
+                                               "branch of 6.1 / 7.x gives it)")
+        return out
+    if mmu == "npt":
+        idx = legacy_pat_index(spte, level)
+        out[...] = NPT_RULE
+        out[idx != 0] = NPT_TYPED_RULE
+        return out
+    out[...] = SHADOW_RULE
+    return out
+
+
+def combined_verdicts(vma_mt, spte_mt, combines, verdict, mmu: str = "npt") -> np.ndarray:
+    """``verdict`` (compare_memtypes: VMA type vs spte type) where the guest's
+    PAT is combined with the spte's type (``combines``, guest_pat_combines):
+
+    - the spte's type is less strict than the VMA's ("upgraded" by the bare
+      comparison: an NPT entry's WB against a UC- / WC BAR): unknown. The
+      entry does not make the memory cacheable; it leaves the type to the
+      guest's PAT (and, on NPT, the host MTRRs), which kvmtrace does not see;
+    - an EPT UC entry without IPAT against a WC VMA: unknown, the guest can
+      pick WC or UC (not "downgraded": WC is open to it).
+    A stricter spte type than the VMA's stays "downgraded" (the guest cannot
+    relax it), an equal one "consistent"."""
+    out = np.array(verdict, dtype=object, copy=True)
+    vma = pd.Series(vma_mt, dtype=object).to_numpy()
+    spte = pd.Series(spte_mt, dtype=object).to_numpy()
+    c = np.asarray(combines, bool)
+    out[c & (out == "upgraded")] = "unknown"
+    if mmu == "ept":
+        out[c & (out == "downgraded") & (vma == "WC") & (spte == "UC")] = "unknown"
+    return out
