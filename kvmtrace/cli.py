@@ -503,7 +503,9 @@ FAIL_ON = ("mismatch", "error", "loss", "truncated")
 def report(recording, fmt, pid, slot, table, fail_on, output, force, width):
     """Analyse RECORDING offline: memslots, faults, memory types, errors.
 
-    Needs neither root nor bcc.
+    Needs neither root nor bcc. A directory of recordings, a quoted glob or a
+    Parquet dataset from kvmtrace export gets the fleet summary instead (as
+    kvmtrace fleet: per host, kernel, KVM flavour and VMM).
 
     \b
     Exit status: 0 done; 1 something --fail-on names was found; 2 usage error
@@ -513,6 +515,19 @@ def report(recording, fmt, pid, slot, table, fail_on, output, force, width):
     from .analysis.model import build
     from .recording.reader import RecordingError
 
+    if os.path.isdir(recording) or (not os.path.exists(recording)
+                                    and any(c in recording for c in "*?[")):
+        # many recordings (a directory, a glob, a Parquet dataset): the fleet summary
+        if pid is not None or slot is not None or table or fmt == "html":
+            _fail(f"{recording}: many recordings are summarised per host, kernel and VMM "
+                  "(kvmtrace fleet); --pid, --slot, --table and html apply to one recording")
+        fleet_fail = {"truncated": "incomplete"}
+        want = FAIL_ON if "any" in fail_on else fail_on
+        ctx = click.get_current_context()
+        return ctx.invoke(fleet, inputs=(recording,), engine="duckdb", scheduler=None,
+                          workers=None, fmt=fmt, output=output, force=force,
+                          skip_unreadable=False,
+                          fail_on=tuple(fleet_fail.get(w, w) for w in want), width=width)
     _text_only(fmt, width, table, ("text", "tsv", "json", "csv"))
     if fmt == "html":
         _need_plots()

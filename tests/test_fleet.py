@@ -289,3 +289,13 @@ def test_skip_unreadable_names_what_it_left_out(tmp_path):
     assert "skipped" in r.stderr and body["fleet"][0]["recordings"] == 1
     r = cli("fleet", tmp_path, "--skip-unreadable", "--fail-on", "unreadable")
     assert r.returncode == 1
+
+
+def test_report_of_many_recordings_is_the_fleet_summary(fleet_dir):
+    """`kvmtrace report DIR` (or a glob) gives what `kvmtrace fleet` gives, and
+    refuses the options that only apply to one recording."""
+    for path in (fleet_dir, f"{fleet_dir}/**/*.kvt"):
+        r, f = (run(cmd, path, "--format", "csv") for cmd in ("report", "fleet"))
+        assert r.returncode == f.returncode == 0, r.stderr + f.stderr
+        assert r.stdout == f.stdout and r.stdout.startswith("host,")
+    assert "apply to one recording" in one_line_error(run("report", fleet_dir, "--slot", "1"))
