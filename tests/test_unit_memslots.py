@@ -394,3 +394,19 @@ def test_region2_without_guest_memfd_has_no_gmem_fd():
     """Row 3: slot 3 set with KVM_SET_USER_MEMORY_REGION2, flags 0."""
     _, slots = replay(x86_table())
     assert int(versions(slots, 3)["gmem_fd"].iloc[0]) == -1
+
+
+def test_unreadable_start_memslots_are_said(tmp_path):
+    """A VMM whose memslots could not be read at record's start: the report
+    says so instead of leaving its faults unexplained."""
+    from kvmtrace.recording.reader import read
+    from kvmtrace.recording.writer import RecordingWriter
+    import kvmtrace
+
+    src = read(str(FIXTURES / "x86-pvm-demo.kvt"))
+    out = tmp_path / "n.kvt"
+    w = RecordingWriter(str(out), src.meta)
+    w.note("memslot_snapshot_unavailable", {"pid": 4242, "reason": "no BPF iterators"})
+    w.close()
+    notes = kvmtrace.load(str(out)).notes
+    assert any("VMM 4242" in n and "no BPF iterators" in n for n in notes), notes

@@ -16,6 +16,7 @@ normalise once, query many times).
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -207,6 +208,22 @@ FAULT_EVENT_TABLES = ("spte_requested", "set_spte", "pt_walk", "page_fault", "td
                       "fault_handler")
 
 
+def _snapshot_notes(notes: pd.DataFrame) -> list[str]:
+    """What the report must say when record could not read the memslots a
+    VMM had before recording began (collectors/session.py notes)."""
+    out = []
+    for v in notes.loc[notes["key"] == "memslot_snapshot_unavailable", "value"]:
+        try:
+            d = json.loads(v)
+            pid, why = int(d["pid"]), str(d["reason"])
+        except (ValueError, KeyError, TypeError):
+            continue
+        out.append(f"the memslots VMM {pid} had before recording began could not be read "
+                   f"({why}): they are known only from ioctls made while recording, and "
+                   "faults in the others are counted outside every recorded memslot")
+    return out
+
+
 def build(path_or_recording, keep_raw: bool = True) -> Model:
     """The model of a recording. ``keep_raw=False`` (kvmtrace report's text,
     JSON, CSV and TSV, which never read them): the raw x86 fault events are
@@ -218,7 +235,7 @@ def build(path_or_recording, keep_raw: bool = True) -> Model:
     kvm = meta.get("kvm") or {}
     spte_format = kvm.get("spte_format", "legacy")
     pat, _, _ = _x86_context(meta)
-    notes = list(rec.problems)
+    notes = list(rec.problems) + _snapshot_notes(t["notes"])
 
     exits_ = t["proc_exit"]
     ops = memslots.decode_ops(t["memslot"])
