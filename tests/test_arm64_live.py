@@ -2,7 +2,7 @@
 'bar' scenario with real kprobes and check the report against what the guest
 did and against the running kernel's rules. Runs inside the emulated arm64
 host (testbed/arm64/e2e runs it on 6.1 and 7.x; CI runs that through
-tests/test_testbed_arm64.py). Skipped on other architectures."""
+tests/test_testbeds.py). Skipped on other architectures."""
 
 import platform
 
