@@ -187,7 +187,8 @@ def attribute(df: pd.DataFrame, slots: pd.DataFrame, key: str, ts="ts") -> pd.Se
     pid, proc, vm = df["pid"].to_numpy(), df["proc"].to_numpy(), df["vm_fd"].to_numpy()
     addr = df[key].to_numpy(dtype=np.uint64)
     for i, s in slots.iterrows():
-        lo, hi = (s.gfn_start, s.gfn_end) if key == "gfn" else (s.hva, s.hva + s.size_bytes)
+        lo, hi = (s.gfn_start, s.gfn_end) if key == "gfn" else \
+            (s.hva, min(int(s.hva) + int(s.size_bytes), 2**64 - 1))  # never past 2^64
         t_end = s.end_ts if s.end_ts < np.iinfo(np.int64).max else np.iinfo(np.int64).max
         hit = ((pid == s.pid) & (proc == s.proc) & (vm == s.vm_fd) & (t >= s.start_ts)
                & (t < t_end)

@@ -573,6 +573,9 @@ ROW_RULES = {
                  "those with EINVAL)",
                  lambda d: (d["ret"].to_numpy() >= 0)
                  & (_wraps(d["gpa"], d["size"]) | _wraps(d["hva"], d["size"])))],
+    "memslot_snapshot": [("a memslot read at the start whose GPA or HVA range wraps past "
+                          "2^64 (KVM holds none such)",
+                          lambda d: _wraps(d["gpa"], d["size"]) | _wraps(d["hva"], d["size"]))],
 }
 
 
