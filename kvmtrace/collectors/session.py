@@ -313,7 +313,9 @@ class Session:
         # probes are attached (the iterator compiles first, so that reading it
         # then takes milliseconds, not the second bcc needs)
         running = list(opts.pids) or ([] if opts.command else context.vmm_pids())
-        slot_reader, slot_reader_why = self._slot_reader() if running else (None, "")
+        slot_reader, slot_reader_why = self._slot_reader() if running else (
+            None, "the VMM started while record loaded its probes (the memslot iterator is "
+                  "compiled only for VMMs running when record starts)")
         try:
             loaded = self._load_probes(filter_pids=bool(opts.pids or opts.command))
         except BaseException:
