@@ -16,7 +16,7 @@ demo: setup
 	$(PY) -m kvmtrace.cli report $(OUT)/demo.kvt
 
 test: setup
-	$(PY) -m pytest -q -ra tests
+	$(PY) -m pytest -q -ra --durations=30 tests
 
 doctor: setup
 	$(PY) -m kvmtrace.cli doctor

@@ -211,7 +211,9 @@ def test_record_no_cache(cache_dir, tmp_path):
                  env=dict(os.environ, **{bpfcache.DIR_ENV: str(cache_dir)}))
     assert r.returncode == 0, r.stderr
     assert read(tmp_path / "c.kvt").meta["bpf_cache"]["status"] in ("miss", "hit")
-    assert len(list(cache_dir.iterdir())) == 1
+    # the probes' program, and the memslot iterator read at start (no VMM runs here,
+    # so maybe not: it is compiled only when a VMM is running)
+    assert 1 <= len(list(cache_dir.iterdir())) <= 2
 
 
 DESCS = ['"unsigned int"', '"int"', '"unsigned long long"',

@@ -219,12 +219,11 @@ class Session:
         writer.add_rows("vmas", [dict(v, ts=ts, pid=pid, reason=reason) for v in vmas])
         self.snapshotted_pids.add(pid)
 
-    @staticmethod
-    def _slot_reader():
+    def _slot_reader(self):
         """(the memslot iterator reader, '') or (None, why this host has none)."""
         from . import snapshot
         try:
-            return snapshot.IteratorReader(), ""
+            return snapshot.IteratorReader(cache=self.opts.cache), ""
         except snapshot.SnapshotError as e:
             return None, str(e)
         except Exception as e:  # noqa: BLE001 - bcc's own errors: recording goes on

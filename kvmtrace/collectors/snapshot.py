@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from ..host import bccload
+from ..host import bccload, bpfcache
 from ..host import btf as btf_mod
 from ..host import headers as bcc_headers
 from ..host import procfs
@@ -310,9 +310,12 @@ class IteratorReader:
     """The iterator programs, compiled and loaded once, read as often as asked.
 
     ``IteratorReader()`` raises SnapshotError (one line) when this host cannot
-    run them; ``memslots(pid)`` / ``vmas(pid)`` read the live state."""
+    run them; ``memslots(pid)`` / ``vmas(pid)`` read the live state. ``cache``
+    (as record's): load the compiled program from the BPF compile cache
+    (host/bpfcache.py) when it holds it; default unless $KVMTRACE_BPF_CACHE=0.
+    bcc's compile is most of a query's time (seconds here, minutes under TCG)."""
 
-    def __init__(self):
+    def __init__(self, cache: bool | None = None):
         self.b = None
         self.fds: list[int] = []
         self.layout = kernel_layout()
@@ -326,11 +329,14 @@ class IteratorReader:
             raise SnapshotError(bcc_headers.missing_hint())
         cflags = bcc_headers.apply(hdr)
         text, defs = program_text(self.layout)
+        if cache is None:
+            cache = os.environ.get(bpfcache.USE_ENV) != "0"
         t0 = time.perf_counter()
         try:
-            self.b = bccload.load(text, cflags + defs)
+            self.b = bccload.load(text, cflags + defs, cache=cache)
         except bccload.BPFLoadError as e:
             raise SnapshotError(f"the iterator program did not compile: {e}") from None
+        self.cache = self.b.kvmtrace_cache  # hit / miss / off / unused, and why
         self.compile_ms = (time.perf_counter() - t0) * 1e3
         try:
             self.prog = {}

@@ -57,6 +57,7 @@ from . import tracefs
 FORMAT = 1
 DEFAULT_DIR = "/var/cache/kvmtrace/bpf"
 DIR_ENV = "KVMTRACE_CACHE_DIR"
+USE_ENV = "KVMTRACE_BPF_CACHE"  # =0: never use the cache (record --no-cache)
 KEEP = 16
 MAX_ENTRY = 16 << 20
 

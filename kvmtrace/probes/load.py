@@ -19,7 +19,7 @@ import os
 from dataclasses import dataclass
 from typing import Sequence
 
-from ..host import bccload, btf as btf_mod
+from ..host import bccload, bpfcache, btf as btf_mod
 from ..host import headers as bcc_headers
 from ..host import tracefs
 from . import catalogue, program
@@ -105,7 +105,7 @@ def select(probes: str | Sequence[Probe] = "all") -> Selection:
     return sel
 
 
-CACHE_ENV = "KVMTRACE_BPF_CACHE"  # =0: never use the compile cache (record --no-cache)
+CACHE_ENV = bpfcache.USE_ENV  # =0: never use the compile cache (record --no-cache)
 
 
 def load_probes(probes: str | Sequence[Probe] = "all", *, filter_pids: bool,
