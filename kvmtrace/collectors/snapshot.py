@@ -107,6 +107,9 @@ RETRIES = 5
 # More than any process can produce: 65,530 VMAs (vm.max_map_count's default)
 # of 64 bytes is 4 MiB; one VM's memslot records fit one 32 KiB buffer.
 MAX_ITER_BYTES = 64 << 20
+# The longest a recording window's recorder may take to compile and attach
+# (bcc under TCG on a busy 2-core host took 427 s) before query gives up.
+WINDOW_START_LIMIT = 3600
 
 # uAPI numbers (include/uapi/linux/bpf.h)
 BPF_PROG_LOAD, BPF_LINK_CREATE, BPF_ITER_CREATE = 5, 28, 33
@@ -603,12 +606,23 @@ def sources() -> dict:
 # -- a live recording window ---------------------------------------------------
 def record_window(pid: int, seconds: float, workdir: str | None = None) -> tuple[str, str]:
     """Record ``pid`` for ``seconds`` with ``kvmtrace record`` (a subprocess:
-    its own signal handling and file writing); (recording path, its stderr)."""
+    its own signal handling and file writing); (recording path, its stderr).
+
+    The probe set is ``faults`` (memslots, faults, invalidations: what query
+    reads), the same program a ``record --probes faults`` compiled before, so
+    the compile cache usually has it. ``--duration`` counts from the probes'
+    attach; compiling them first can take minutes on a slow or busy host, so
+    the only limit here is a generous one against a recorder that hangs."""
     d = tempfile.mkdtemp(prefix="kvmtrace-query-", dir=workdir)
     path = os.path.join(d, "window.kvt")
     cmd = [sys.executable, "-m", "kvmtrace.cli", "record", "-o", path, "--pid", str(pid),
-           "--duration", f"{seconds:g}"]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 300)
+           "--probes", "faults", "--duration", f"{seconds:g}"]
+    limit = seconds + WINDOW_START_LIMIT
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=limit)
+    except subprocess.TimeoutExpired:
+        raise SnapshotError(f"the recording window did not end {limit:g} s after it was asked "
+                            f"for ({seconds:g} s window)") from None
     if p.returncode != 0 or not os.path.exists(path):
         last = [ln for ln in p.stderr.splitlines() if ln.strip()]
         raise SnapshotError("the recording window failed: "
