@@ -31,6 +31,7 @@ PFERR_WRITE, PFERR_FETCH = 1 << 1, 1 << 4
 EPT_QUAL_WRITE, EPT_QUAL_FETCH = 1 << 1, 1 << 2
 # columns pairing leaves behind that are not part of the faults table
 WORKING_COLUMNS = ("prev_req_ts", "next_req_ts", "install_row")
+ACCESS = ("exec", "read", "write")  # the access kinds, as codes 0, 1, 2
 
 
 def nullable(df: pd.DataFrame) -> pd.DataFrame:
@@ -42,20 +43,35 @@ def nullable(df: pd.DataFrame) -> pd.DataFrame:
     return df.astype(conv)
 
 
+def _sorted(df: pd.DataFrame, col: str) -> pd.DataFrame:
+    """``df`` sorted by ``col``; as it is when already in order (no copy: a
+    merge_asof matches each left row on its own, so the order of ties is moot)."""
+    return df if df[col].is_monotonic_increasing else df.sort_values(col)
+
+
 def _asof(left, right, on_left, on_right, direction, suffix_cols):
     """merge_asof by tid, bringing right's columns renamed (``suffix_cols``)
     as nullable integers; the join key itself is a private int64 copy."""
-    r = nullable(right.rename(columns=suffix_cols)).assign(
-        _key=right[[k for k, v in suffix_cols.items() if v == on_right][0]].astype("int64"))
+    key = right[[k for k, v in suffix_cols.items() if v == on_right][0]].to_numpy(
+        dtype="int64")
+    if len(key) > 1 and (key[1:] < key[:-1]).any():  # sorted as sort_values sorts (quicksort)
+        order = np.argsort(key)
+        right, key = right.take(order), key[order]  # plain columns: cheaper than nullable ones
+    r = nullable(right.rename(columns=suffix_cols)).assign(_key=key)
     r = r.astype({"tid": left["tid"].dtype})
-    m = pd.merge_asof(left.sort_values(on_left), r.sort_values("_key"),
+    m = pd.merge_asof(_sorted(left, on_left), r,
                       left_on=on_left, right_on="_key", by="tid",
                       direction=direction, allow_exact_matches=True)
     return m.drop(columns="_key")
 
 
-def pair(tables: dict, spte_format: str) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(faults, prefetches): one row per fault with start / install joined."""
+def pair(tables: dict, spte_format: str, consume: bool = False) \
+        -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(faults, prefetches): one row per fault with start / install joined.
+    ``consume``: ``tables`` is the caller's to give up; each raw table leaves
+    it once its columns are taken, so memory holds one copy of the events."""
+    let_go = (lambda *names: [tables.pop(n, None) for n in names]) if consume else \
+        (lambda *names: None)
     req = tables["spte_requested"]  # its needed columns only are copied
     cols = ["ts", "pid", "tid", "vcpu_fd", "cpu", "gfn", "pfn", "level"]
     if not len(req):
@@ -63,6 +79,7 @@ def pair(tables: dict, spte_format: str) -> tuple[pd.DataFrame, pd.DataFrame]:
     req = req[cols].astype({"ts": "int64", "tid": "int64"}).sort_values("ts") \
         .reset_index(drop=True)
     req["fault_id"] = np.arange(len(req))
+    let_go("spte_requested")
     req["prev_req_ts"] = req.groupby("tid")["ts"].shift(1).fillna(-1).astype("int64")
     req["next_req_ts"] = req.groupby("tid")["ts"].shift(-1).fillna(2**62) \
         .astype("int64")
@@ -82,6 +99,7 @@ def pair(tables: dict, spte_format: str) -> tuple[pd.DataFrame, pd.DataFrame]:
         st = tables["pt_walk"][["ts", "tid", "pferr"]].rename(columns={"pferr": "error_code"})
         start_kind = "kvm_mmu_pagetable_walk"
     st = st.astype({"ts": "int64", "error_code": "int64"})
+    let_go("fault_handler", "page_fault", "pt_walk")
     f = _asof(req, st, "ts", "start_ts", "backward", {"ts": "start_ts"})
     stale = f["start_ts"].isna() | (f["start_ts"] <= f["prev_req_ts"])
     if "handler_exit_ts" in f:  # the request must lie inside the handler call
@@ -115,18 +133,19 @@ def pair(tables: dict, spte_format: str) -> tuple[pd.DataFrame, pd.DataFrame]:
         write, fetch = (ec & EPT_QUAL_WRITE) != 0, (ec & EPT_QUAL_FETCH) != 0
     else:
         write, fetch = (ec & PFERR_WRITE) != 0, (ec & PFERR_FETCH) != 0
-    access = np.where(fetch, "exec", np.where(write, "write", "read"))
+    # access and start_kind as categorical codes (ACCESS / "" or start_kind), never text per fault
+    access = np.where(fetch, 0, np.where(write, 2, 1))
     # Without a start event, the installed spte tells read vs write.
-    no_start = f["start_ts"].isna()
+    no_start = f["start_ts"].isna().to_numpy(dtype=bool)
     spte_w = (f["spte"].fillna(0).to_numpy(dtype="uint64") & np.uint64(2)) != 0
-    access = np.where(no_start.to_numpy(dtype=bool), np.where(spte_w, "write", "read"), access)
-    f["access"] = access
-    f["start_kind"] = np.where(no_start.to_numpy(dtype=bool), "", start_kind)
+    access = np.where(no_start, np.where(spte_w, 2, 1), access)
+    f["access"] = schema.categorical(ACCESS, access)
+    f["start_kind"] = schema.categorical(["", start_kind], (~no_start).astype(np.int64))
     if "handler_exit_ts" in f:
         f["service_ns"] = f["handler_exit_ts"] - f["start_ts"]
     else:
         f["service_ns"] = f["install_ts"] - f["start_ts"]
-    return f.sort_values("fault_id").reset_index(drop=True), prefetch
+    return _sorted(f, "fault_id").reset_index(drop=True), prefetch
 
 
 def tdp_leaf_installs(changed: pd.DataFrame) -> pd.DataFrame:
@@ -144,14 +163,35 @@ def tdp_leaf_installs(changed: pd.DataFrame) -> pd.DataFrame:
     return changed[present & leaf]
 
 
-def spte_memtypes(f: pd.DataFrame, spte_format: str, pat) -> np.ndarray:
-    has = f["spte"].notna()
-    out = np.full(len(f), "", dtype=object)
+# the spte bits an x86 memory type or KVM's rule for it depends on (with the level)
+MEMTYPE_BITS = np.uint64(x86mt.EPT_IPAT | x86mt.EPT_MT_MASK << x86mt.EPT_MT_SHIFT | x86mt.PWT
+                         | x86mt.PCD | x86mt.PAT_4K | x86mt.PAT_LARGE)
+
+
+def distinct_sptes(spte: np.ndarray, level: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(codes, first): each spte's index among the distinct (memory-type bits,
+    large page) pairs, and the first row holding each; a rule over sptes runs
+    once per pair and is taken by code (hashing: one pass, no sort)."""
+    key = (np.asarray(spte, dtype=np.uint64) & MEMTYPE_BITS) * np.uint64(2) \
+        + (np.asarray(level) > 1).astype(np.uint64)
+    codes, uniq = pd.factorize(key)
+    first = np.full(len(uniq), len(key), dtype=np.int64)
+    np.minimum.at(first, codes, np.arange(len(key), dtype=np.int64))
+    return codes.astype(np.int64), first
+
+
+def spte_memtypes(f: pd.DataFrame, spte_format: str, pat) -> pd.Categorical:
+    """The installed memory type of each fault ('' where nothing was installed)."""
+    has = f["spte"].notna().to_numpy(dtype=bool)
+    codes = np.zeros(len(f), dtype=np.int64)  # code 0: ""
+    vals = [""]
     if has.any():
-        out[has.to_numpy()] = x86mt.spte_memtype(
-            f.loc[has, "spte"].astype("uint64").to_numpy(),
-            f.loc[has, "level"].to_numpy(), spte_format, pat)
-    return out
+        spte = f.loc[has, "spte"].astype("uint64").to_numpy()
+        level = f.loc[has, "level"].to_numpy()
+        c, first = distinct_sptes(spte, level)
+        vals += list(x86mt.spte_memtype(spte[first], level[first], spte_format, pat))
+        codes[has] = c + 1
+    return schema.categorical(vals, codes)
 
 
 def attach_vm(df: pd.DataFrame, vcpus: pd.DataFrame, slots: pd.DataFrame) -> pd.Series:

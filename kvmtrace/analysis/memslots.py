@@ -115,13 +115,44 @@ def seed(snapshot: pd.DataFrame | None, ops: pd.DataFrame) -> tuple[dict, list]:
     return state, versions
 
 
-def replay(ops: pd.DataFrame, page: int = 4096, snapshot: pd.DataFrame | None = None):
+# ended_by of the slots of a VM whose fd number a new VM of the same process
+# got: the old VM was closed (not recorded) some time before that KVM_CREATE_VM
+VM_REPLACED = "VM replaced"
+
+
+def vm_creations(vm_ioctl: pd.DataFrame | None) -> pd.DataFrame:
+    """Successful KVM_CREATE_VM calls: (pid, proc, vm_fd = the fd returned, ts),
+    from the vm_ioctl rows with ``proc`` (identity.py)."""
+    cols = ["pid", "proc", "vm_fd", "ts"]
+    if vm_ioctl is None or not len(vm_ioctl):
+        return pd.DataFrame({c: pd.Series(dtype="int64") for c in cols})
+    c = vm_ioctl[(vm_ioctl["cmd"] == kvmapi.KVM_CREATE_VM) & (vm_ioctl["ret"] >= 0)]
+    return pd.DataFrame({"pid": c["pid"].to_numpy(dtype=np.int64),
+                         "proc": c["proc"].to_numpy(dtype=np.int64),
+                         "vm_fd": c["ret"].to_numpy(dtype=np.int64),
+                         "ts": c["ts"].to_numpy(dtype=np.int64)}).sort_values("ts", kind="stable")
+
+
+def replay(ops: pd.DataFrame, page: int = 4096, snapshot: pd.DataFrame | None = None,
+           created: pd.DataFrame | None = None):
     """(ops with 'op' and 'reason' columns, slot versions table); ``page``:
     the host's page size (analysis/pages.py); ``snapshot``: the memslots that
-    existed when recording began (see ``seed``), which the ioctls then change."""
+    existed when recording began (see ``seed``), which the ioctls then change;
+    ``created``: the KVM_CREATE_VM calls (``vm_creations``). A VM fd number is
+    reused when a process closes a VM and creates another (KVM's selftests do
+    it all the time): at the new VM's creation the old VM's slots end
+    (``VM_REPLACED``), so the new VM starts with none."""
     op_col, reason_col = [], []
     state, versions = seed(snapshot, ops)
+    new_vms = [] if created is None else list(
+        created[["ts", "pid", "proc", "vm_fd"]].itertuples(index=False, name=None))
+    nxt = 0
     for row in ops.itertuples(index=False):
+        while nxt < len(new_vms) and new_vms[nxt][0] <= row.ts:
+            ts, pid, proc, fd = new_vms[nxt]
+            nxt += 1
+            for old in state.pop((pid, proc, fd), {}).values():
+                old["end_ts"], old["ended_by"] = int(ts), VM_REPLACED
         live = state.setdefault((row.pid, row.proc, row.vm_fd), {})
         key = (row.as_id, row.slot_id)
         old = live.get(key)

@@ -141,10 +141,7 @@ def _x86_rules(f: pd.DataFrame, mmu: str, pat):
     if has.any():
         spte = f.loc[has, "spte"].astype("uint64").to_numpy()
         level = f.loc[has, "level"].to_numpy(dtype=np.int64)
-        bits = spte & np.uint64(x86mt.EPT_IPAT | x86mt.EPT_MT_MASK << x86mt.EPT_MT_SHIFT
-                                | x86mt.PWT | x86mt.PCD | x86mt.PAT_4K | x86mt.PAT_LARGE)
-        key = bits * np.uint64(2) + (level > 1).astype(np.uint64)
-        uk, first, inv = np.unique(key, return_index=True, return_inverse=True)
+        inv, first = faults_mod.distinct_sptes(spte, level)
         rules = x86mt.kvm_rules(spte[first], level[first], mmu, pat)
         rc, rv = pd.factorize(rules)
         rule[has] = rc[inv] + 1
@@ -244,19 +241,24 @@ def build(path_or_recording, keep_raw: bool = True) -> Model:
     snap = t.get("memslot_snapshot")  # slots set before recording (format 4+)
     if snap is not None:
         snap = snap.assign(proc=identity.generations(snap, exits_))
-    ops, slots = memslots.replay(ops, page, snap)
+    vm_ioctl = t["vm_ioctl"].assign(proc=identity.generations(t["vm_ioctl"], exits_))
+    ops, slots = memslots.replay(ops, page, snap, memslots.vm_creations(vm_ioctl))
     sv = vmas_mod.slot_vmas(slots, t["vmas"], t["memslot"], meta, t["notes"], snap)
     slots = pd.concat([slots, sv.drop(columns="slot_row")], axis=1) if len(slots) else \
         schema.SLOTS.empty().drop(columns=[c.name for c in schema.SLOTS.columns if c.optional])
 
-    vm_ioctl = t["vm_ioctl"].assign(proc=identity.generations(t["vm_ioctl"], exits_))
     vcpus = memslots.vcpu_to_vm(vm_ioctl)
     arm = stage2.has_stage2(t)
-    f, prefetch = stage2.pair(t, meta) if arm else faults_mod.pair(t, spte_format)
-    if not keep_raw and not arm:
-        for k in FAULT_EVENT_TABLES:
-            if k in t:
-                t[k] = t[k].iloc[:0]
+    if arm:
+        f, prefetch = stage2.pair(t, meta)
+    elif keep_raw:
+        f, prefetch = faults_mod.pair(t, spte_format)
+    else:  # the raw fault events leave the recording, and pairing lets go of each in turn
+        ev = {k: t[k] for k in FAULT_EVENT_TABLES if k in t}
+        for k in ev:
+            t[k] = t[k].iloc[:0]
+        f, prefetch = faults_mod.pair(ev, spte_format, consume=True)
+        del ev
     f["proc"] = identity.generations(f, exits_)
     f["vm_fd"] = faults_mod.attach_vm(f, vcpus, slots)
     f["slot_row"] = faults_mod.attribute(f, slots, "gfn")
@@ -456,11 +458,26 @@ def _codes(s: pd.Series) -> tuple[np.ndarray, list]:
     return np.asarray(c.codes, np.int64), [str(x) for x in c.categories]
 
 
+def _first_and_count(key: np.ndarray):
+    """np.unique(key, return_index=True, return_counts=True) of non-negative
+    keys; in one pass (bincount, minimum.at) when the keys are few and small
+    (slot versions times categories), not by sorting millions of rows."""
+    n = len(key)
+    top = int(key.max()) + 1 if n else 0
+    if top > max(4 * n, 1 << 16):
+        return np.unique(key, return_index=True, return_counts=True)
+    cnt = np.bincount(key, minlength=top)
+    first = np.full(top, n, dtype=np.int64)
+    np.minimum.at(first, key, np.arange(n, dtype=np.int64))
+    uk = np.flatnonzero(cnt)
+    return uk, first[uk], cnt[uk]
+
+
 def _firsts(row: np.ndarray, codes: np.ndarray, ncat: int):
     """(slot_row, code, first position, count) of each distinct (slot_row, code),
     in order of first appearance within each slot_row."""
     key = row * (ncat + 1) + (codes + 1)
-    uk, first, cnt = np.unique(key, return_index=True, return_counts=True)
+    uk, first, cnt = _first_and_count(key)
     order = np.lexsort((first, uk // (ncat + 1)))
     uk, first, cnt = uk[order], first[order], cnt[order]
     return uk // (ncat + 1), uk % (ncat + 1) - 1, first, cnt
@@ -473,7 +490,7 @@ def _fault_groups(fv: pd.DataFrame) -> dict[int, dict]:
         return {}
     row = fv["slot_row"].to_numpy(dtype=np.int64)
     out = {int(r): {"n": int(n), "counts": None, "spte_mts": set(), "vma_mts": set(),
-                    "rules": [], "first": {}} for r, n in zip(*np.unique(row, return_counts=True))}
+                    "rules": [], "first": {}} for r, _, n in zip(*_first_and_count(row))}
     vc, vv = _codes(fv["verdict"])
     vmc, vmv = _codes(fv["vma_memtype"])
     vsc, vsv = _codes(fv["vma_memtype_source"])

@@ -86,12 +86,24 @@ class Table:
             if c.name not in df:
                 if not c.optional:
                     raise SchemaError(f"table {self.name}: column {c.name} missing")
-                out[c.name] = pd.Series(pd.NA if c.dtype in _INT | {"str"} else np.nan,
-                                        index=df.index, dtype=c.dtype) \
-                    if c.dtype != "object" else pd.Series(None, index=df.index, dtype=object)
+                out[c.name] = pd.Series(_nulls(c.dtype, len(df)), index=df.index)
                 continue
             out[c.name] = _cast(df[c.name], c, self.name)
-        return pd.DataFrame(out, index=df.index).reset_index(drop=True)
+        # the columns as they are (copy-on-write: nothing of df is shared for writing)
+        return pd.DataFrame(out, index=df.index, copy=False).reset_index(drop=True)
+
+
+def _nulls(dtype: str, n: int):
+    """A column of ``n`` nulls of ``dtype``, made whole (not value by value)."""
+    if dtype in ("Int64", "UInt64"):
+        return pd.arrays.IntegerArray(np.zeros(n, np.int64 if dtype == "Int64" else np.uint64),
+                                      np.ones(n, bool))
+    if dtype == "str":
+        return pd.array(pa.chunked_array([pa.nulls(n, pa.large_string())]), dtype="str")
+    if dtype == "object":  # as pandas makes it (NaN)
+        return pd.Series(None, index=pd.RangeIndex(n), dtype=object).array
+    return pd.Series(pd.NA if dtype in _INT else np.nan, index=pd.RangeIndex(n),
+                     dtype=dtype).array
 
 
 def _cast(s: pd.Series, c: Column, table: str) -> pd.Series:
@@ -275,7 +287,8 @@ SLOTS = Table("slots", "slot versions over time: one row per create, move or fla
     C("end_ts", "uint64", "ns", "when it ended (2**64-1: still live at the end)"),
     C("created_by", "str", "", "create / move / flags, or 'before recording' (set before "
       "recording began: read from the kernel at the start)"),
-    C("ended_by", "str", "", "delete / move / flags, '' while live"),
+    C("ended_by", "str", "", "delete / move / flags, 'VM replaced' (the process created a "
+      "new VM on the same fd: the old one was closed before), '' while live"),
     C("snapshot_ts", "UInt64", "ns", "when a slot set before recording was read from the "
       "kernel (null: set while recording)"),
     C("gfn_start", "int64", "pages", "first guest frame"),
@@ -339,7 +352,8 @@ FAULTS = Table("faults", "one row per guest fault, paired from tracepoints (or k
     C("vma_memtype", "category", "", "memory type of the host VMA"),
     C("vma_memtype_source", "category", "", "how the VMA memory type was found"),
     C("expected_memtype", "category", "", "arm64: what the kernel's rule gives"),
-    C("rule", "category", "", "arm64: the kernel rule that applied"),
+    C("rule", "category", "", "the kernel rule behind the installed entry's memory type "
+      "(arm64: stage-2 attributes, memtype/arm64.py; x86: NPT / EPT / shadow, memtype/x86.py)"),
     C("verdict", "category", "", "consistent / downgraded / upgraded / rejected / unknown; '' "
       "when nothing was installed"),
     C("mapping_size_bytes", "UInt64", "bytes", "bytes one entry at this level maps (4K / 2M "

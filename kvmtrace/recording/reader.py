@@ -493,15 +493,18 @@ def _table(name: str, chunks: list, typ: pa.StructType, dropped: dict) -> pd.Dat
         if name not in _EMPTY or not _EMPTY[name].columns.equals(pd.Index(typ.names)):
             _EMPTY[name] = _frame([pa.array([], type=f.type) for f in typ], typ.names)
         return _EMPTY[name].copy()
-    arr = pa.concat_arrays(chunks)
-    have = {f.name: c for f, c in zip(arr.type, arr.flatten())}
+    # field by field, each a chunked array over the batches (one copy: into numpy)
+    flat = [c.flatten() for c in chunks]
+    have = {f.name: pa.chunked_array([fl[i] for fl in flat], type=f.type)
+            for i, f in enumerate(chunks[0].type)}
+    del flat
     if any(c.null_count for c in have.values()):
         keep = None
         for c in have.values():
             if c.null_count:
                 v = c.is_valid()
                 keep = v if keep is None else pc.and_(keep, v)
-        n = len(arr)
+        n = sum(len(c) for c in chunks)
         have = {k: c.filter(keep) for k, c in have.items()}
         dropped[name] = dropped.get(name, 0) + n - len(next(iter(have.values())))
     n = len(next(iter(have.values()))) if have else 0
@@ -516,9 +519,15 @@ def _frame(cols: list, names: list) -> pd.DataFrame:
     column by column: integers as writable numpy arrays, strings by Arrow."""
     if not all(pa.types.is_integer(c.type) or pa.types.is_string(c.type) for c in cols):
         return pa.Table.from_arrays(cols, names=names).to_pandas()
-    return pd.DataFrame({n: c.to_numpy(zero_copy_only=False, writable=True)
-                         if pa.types.is_integer(c.type) else c.to_pandas()
+    return pd.DataFrame({n: _numpy(c) if pa.types.is_integer(c.type) else c.to_pandas()
                          for n, c in zip(names, cols)}, copy=False)
+
+
+def _numpy(c) -> np.ndarray:
+    """An integer column (an array or chunked array) as a writable numpy array."""
+    a = c.to_numpy() if isinstance(c, pa.ChunkedArray) else \
+        c.to_numpy(zero_copy_only=False, writable=True)
+    return a if a.flags.writeable else a.copy()
 
 
 # What the writer puts in each note it writes, at the top level; a note of a
@@ -679,7 +688,8 @@ def _read(path: str, fd: int) -> Recording:
 
     tables = {}
     for name, typ in fmt.table_types().items():
-        tables[name] = _table(name, parts.get(name) or [], typ, dropped)
+        # each table's decoded batches let go once it is made: peak = the file's data + one table
+        tables[name] = _table(name, parts.pop(name, None) or [], typ, dropped)
     for name, n in dropped.items():
         problems.append(f"table {name}: {n} row(s) with missing values ignored (corrupt)")
     for name in tables:  # ANY_TABLE_RULES hold for every table, ROW_RULES for theirs
