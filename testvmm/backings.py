@@ -39,9 +39,16 @@ Kinds:
                against /lib/modules/$(uname -r)/build, in a temporary copy)
                and insmod'ed, or the kind is "unavailable" with the reason.
                Shares the BAR with bar-uc / bar-wc slots (its own part).
+  bar-vfio     the same BAR as QEMU maps it for device assignment: the device
+               bound to vfio-pci, its IOMMU group attached to a type1
+               container, the BAR region mmap'ed from the VFIO device fd
+               (vfio.py). Needs an IOMMU (testbed run --iommu); "unavailable"
+               with the reason otherwise. Shares the BAR with the other bar-*
+               kinds (its own part).
 
 KINDS are the kinds every Linux host can make (the demo covers them all);
-BAR_KINDS need a PCI device; ALL_KINDS is both.
+BAR_KINDS need a PCI device; VFIO_KINDS a PCI device and an IOMMU;
+ALL_KINDS is all of them.
 
 Every mapping the module creates is 2 MiB aligned (so hva and gpa agree
 modulo 2 MiB, as KVM needs for huge mappings) and sits between PROT_NONE guard
@@ -62,9 +69,11 @@ KINDS = ("anon", "anon-shared", "memfd", "file", "hugetlb", "thp", "pfnmap")
 BAR_KINDS = ("bar-uc", "bar-wc")
 # kinds that need the arm64 testbed's test module (not in the demo)
 MODULE_KINDS = ("bar-cacheable",)
-ALL_KINDS = KINDS + BAR_KINDS + MODULE_KINDS
+# the BAR through vfio-pci (needs an IOMMU; not in the demo)
+VFIO_KINDS = ("bar-vfio",)
+ALL_KINDS = KINDS + BAR_KINDS + MODULE_KINDS + VFIO_KINDS
 # every kind over a PCI BAR
-ANY_BAR_KINDS = BAR_KINDS + MODULE_KINDS
+ANY_BAR_KINDS = BAR_KINDS + MODULE_KINDS + VFIO_KINDS
 # VM_PFNMAP backings: no struct pages behind them
 PFNMAP_KINDS = ("pfnmap",) + ANY_BAR_KINDS
 # kinds whose host memory the VMM may write (guest code stubs, checks)
@@ -142,6 +151,7 @@ class Backing:
         self._reservation = None  # (addr, length) to munmap, guard pages included
         self._owns_file = False
         self._bar_range = None  # (BAR key, offset, size) held in _BAR_IN_USE
+        self._vfio = None  # bar-vfio: the open VFIO device (vfio.VfioDevice)
 
     # -- release ----------------------------------------------------------
     def close(self):
@@ -154,6 +164,9 @@ class Backing:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+        if self._vfio is not None:
+            self._vfio.close()
+            self._vfio = None
         if self._owns_file and self.path:
             try:
                 os.unlink(self.path)
@@ -333,6 +346,8 @@ def _allocate(b, kind, size, slot):
         _map_bar(b, kind, size)
     elif kind == "bar-cacheable":
         _map_cacheable_bar(b, kind, size)
+    elif kind == "bar-vfio":
+        _map_vfio_bar(b, kind, size)
 
 
 def find_bar(environ=None):
@@ -396,26 +411,41 @@ def _map_bar(b, kind, size):
         with open(os.path.join(dev, "enable"), "w") as f:
             f.write("1")
     except OSError as e:
-        raise Unavailable(f"{kind}: cannot enable {dev}: {e.strerror}") from None
+        # a bound driver makes the write EBUSY (e.g. vfio-pci, while a
+        # bar-vfio slot of this run holds the device): fine if it is enabled
+        if e.errno != errno.EBUSY or _read_text(os.path.join(dev, "enable")) != "1":
+            raise Unavailable(f"{kind}: cannot enable {dev}: {e.strerror}") from None
     bar_size = os.path.getsize(path)
     if bar_size < PAGE_SIZE:
         raise Unavailable(f"{kind}: {path} is {bar_size} bytes")
     _map_bar_range(b, kind, (os.path.realpath(dev), index), path, size, bar_size)
 
 
-def _map_bar_range(b, kind, key, path, size, bar_size):
+def _map_bar_range(b, kind, key, path, size, bar_size, fd=None, region_offset=0):
     """Map a part of the BAR no other slot of this run holds, through ``path``
-    (a sysfs resource file, or the test module's device over the same BAR)."""
+    (a sysfs resource file, or the test module's device over the same BAR),
+    or through an open `fd` whose BAR region starts at `region_offset` (a
+    VFIO device fd; `path` then only names it)."""
     size = min(size or bar_size, bar_size)
     offset = _bar_offset(key, size, bar_size)
     if offset is None:
         raise Unavailable(f"{kind}: no {size >> 10} KiB of the {bar_size >> 10} KiB BAR left "
                           f"(other BAR slots hold the rest)")
+    if fd is None:
+        try:
+            fd = b._fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        except OSError as e:
+            raise Unavailable(f"{kind}: open {path}: {e.strerror}") from None
     try:
-        b._fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        _reserve_and_map(b, size, PROT_RW, MAP_SHARED, fd, offset=region_offset + offset)
     except OSError as e:
-        raise Unavailable(f"{kind}: open {path}: {e.strerror}") from None
-    _reserve_and_map(b, size, PROT_RW, MAP_SHARED, b._fd, offset=offset)
+        if e.errno != errno.EINVAL or path.startswith("vfio:"):
+            raise
+        # pci_mmap_resource refuses a region a driver has claimed
+        # (iomem_is_exclusive), e.g. vfio-pci while a bar-vfio slot holds it
+        raise Unavailable(f"{kind}: mmap {path}: {e.strerror} (the kernel refuses it while "
+                          f"a driver has claimed the BAR, e.g. vfio-pci: see /proc/iomem)") \
+            from None
     b._bar_range = (key, offset, size)
     _BAR_IN_USE.add(b._bar_range)
     b.path = path
@@ -479,6 +509,31 @@ def _map_cacheable_bar(b, kind, size):
     bar_size = os.path.getsize(path)
     # the module maps this same BAR: share the range bookkeeping
     _map_bar_range(b, kind, (os.path.realpath(dev), index), CBAR_DEV, size, bar_size)
+
+
+def _read_text(path):
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def _map_vfio_bar(b, kind, size):
+    from . import vfio
+    dev, index = find_bar()
+    if dev is None:
+        raise Unavailable(f"{kind}: {index}")
+    try:
+        b._vfio = vfio.VfioDevice(dev, index)
+    except vfio.VfioUnavailable as e:
+        raise Unavailable(f"{kind}: {e}") from None
+    except OSError as e:
+        raise Unavailable(f"{kind}: VFIO setup of {dev}: {e.strerror or e}") from None
+    v = b._vfio
+    _map_bar_range(b, kind, (os.path.realpath(dev), index), f"vfio:{v.bdf}:{index}", size,
+                   v.bar_size, fd=v.device_fd, region_offset=v.bar_offset)
+    b.reason = v.how
 
 
 _FS_MAGIC = {0x01021994: "tmpfs", 0x858458F6: "ramfs", 0xEF53: "ext4", 0x58465342: "xfs",

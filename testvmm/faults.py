@@ -370,8 +370,9 @@ def expected_dirty_pages(kind, flags, touched, gpage2m=False, host_written=None,
 # write-notify: a read fault installs a writable host PTE)
 # a read maps these writable on TDP; bar-uc / bar-wc (a writable MAP_SHARED
 # VM_PFNMAP BAR: the pfn comes writable from the host pte) measured on 6.1.0-57
-# and 7.3.4 (tests/fixtures/x86-tdp/bar-*: "rw" steps took one fault per page)
-TDP_WRITABLE_ON_READ = ("memfd", "anon-shared", "bar-uc", "bar-wc")
+# and 7.3.4 (tests/fixtures/x86-tdp/bar-*: "rw" steps took one fault per page);
+# bar-vfio assumed the same (a writable MAP_SHARED VM_PFNMAP BAR as well)
+TDP_WRITABLE_ON_READ = ("memfd", "anon-shared", "bar-uc", "bar-wc", "bar-vfio")
 
 
 def tdp_expected_faults(kind, flags, touched, role, extra, host_written, fs, result):
@@ -487,7 +488,8 @@ ARM64_PROT_BITS = {
 ARM64_4K_KINDS = ("anon", "anon-shared", "memfd", "file")
 # PCI BAR backings: bar-uc / bar-wc (sysfs resourceN / resourceN_wc) and
 # bar-cacheable (the kvmtrace_cbar test module: the BAR mapped Normal cacheable)
-ARM64_BAR_KINDS = ("bar-uc", "bar-wc", "bar-cacheable")
+# and bar-vfio (the BAR region mmap'ed from a VFIO device fd, as QEMU does)
+ARM64_BAR_KINDS = ("bar-uc", "bar-wc", "bar-cacheable", "bar-vfio")
 ARM64_SHMEM_KINDS = ("anon-shared", "memfd")
 
 
@@ -803,7 +805,11 @@ class _Arm64Stage2:
             if execute:  # -ENOEXEC: an instruction abort for the guest
                 r["refused"] += 1
                 return True
-            self._map(page, self._prot(not self.readonly, False, device=True), False)
+            # vfio-pci's VMA has VM_ALLOW_ANY_UNCACHED from 6.9: KVM maps it
+            # Normal-NC there (7.x), Device before (6.1)
+            nc = kind == "bar-vfio" and self.rule != "6.1"
+            prot = self._prot(not self.readonly, False, device=not nc)
+            self._map(page, prot + (["NORMAL_NC"] if nc else []), False)
             return True
         if kind == "pfnmap":
             self._map(page, self._prot(False, execute), False)

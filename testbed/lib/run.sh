@@ -5,12 +5,20 @@
 #   kt_qemu_bin            the QEMU binary
 #   kt_qemu_machine        prints the machine-specific QEMU arguments, one per line
 #   kt_console             the kernel console device (ttyAMA0, ttyS0)
+# and may read $KT_IOMMU (1: --iommu, give the machine an IOMMU; 0: --no-iommu)
+# in kt_qemu_machine, and define kt_iommu_devices (QEMU arguments placed
+# before every other device, as intel-iommu/amd-iommu must be) and
+# kt_iommu_append (kernel command-line words).
 # Optional: testbed/<arch>/guest/arch-init.sh runs in the guest before COMMAND
 # (e.g. x86 loads kvm_amd); everything in testbed/<arch>/guest/ is at /kt/.
 # The command line and behaviour are documented in testbed/arm64/README.md.
 # shellcheck shell=bash
 
 kernel='' root='' extra=() timeout_s=1800 src=$(cd "$KT_HERE/../.." && pwd) out='' mem=4096 console=0
+# An IOMMU for the emulated host (so vfio-pci can take the ivshmem device):
+# --iommu / --no-iommu, or KVMTRACE_TESTBED_IOMMU=1|0; off unless the
+# architecture's common.sh sets KT_IOMMU_DEFAULT=1 (neither does yet).
+KT_IOMMU=${KVMTRACE_TESTBED_IOMMU:-${KT_IOMMU_DEFAULT:-0}}
 while (($#)); do
     case $1 in
         --kernel) kernel=${2:?}; shift 2 ;;
@@ -25,6 +33,8 @@ while (($#)); do
         --root) root=${2:?}; shift 2 ;;
         --cpio) extra+=("$(readlink -f "${2:?}")"); shift 2 ;;
         --console) console=1; shift ;;
+        --iommu) KT_IOMMU=1; shift ;;
+        --no-iommu) KT_IOMMU=0; shift ;;
         -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
         --) shift; break ;;
         *) kt_die "unknown argument: $1 (the command goes after --)" ;;
@@ -34,6 +44,7 @@ done
 [[ -n $kernel ]] || kt_die "--kernel 6.1|7.x is required"
 kt_suite "$kernel" >/dev/null || exit 2
 [[ $timeout_s =~ ^[0-9]+$ ]] || kt_die "--timeout takes whole seconds"
+[[ $KT_IOMMU == [01] ]] || kt_die "KVMTRACE_TESTBED_IOMMU must be 0 or 1 (got '$KT_IOMMU')"
 root=${root:-$kernel}
 kt_suite "$root" >/dev/null || exit 2
 base=$KT_ACACHE/images/$root.cpio
@@ -71,11 +82,12 @@ mknod -m 600 "$S/dev/console" c 5 1
 install -m 755 "$KT_LIB/guest/init" "$S/init"
 cp -a "$KT_LIB/guest/." "$S/kt/"
 cp -a "$KT_HERE/guest/." "$S/kt/"
-printf 'KT_DEADLINE=%d\nKT_OUT=%d\nKT_KERNEL=%s\nKT_ARCH=%s\n' \
-    $((t_start + timeout_s)) "$([[ -n $out ]] && echo 1 || echo 0)" "$kernel" "$KT_ARCH" > "$S/kt/env"
+printf 'KT_DEADLINE=%d\nKT_OUT=%d\nKT_KERNEL=%s\nKT_ARCH=%s\nKT_IOMMU=%d\n' \
+    $((t_start + timeout_s)) "$([[ -n $out ]] && echo 1 || echo 0)" "$kernel" "$KT_ARCH" \
+    "$KT_IOMMU" > "$S/kt/env"
 {
     echo 'export PYTHONPATH=/src/src:/src${PYTHONPATH:+:$PYTHONPATH}'
-    echo 'export KVMTRACE_SRC=/src KVMTRACE_TESTBED_KERNEL='"$kernel"
+    echo 'export KVMTRACE_SRC=/src KVMTRACE_TESTBED_KERNEL='"$kernel"' KVMTRACE_TESTBED_IOMMU='"$KT_IOMMU"
     printf 'exec'; printf ' %q' "$@"; echo
 } > "$S/kt/cmd"
 # The checkout: tracked and untracked-but-not-ignored files of a git work tree
@@ -100,11 +112,19 @@ rm -rf "$S"
 # while the initrd is still loaded (1.3 GiB of 4 GiB on arm64, 98% full with
 # the 7.x root), ramfs has no such limit.
 mapfile -t machine < <(kt_qemu_machine)
+iommu_dev=() append_iommu=''
+if ((KT_IOMMU)) && declare -F kt_iommu_devices >/dev/null; then
+    mapfile -t iommu_dev < <(kt_iommu_devices)
+fi
+if ((KT_IOMMU)) && declare -F kt_iommu_append >/dev/null; then
+    append_iommu=" $(kt_iommu_append)"
+fi
 qemu=("$(kt_qemu_bin)"
     "${machine[@]}" -m "$mem"
     -nodefaults -display none -no-reboot
+    "${iommu_dev[@]}"
     -kernel "$vmlinuz" -initrd "$T/initrd"
-    -append "console=$(kt_console) rdinit=/init rootfstype=ramfs panic=1 quiet loglevel=4"
+    -append "console=$(kt_console) rdinit=/init rootfstype=ramfs panic=1 quiet loglevel=4$append_iommu"
     -chardev "file,id=kt_con,path=$T/console.log,append=on" -serial chardev:kt_con
     -object memory-backend-ram,id=kt_ivshmem,size=2M
     -device ivshmem-plain,memdev=kt_ivshmem
