@@ -193,15 +193,23 @@ def pfn_memtype(pfn, pat_list: list[dict] | None, ram: list[dict] | None, page_s
 # (not on 7.3.4). Measured in testbed/x86 on
 # 6.1.0-57 and 7.3.4: every NPT leaf KVM installed, RAM or a PCI BAR mapped
 # UC- or WC by the host, has PAT:PCD:PWT = 0 (tests/fixtures/x86-tdp). So the
-# NPT entry selects host PAT entry 0, WB, which restricts nothing. The CPU
-# (AMD APM vol. 2, "Nested Paging", the section on combining memory types)
-# combines the guest's PAT type (guest PTE bits through the guest's PAT,
-# VMCB G_PAT, which KVM loads from the guest's IA32_PAT) with the host's
-# (the NPT entry's bits through the host PAT); with a WB host type the
-# guest's type stands. The result is then combined with the host MTRRs of
-# the system-physical address (the guest's MTRRs play no part in hardware).
-# (The APM's combining table is cited from memory: no copy of the manual was
-# at hand to check it against.) The host VMA's type (UC- from resourceN, WC from
+# NPT entry selects host PAT entry 0, WB, which restricts nothing. Under
+# nested paging the guest and the host have separate PATs (gPAT: the VMCB's
+# G_PAT field; hPAT: the host's IA32_PAT), AMD APM vol. 2 "Nested Paging and
+# VMRUN/VMEXIT" as quoted by KVM's nSVM PAT series (Jim Mattson, applied to
+# kvm-x86/svm in 2026: commits 4b83e4ba836e "Cache and validate vmcb12 g_pat",
+# d65cf222b899 "Save gPAT to vmcb12.g_pat on VMEXIT"). The CPU combines the
+# guest's type (guest PTE bits through gPAT) with the host's (the NPT entry's
+# bits through hPAT) and then with the host MTRRs of the system-physical
+# address (the guest's MTRRs play no part in hardware); with a WB host type
+# the guest's type stands. UNVERIFIED: that combining table (APM vol. 2,
+# "Combining Guest and Host PAT Types" in the nested paging section) is
+# cited from memory. No copy of it was found (2026-12-01: the search tool's
+# docs, pages and code corpora have neither the APM section nor a
+# hypervisor or emulator source implementing the combination).
+# Nothing in kvmtrace computes the combined type; the table is only the
+# reason the report calls a WB NPT entry over a UC-/WC VMA "unknown" rather
+# than "upgraded". The host VMA's type (UC- from resourceN, WC from
 # resourceN_wc) is not carried into the NPT entry: KVM cannot force WB on
 # AMD, nor does it force the VMA's type; the guest and the host MTRRs decide.
 #

@@ -46,7 +46,15 @@ RUNS = {
     "pages-2x": ["--scenario", "pages-2x"],
     "shared-rw": ["--slot", "anon-shared:8:r+w", "--slot", "file:8:r+w",
                   "--slot", "memfd:8:r+w:dirty", "--slot", "anon:8:r+w:dirty"],
+    # RAM and the ivshmem BAR through resource2 (UC-) and resource2_wc (WC)
+    "x86-bar": ["--scenario", "x86-bar"],
 }
+
+# x86-bar, per slot backing: the host VMA's type and the verdict on NPT (KVM
+# sets no memory type: RAM consistent, the BAR unknown: the guest's PAT and
+# the host MTRRs decide; tests/test_report_x86_tdp.py checks the same offline).
+BAR_VERDICTS = {"anon": ("WB", "consistent"), "bar-uc": ("UC-", "unknown"),
+                "bar-wc": ("WC", "unknown")}
 
 BPFTRACE = r"""
 BEGIN { printf("ready\n"); }
@@ -194,6 +202,18 @@ def main():
         got = sorted(zip(created["slot_id"].astype(int), created["base_gfn"].astype(int),
                          created["npages"].astype(int), created["hva"].astype(int)))
         check(got == want, f"{name}: prepare_region's new slots equal the guest's")
+        if name == "x86-bar":
+            from kvmtrace.memtype import x86 as x86mt
+            v = model.verdicts[model.verdicts["pid"] == pid].set_index("slot")
+            got_v = {s["slot"]: (str(v.loc[s["slot"], "vma_memtype"]),
+                                 str(v.loc[s["slot"], "verdict"])) for s in g["slots"]
+                     if s["slot"] in v.index}
+            want_v = {s["slot"]: BAR_VERDICTS[s["backing"]] for s in g["slots"]}
+            rules = set(mine["rule"].astype(str))
+            check(got_v == want_v and rules == {x86mt.NPT_RULE}
+                  and set(mine["spte_memtype"].astype(str)) == {"WB"},
+                  f"{name}: (VMA type, verdict) per slot {got_v}, expected {want_v}; "
+                  f"every NPT entry PAT:PCD:PWT 0 under the NPT rule ({len(rules)} rule(s))")
         ms = r["memslot"][r["memslot"]["pid"] == pid]
         check((ms[ms["size"] > 0]["vma_status"] == 1).all(),
               f"{name}: VMA found in BPF at every memslot ioctl")
