@@ -18,6 +18,7 @@ import pandas as pd
 
 from . import pages, schema
 from .model import Model
+from ..memtype import arm64 as a64
 from .vmas import vmflag_words
 
 LEVELS = ("level1", "level2", "level3")  # mappings per level: 4K / 2M / 1G on x86
@@ -94,7 +95,7 @@ def slot_summary(model: Model, pid: int | None = None, slot: int | None = None) 
     # decoded from vm_page_prot where the VMA was captured at the ioctl (vmas.py)
     s["slot_vma_memtype"] = s["pgprot_memtype"].where(s["pgprot_memtype"].notna(),
                                                       s["slot_vma_memtype"])
-    s["vm_flags"] = s["vmflags"].map(vmflag_words)
+    s["vm_flags"] = _flag_words(s, model.meta.get("kernel"))
     s["t_start_s"] = _rel(model, s["start_ts"].where(s["snapshot_ts"].isna()))  # null: before
     s["t_end_s"] = _rel(model, s["end_ts"].where(s["end_ts"] < np.iinfo(np.uint64).max))
     s = schema.SUMMARY.conform(s[schema.SUMMARY.names])
@@ -136,3 +137,18 @@ def select(df: pd.DataFrame, model: Model, pid: int | None = None,
                         & (df["end"] > s.hva)).to_numpy(dtype=bool)
             keep &= hit
     return df[keep].reset_index(drop=True)
+
+
+def _flag_words(s: pd.DataFrame, kernel) -> pd.Series:
+    """The VmFlags that matter for memory types, spelled out: smaps' mnemonics,
+    plus VM_ALLOW_ANY_UNCACHED (vfio-pci, 6.9+) from the captured vm_flags,
+    which smaps has no mnemonic for (it prints '??')."""
+    words = s["vmflags"].map(vmflag_words)
+    mask = a64.vm_flag_bits(kernel or "0").get("VM_ALLOW_ANY_UNCACHED") if kernel else None
+    if not mask or "vm_flags" not in s or not len(s):
+        return words
+    flags = s["vm_flags"].astype("UInt64")
+    has = ((flags & np.uint64(mask)) != 0).fillna(False).to_numpy(dtype=bool)
+    return pd.Series(np.where(has, np.where(words == "-", "VM_ALLOW_ANY_UNCACHED",
+                                            words + "|VM_ALLOW_ANY_UNCACHED"), words),
+                     index=s.index)
