@@ -4,10 +4,12 @@
 # the host side next to the recording: /proc/mtrr, the PAT memtype list
 # before and while the BAR is mapped, the PAT line of the boot log, the
 # device's lspci, the VMM's maps and smaps while mapped, the text report.
-#   testbed/x86/run --kernel K --out DIR -- sh /kt/memtypes.sh [NAME]
-# writes DIR/NAME-K.{kvt,guest.json,host.txt,report.txt} (NAME: bar)
+#   testbed/x86/run --kernel K --out DIR -- sh /kt/memtypes.sh [NAME [SCENARIO]]
+# writes DIR/NAME-K.{kvt,guest.json,host.txt,report.txt} (NAME: bar, SCENARIO:
+# x86-bar; the BAR through vfio-pci: run --iommu ... memtypes.sh vfio vfio)
 set -u
 name=${1:-bar}
+scenario=${2:-x86-bar}
 k=$(. /kt/env; echo "$KT_KERNEL")
 o=/out
 base=$o/$name-$k
@@ -17,7 +19,7 @@ cd /src
 {
   echo "## uname -r"; uname -r
   echo "## /proc/mtrr"; cat /proc/mtrr
-  echo "## dmesg: PAT / MTRR"; dmesg | grep -i -E 'x86/PAT|mtrr' || true
+  echo "## dmesg: PAT / MTRR / IOMMU"; dmesg | grep -i -E 'x86/PAT|mtrr|AMD-Vi|iommu|DMAR' | head -20 || true
   echo "## lspci -vv -d 1af4:1110"; lspci -vv -d 1af4:1110 || true
   echo "## kallsyms: get_mt_mask / shadow_memtype_mask"; grep -E "get_mt_mask|shadow_memtype_mask" /proc/kallsyms || echo none
   echo "## pat_memtype_list before the VMM"; cat /sys/kernel/debug/x86/pat_memtype_list
@@ -27,16 +29,17 @@ rm -f "$base.guest.json"
   while [ ! -s "$base.guest.json" ]; do sleep 0.5; done
   pid=$(pgrep -f '^python3 -m testvmm' | head -n1)
   {
+    echo "## driver: $(readlink /sys/bus/pci/devices/*/driver | grep vfio)"
     echo "## pat_memtype_list while the VMM holds the BAR (pid $pid)"
     cat /sys/kernel/debug/x86/pat_memtype_list
     echo "## /proc/$pid/maps"; cat /proc/$pid/maps
-    echo "## /proc/$pid/smaps (resource2 VMAs)"
-    grep -A25 resource2 /proc/$pid/smaps
+    echo "## /proc/$pid/smaps (BAR VMAs)"
+    grep -E -A25 'resource2|vfio' /proc/$pid/smaps
   } >> "$host" 2>&1
 ) &
 watcher=$!
 python3 -m kvmtrace.cli record -o "$base.kvt" --force -- \
-  python3 -m testvmm --scenario x86-bar -q --report "$base.guest.json" --hold 8
+  python3 -m testvmm --scenario "$scenario" -q --report "$base.guest.json" --hold 8
 rc=$?
 wait $watcher 2>/dev/null
 python3 -m kvmtrace.cli report "$base.kvt" --width 200 > "$base.report.txt" 2>&1
