@@ -68,6 +68,11 @@ def _pid_of(marker: str, seconds: float, proc) -> int:
 
 
 def _attached_recorder(pid: int, q, seconds: float = 900) -> None:
+    """Wait until query's recording window has attached every probe: its
+    ``record --pid`` creates its output file only then (a BPF program fd
+    appears earlier: the memslot iterator, loaded before the probes compile;
+    waiting for that one let the guest run before the window's probes were
+    attached, and the window saw nothing installed)."""
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         if q.poll() is not None:
@@ -80,10 +85,10 @@ def _attached_recorder(pid: int, q, seconds: float = 900) -> None:
                 if "record" not in argv or "--pid" not in argv \
                         or argv[argv.index("--pid") + 1] != str(pid):
                     continue
-                links = [os.readlink(f"/proc/{d}/fd/{fd}") for fd in os.listdir(f"/proc/{d}/fd")]
-            except (OSError, UnicodeDecodeError, IndexError):
+                out = argv[argv.index("-o") + 1]
+            except (OSError, UnicodeDecodeError, IndexError, ValueError):
                 continue
-            if "anon_inode:bpf-prog" in links:
+            if os.path.exists(out):
                 return
         time.sleep(0.2)
     raise AssertionError(f"query's recording window for {pid} did not attach in {seconds} s")
