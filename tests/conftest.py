@@ -102,3 +102,28 @@ class SpteCounter:
                     pid, k = (int(x) for x in key.split(","))
                     table.setdefault(pid, {})[k] = int(value)
         return sptes, levels
+
+
+def window_attached(pid: int, q, seconds: float = 900) -> None:
+    """Wait until ``kvmtrace query --window``'s recording of ``pid`` has attached
+    every probe: its ``record --pid`` creates its output file only then. (A BPF
+    program fd appears earlier: the memslot iterator, loaded before the probes
+    compile; waiting for that one let the guest run before the window's probes
+    were attached, and the window saw nothing installed.) ``q``: the query."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if q.poll() is not None:
+            raise AssertionError(f"kvmtrace query exited: {q.stderr.read()[-2000:]}")
+        for d in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                argv = Path(f"/proc/{d}/cmdline").read_bytes().decode().split("\0")
+                if "record" not in argv or "--pid" not in argv \
+                        or argv[argv.index("--pid") + 1] != str(pid):
+                    continue
+                out = argv[argv.index("-o") + 1]
+            except (OSError, UnicodeDecodeError, IndexError, ValueError):
+                continue
+            if os.path.exists(out):
+                return
+        time.sleep(0.2)
+    raise AssertionError(f"query's recording window for {pid} did not attach in {seconds} s")

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, load_json, one_line_error
+from conftest import ROOT, load_json, one_line_error, window_attached
 from conftest import kvmtrace as run
 
 IS_ARM64 = platform.machine() in ("aarch64", "arm64")
@@ -65,33 +65,6 @@ def _pid_of(marker: str, seconds: float, proc) -> int:
                 return int(d)
         time.sleep(0.1)
     raise AssertionError(f"no sh waiting on {marker}")
-
-
-def _attached_recorder(pid: int, q, seconds: float = 900) -> None:
-    """Wait until query's recording window has attached every probe: its
-    ``record --pid`` creates its output file only then (a BPF program fd
-    appears earlier: the memslot iterator, loaded before the probes compile;
-    waiting for that one let the guest run before the window's probes were
-    attached, and the window saw nothing installed)."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if q.poll() is not None:
-            raise AssertionError(f"kvmtrace query exited: {q.stderr.read()[-2000:]}")
-        for d in os.listdir("/proc"):
-            if not d.isdigit():
-                continue
-            try:
-                argv = Path(f"/proc/{d}/cmdline").read_bytes().decode().split("\0")
-                if "record" not in argv or "--pid" not in argv \
-                        or argv[argv.index("--pid") + 1] != str(pid):
-                    continue
-                out = argv[argv.index("-o") + 1]
-            except (OSError, UnicodeDecodeError, IndexError, ValueError):
-                continue
-            if os.path.exists(out):
-                return
-        time.sleep(0.2)
-    raise AssertionError(f"query's recording window for {pid} did not attach in {seconds} s")
 
 
 def _stop(proc):
@@ -163,7 +136,7 @@ def vm(tmp_path_factory):
         q = subprocess.Popen([sys.executable, "-m", "kvmtrace.cli", "query", "--pid",
                               str(L.pid), "--window", str(WINDOW), "--format", "json"],
                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        _attached_recorder(L.pid, q)
+        window_attached(L.pid, q)
         t["window_attach_s"] = round(time.monotonic() - t0, 1)
         print(f"query arm64: {t}", file=sys.stderr, flush=True)
         time.sleep(1)

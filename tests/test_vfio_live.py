@@ -29,7 +29,7 @@ import time
 
 import pytest
 
-from conftest import REQUIRE_LIVE, ROOT, guest_cmd, load_json
+from conftest import REQUIRE_LIVE, ROOT, guest_cmd, load_json, window_attached
 from conftest import kvmtrace as run
 
 pytestmark = pytest.mark.usefixtures("live")
@@ -124,25 +124,6 @@ def test_stage2_type_and_rule(recorded):
         assert "kernel rule: " + x86.NPT_RULE in v.loc[n["bar-vfio"], "reason"]
 
 
-def _recorder_attached(pid, q, seconds=900):
-    """query --window's recording has loaded its BPF programs for `pid`."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        assert q.poll() is None, q.stderr.read()[-2000:]
-        for d in filter(str.isdigit, os.listdir("/proc")):
-            try:
-                argv = open(f"/proc/{d}/cmdline", "rb").read().decode().split("\0")
-                if "record" not in argv or str(pid) not in argv:
-                    continue
-                if "anon_inode:bpf-prog" in {os.readlink(f"/proc/{d}/fd/{fd}")
-                                             for fd in os.listdir(f"/proc/{d}/fd")}:
-                    return
-            except (OSError, UnicodeDecodeError):
-                continue
-        time.sleep(0.2)
-    raise AssertionError("query's window did not attach")
-
-
 @pytest.mark.xfail(reason="not yet passing: in the arm64 7.x testbed (2026-12-01, a loaded "
                    "host) query's 90 s window read vm_fds [] for the gated VMM and the VMM "
                    "had not reported when the window ended; not diagnosed", strict=False)
@@ -165,7 +146,7 @@ def test_query_slot_of_a_held_vmm(vfio_bar, tmp_path):
                               str(guest.pid), "--slot", str(slot), "--window", str(WINDOW),
                               "--format", "json"],
                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        _recorder_attached(guest.pid, q)
+        window_attached(guest.pid, q)
         gate.touch()
         out, err = q.communicate(timeout=WINDOW + 900)
         print(f"vfio query window: {time.monotonic() - t0:.1f} s\n{out}", file=sys.stderr)
