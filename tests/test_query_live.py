@@ -29,9 +29,12 @@ import kvmtrace
 from kvmtrace.analysis import vmas as vmas_mod
 from kvmtrace.host import procfs
 
-from conftest import ROOT, kvmtrace as run, load_json, one_line_error
+from conftest import ROOT, kvmtrace as run, load_json, one_line_error, window_attached
 
 pytestmark = pytest.mark.usefixtures("live")
+# s: query's recording window; the guest (a few seconds, more on a busy host)
+# starts once the window has attached and must end inside it
+WINDOW = 20
 
 
 def vmm_cmd(*args):
@@ -243,27 +246,6 @@ def test_query_is_quick(held):
 
 # -- a recording window ----------------------------------------------------------
 
-def _attached_recorder(pid: int, seconds: float = 120) -> int:
-    """The `kvmtrace record --pid PID` that query started, once it holds its
-    BPF programs (it attaches them right after loading)."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        for d in os.listdir("/proc"):
-            if not d.isdigit():
-                continue
-            try:
-                argv = Path(f"/proc/{d}/cmdline").read_bytes().decode().split("\0")
-                if "record" not in argv or "--pid" not in argv or argv[argv.index("--pid") + 1] != str(pid):
-                    continue
-                links = [os.readlink(f"/proc/{d}/fd/{fd}") for fd in os.listdir(f"/proc/{d}/fd")]
-            except (OSError, UnicodeDecodeError, IndexError):
-                continue
-            if "anon_inode:bpf-prog" in links:
-                return int(d)
-        time.sleep(0.1)
-    raise AssertionError(f"query's recording window for {pid} did not attach in {seconds} s")
-
-
 @pytest.fixture(scope="module")
 def windowed(tmp_path_factory):
     """A VM that runs inside query's --window, recorded on its own too.
@@ -288,12 +270,11 @@ def windowed(tmp_path_factory):
         W = Live()
         W.pid = _pid_of_sh(str(fifo), 90)
         q = subprocess.Popen([sys.executable, "-m", "kvmtrace.cli", "query", "--pid", str(W.pid),
-                              "--window", "12", "--format", "json"], cwd=ROOT,
+                              "--window", str(WINDOW), "--format", "json"], cwd=ROOT,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        _attached_recorder(W.pid)
-        time.sleep(1)
+        window_attached(W.pid, q)
         Path(fifo).write_text("go\n")
-        out, err = q.communicate(timeout=240)
+        out, err = q.communicate(timeout=600)
         W.q = subprocess.CompletedProcess(q.args, q.returncode, out, err)
         W.vmm = _wait_for(rep, proc, 60)
         assert W.vmm["pid"] == W.pid
@@ -335,7 +316,7 @@ def test_window_sees_what_kvm_installed(windowed):
     W = windowed
     assert W.q.returncode == 2, W.q.stderr
     body = json.loads(W.q.stdout)
-    assert body["window_s"] == 12 and "recording window" in body["installed_source"]
+    assert body["window_s"] == WINDOW and "recording window" in body["installed_source"]
     rows = {r["slot"]: r for r in body["rows"]}
     for n, s in _final_slots(W.vmm).items():
         touched = {p for pages in s.get("touched", {}).values() for p in pages}
