@@ -85,9 +85,10 @@ STALL_S = 0.25
 MIN_BYTES, MAX_BYTES = 64 << 10, 4 << 20
 MIN_PAGES = max(1, MIN_BYTES // PAGE_SIZE)
 MAX_PAGES = max(MIN_PAGES, MAX_BYTES // PAGE_SIZE)
-# Rings of at least this many bytes carry the high-rate events; --buffer-size
-# resizes them (perf's -m habit), the rare kinds keep theirs.
-HIGH_RATE_PAGES = max(1, (1 << 20) // PAGE_SIZE)
+# Kinds expected at this many events/s or more are the high-rate ones (faults,
+# MMIO, exits); --buffer-size resizes their rings (perf's -m habit). The rare
+# kinds keep theirs, bursty memslot changes (big rings, low rate) included.
+HIGH_RATE = 50_000
 
 
 def declared_pages(ev: Event) -> int:
@@ -106,7 +107,7 @@ def ring_pages(ev: Event, buffer_pages: int | dict | None = None) -> int:
     if isinstance(buffer_pages, dict):
         return buffer_pages.get(ev.name) or declared_pages(ev)
     declared = declared_pages(ev)
-    if buffer_pages is None or declared < HIGH_RATE_PAGES:
+    if buffer_pages is None or ev.rate < HIGH_RATE:
         return declared
     return buffer_pages
 
