@@ -533,8 +533,11 @@ def report(recording, fmt, pid, slot, table, fail_on, output, force, width):
         _need_plots()
     _check_output(output or ("report.html" if fmt == "html" else None), force)
     try:
-        # html plots from the raw events; the other views never read them again
-        model = build(recording, keep_raw=fmt == "html")
+        # html plots from the raw events; the other views never read them again, and
+        # but for the per-fault rows (--table faults, the whole TSV report) they read
+        # the faults only as per-slot aggregates, made window by window
+        model = build(recording, keep_raw=fmt == "html",
+                      lean=fmt in ("text", "json", "csv") and table != "faults")
     except RecordingError as e:
         _fail(str(e))
     if fmt == "text":

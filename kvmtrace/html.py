@@ -453,7 +453,7 @@ def report_html(model: Model, tables: dict) -> str:
             body.append(_table(g, _memslot_cols(as_ids), row_id=lambda r: htmlmap.anchor(
                 r["pid"], r["proc"], r["vm_fd"], r["as_id"], r["slot"], r["version"])))
         body.append("</section>")
-    outside = int((model.faults["slot_row"] < 0).sum())
+    outside = model.fault_stats.outside
     if outside:
         body.append(f"<p class='note'>{outside:,} faults outside every recorded memslot "
                     "(slots set before recording started, or of untraced VMs)</p>")

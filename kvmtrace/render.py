@@ -596,7 +596,7 @@ def _no_slots(model: Model, t: dict, pid, slot, console: Console):
     else:
         console.print("no memslots recorded: the VMM set its memslots before recording "
                       "started, or no VM ran (faults outside known slots: "
-                      f"{int((model.faults['slot_row'] < 0).sum())})")
+                      f"{model.fault_stats.outside})")
 
 
 def to_text(model: Model, console: Console, pid=None, slot=None, table=None):
@@ -637,7 +637,7 @@ def to_text(model: Model, console: Console, pid=None, slot=None, table=None):
         _activity_table(s, console, summary.level_labels(model))
         _verdict_table(t["verdicts"], console)
         _ranges_table(t["ranges"], console, pages.page_size(model.meta))
-    outside = int((model.faults["slot_row"] < 0).sum())
+    outside = model.fault_stats.outside
     if outside:
         console.print(f"[yellow]{outside} faults outside every recorded memslot[/] "
                       "(slots set before recording started, or of untraced VMs)")

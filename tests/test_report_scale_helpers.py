@@ -16,17 +16,6 @@ from kvmtrace.recording.reader import read
 X86 = sorted(FIXTURES.glob("x86*.kvt")) + sorted(FIXTURES.glob("x86-tdp/*.kvt"))
 
 
-@pytest.mark.parametrize("top", [7, 40, 1 << 20, 1 << 40])
-def test_first_and_count_is_unique(top):
-    rng = np.random.default_rng(top)
-    for n in (0, 1, 5, 10_000):
-        key = rng.integers(0, top, n)
-        want = np.unique(key, return_index=True, return_counts=True)
-        got = model._first_and_count(key)
-        for w, g in zip(want, got):
-            assert np.array_equal(w, g)
-
-
 def _random_sptes(n, seed):
     rng = np.random.default_rng(seed)
     spte = rng.integers(0, 2**64 - 1, n, dtype=np.uint64, endpoint=True)

@@ -32,6 +32,7 @@ EPT_QUAL_WRITE, EPT_QUAL_FETCH = 1 << 1, 1 << 2
 # columns pairing leaves behind that are not part of the faults table
 WORKING_COLUMNS = ("prev_req_ts", "next_req_ts", "install_row")
 ACCESS = ("exec", "read", "write")  # the access kinds, as codes 0, 1, 2
+NO_NEXT_REQUEST = 2**62  # next_req_ts of a thread's last request: no install is too late
 
 
 def nullable(df: pd.DataFrame) -> pd.DataFrame:
@@ -50,7 +51,7 @@ def _sorted(df: pd.DataFrame, col: str) -> pd.DataFrame:
 
 
 def _asof(left, right, on_left, on_right, direction, suffix_cols):
-    """merge_asof by tid, bringing right's columns renamed (``suffix_cols``)
+    """merge_asof by tid (arm64 pairing, stage2.py), bringing right's columns renamed (``suffix_cols``)
     as nullable integers; the join key itself is a private int64 copy."""
     key = right[[k for k, v in suffix_cols.items() if v == on_right][0]].to_numpy(
         dtype="int64")
@@ -65,6 +66,59 @@ def _asof(left, right, on_left, on_right, direction, suffix_cols):
     return m.drop(columns="_key")
 
 
+def _by_thread(codes: np.ndarray, k: int):
+    """(order, bounds): row indices grouped by thread code (time order kept
+    within one), and where each code's rows start and end in it."""
+    small = codes.astype(np.int16 if k < (1 << 15) else np.int32)  # radix-sorted
+    order = np.argsort(small, kind="stable")
+    return order, np.searchsorted(small[order], np.arange(k + 1))
+
+
+def asof_index(ltid: np.ndarray, lts: np.ndarray, rtid: np.ndarray, rts: np.ndarray,
+               forward: bool) -> np.ndarray:
+    """For each left row, the index of the right row of the same thread with the
+    last time at or before its time (backward) or the first at or after it
+    (forward); -1 where there is none: merge_asof(by="tid",
+    allow_exact_matches=True) on int64 columns, as one binary search per
+    thread (a loop over threads, of which a VM has a few per vCPU)."""
+    n, m = len(lts), len(rts)
+    out = np.full(n, -1, dtype=np.int64)
+    if not n or not m:
+        return out
+    codes, uniq = pd.factorize(np.concatenate([ltid, rtid]))
+    k = len(uniq)
+    lo, lb = _by_thread(codes[:n], k)
+    ro, rb = _by_thread(codes[n:], k)
+    for g in range(k):
+        L, R = lo[lb[g]:lb[g + 1]], ro[rb[g]:rb[g + 1]]
+        if not len(L) or not len(R):
+            continue
+        rt = rts[R]
+        if len(rt) > 1 and (rt[1:] < rt[:-1]).any():
+            s = np.argsort(rt, kind="stable")
+            R, rt = R[s], rt[s]
+        if forward:
+            i = np.searchsorted(rt, lts[L], side="left")
+            ok = i < len(R)
+        else:
+            i = np.searchsorted(rt, lts[L], side="right") - 1
+            ok = i >= 0
+        out[L[ok]] = R[i[ok]]
+    return out
+
+
+def _masked(values: np.ndarray, idx: np.ndarray, dtype: str) -> pd.api.extensions.ExtensionArray:
+    """values[idx] as a nullable integer array, null where idx is -1."""
+    miss = idx < 0
+    v = values[np.where(miss, 0, idx)] if len(values) else np.zeros(len(idx), values.dtype)
+    np_dtype = np.uint64 if dtype == "UInt64" else np.int64
+    return pd.arrays.IntegerArray(np.where(miss, 0, v).astype(np_dtype), miss.copy())
+
+
+def _col(df: pd.DataFrame, name: str, dtype=np.int64) -> np.ndarray:
+    return df[name].to_numpy(dtype=dtype)
+
+
 def pair(tables: dict, spte_format: str, consume: bool = False) \
         -> tuple[pd.DataFrame, pd.DataFrame]:
     """(faults, prefetches): one row per fault with start / install joined.
@@ -74,38 +128,48 @@ def pair(tables: dict, spte_format: str, consume: bool = False) \
         (lambda *names: None)
     req = tables["spte_requested"]  # its needed columns only are copied
     cols = ["ts", "pid", "tid", "vcpu_fd", "cpu", "gfn", "pfn", "level"]
+    bounded = "next_req_ts" in req  # given by the caller (windows.py: a window of requests)
     if not len(req):
         return schema.FAULTS.empty(), tables["set_spte"].copy()
-    req = req[cols].astype({"ts": "int64", "tid": "int64"}).sort_values("ts") \
-        .reset_index(drop=True)
-    req["fault_id"] = np.arange(len(req))
+    ts0 = _col(req, "ts")
+    order = np.argsort(ts0, kind="stable")
+    f = pd.DataFrame({c: req[c].to_numpy()[order] for c in cols
+                      + (["prev_req_ts", "next_req_ts"] if bounded else [])})
+    f["ts"] = ts0[order]
+    f["tid"] = f["tid"].astype(np.int64)
+    f["fault_id"] = np.arange(len(f))
     let_go("spte_requested")
-    req["prev_req_ts"] = req.groupby("tid")["ts"].shift(1).fillna(-1).astype("int64")
-    req["next_req_ts"] = req.groupby("tid")["ts"].shift(-1).fillna(2**62) \
-        .astype("int64")
+    ts, tid = f["ts"].to_numpy(), f["tid"].to_numpy()
+    if not bounded:
+        prev, has_prev, nxt, has_next = thread_neighbours(tid, ts)
+        f["prev_req_ts"] = np.where(has_prev, prev, -1)
+        f["next_req_ts"] = np.where(has_next, nxt, NO_NEXT_REQUEST)
 
     # start: the fault handler's entry where kprobes recorded it (its return
     # then ends the fault), else kvm_page_fault, else the shadow page-table walk
     handler = tables.get("fault_handler")
     if handler is not None and len(handler):
-        st = handler[["ts", "tid", "error_code", "exit_ts", "ret"]].astype(
-            {"exit_ts": "int64", "ret": "int64"}).rename(
-            columns={"exit_ts": "handler_exit_ts", "ret": "handler_ret"})
-        start_kind = "kvm_mmu_page_fault entry/return"
+        st, code, start_kind = handler, "error_code", "kvm_mmu_page_fault entry/return"
     elif len(tables["page_fault"]):
-        st = tables["page_fault"][["ts", "tid", "error_code"]].copy()
-        start_kind = "kvm_page_fault"
+        st, code, start_kind = tables["page_fault"], "error_code", "kvm_page_fault"
     else:
-        st = tables["pt_walk"][["ts", "tid", "pferr"]].rename(columns={"pferr": "error_code"})
-        start_kind = "kvm_mmu_pagetable_walk"
-    st = st.astype({"ts": "int64", "error_code": "int64"})
+        st, code, start_kind = tables["pt_walk"], "pferr", "kvm_mmu_pagetable_walk"
+    st_ts, st_tid = _col(st, "ts"), _col(st, "tid")
+    si = asof_index(tid, ts, st_tid, st_ts, forward=False)
+    start_ts = np.where(si >= 0, st_ts[np.maximum(si, 0)] if len(st_ts) else 0, 0)
+    stale = (si < 0) | (start_ts <= f["prev_req_ts"].to_numpy())
+    handled = st is handler
+    if handled:
+        exit_ts = _col(st, "exit_ts")
+        stale |= exit_ts[np.maximum(si, 0)] < ts
+    si = np.where(stale, -1, si)
+    f["start_ts"] = _masked(st_ts, si, "Int64")
+    f["error_code"] = _masked(st[code].to_numpy(dtype=np.uint64).astype(np.int64), si, "Int64")
+    if handled:
+        f["handler_exit_ts"] = _masked(exit_ts, si, "Int64")
+        f["handler_ret"] = _masked(_col(st, "ret"), si, "Int64")
+    del st
     let_go("fault_handler", "page_fault", "pt_walk")
-    f = _asof(req, st, "ts", "start_ts", "backward", {"ts": "start_ts"})
-    stale = f["start_ts"].isna() | (f["start_ts"] <= f["prev_req_ts"])
-    if "handler_exit_ts" in f:  # the request must lie inside the handler call
-        stale |= f["handler_exit_ts"] < f["ts"]
-    f.loc[stale, [c for c in ("start_ts", "error_code", "handler_exit_ts", "handler_ret")
-                  if c in f]] = pd.NA
 
     # install: the first spte write for this gfn after the request
     if spte_format != "legacy" and len(tables["tdp_spte_changed"]):
@@ -113,22 +177,27 @@ def pair(tables: dict, spte_format: str, consume: bool = False) \
     else:
         src = tables["set_spte"]
     src = src.reset_index(drop=True)
-    ins = src[["ts", "tid", "gfn", "spte", "level"]].astype({"ts": "int64"})
-    ins["install_row"] = np.arange(len(ins))
-    f = _asof(f, ins, "ts", "install_ts",
-              "forward", {"ts": "install_ts", "gfn": "install_gfn", "level": "install_level"})
-    pages = np.left_shift(np.uint64(1), np.uint64(9) * (f["level"].to_numpy(dtype="uint64")
-                                                         - np.uint64(1)))
-    mask = ~(pages - np.uint64(1))
-    has = f["install_ts"].notna().to_numpy(dtype=bool)
-    ok = (has & (f["install_ts"].fillna(0).to_numpy(dtype="int64")
-                 < f["next_req_ts"].to_numpy(dtype="int64"))
-          & ((f["install_gfn"].fillna(0).to_numpy(dtype="uint64") & mask)
-             == (f["gfn"].to_numpy(dtype="uint64") & mask)))
-    f.loc[~ok, ["install_ts", "spte", "install_row", "install_gfn", "install_level"]] = pd.NA
-    prefetch = src[~np.isin(np.arange(len(src)), f.loc[ok, "install_row"].astype("int64"))]
+    in_ts, in_gfn = _col(src, "ts"), _col(src, "gfn", np.uint64)
+    ii = asof_index(tid, ts, _col(src, "tid"), in_ts, forward=True)
+    j = np.maximum(ii, 0)
+    level = f["level"].to_numpy(dtype=np.uint64)
+    mask = ~((np.uint64(1) << (np.uint64(9) * (level - np.uint64(1)))) - np.uint64(1))
+    ok = (ii >= 0)
+    if len(in_ts):
+        ok &= (in_ts[j] < f["next_req_ts"].to_numpy()) & \
+            ((in_gfn[j] & mask) == (f["gfn"].to_numpy(dtype=np.uint64) & mask))
+    ii = np.where(ok, ii, -1)
+    spte = src["spte"].to_numpy(dtype=np.uint64)
+    f["install_ts"] = _masked(in_ts, ii, "Int64")
+    f["spte"] = _masked(spte, ii, "UInt64")
+    f["install_row"] = _masked(np.arange(len(src), dtype=np.int64), ii, "Int64")
+    f["install_gfn"] = _masked(in_gfn, ii, "UInt64")
+    f["install_level"] = _masked(_col(src, "level"), ii, "Int64")
+    taken = np.zeros(len(src), dtype=bool)
+    taken[ii[ii >= 0]] = True
+    prefetch = src[~taken]
 
-    ec = f["error_code"].fillna(0).astype("uint64").astype("int64")
+    ec = f["error_code"].to_numpy(dtype=np.int64, na_value=0)
     if start_kind == "kvm_page_fault" and spte_format == "ept":
         write, fetch = (ec & EPT_QUAL_WRITE) != 0, (ec & EPT_QUAL_FETCH) != 0
     else:
@@ -136,16 +205,34 @@ def pair(tables: dict, spte_format: str, consume: bool = False) \
     # access and start_kind as categorical codes (ACCESS / "" or start_kind), never text per fault
     access = np.where(fetch, 0, np.where(write, 2, 1))
     # Without a start event, the installed spte tells read vs write.
-    no_start = f["start_ts"].isna().to_numpy(dtype=bool)
-    spte_w = (f["spte"].fillna(0).to_numpy(dtype="uint64") & np.uint64(2)) != 0
+    no_start = si < 0
+    spte_w = (np.where(ii >= 0, spte[j] if len(spte) else 0, 0).astype(np.uint64)
+              & np.uint64(2)) != 0
     access = np.where(no_start, np.where(spte_w, 2, 1), access)
     f["access"] = schema.categorical(ACCESS, access)
     f["start_kind"] = schema.categorical(["", start_kind], (~no_start).astype(np.int64))
-    if "handler_exit_ts" in f:
-        f["service_ns"] = f["handler_exit_ts"] - f["start_ts"]
-    else:
-        f["service_ns"] = f["install_ts"] - f["start_ts"]
-    return _sorted(f, "fault_id").reset_index(drop=True), prefetch
+    end = f["handler_exit_ts"] if handled else f["install_ts"]
+    f["service_ns"] = end - f["start_ts"]
+    return f, prefetch
+
+
+def thread_neighbours(tid: np.ndarray, ts: np.ndarray):
+    """(prev, has_prev, next, has_next): each row's previous and next time on
+    its thread, for rows in time order; integers throughout (a groupby shift
+    would pass through float64, inexact past 2^53 ns = 104 days of uptime)."""
+    codes, uniq = pd.factorize(tid)
+    order, _ = _by_thread(codes, len(uniq))  # by thread, time order kept within one
+    t, v = codes[order], ts[order]
+    same = np.zeros(len(t), dtype=bool)
+    same[1:] = t[1:] == t[:-1]
+    prev, nxt = np.zeros(len(t), np.int64), np.zeros(len(t), np.int64)
+    prev[1:], nxt[:-1] = v[:-1], v[1:]
+    has_next = np.zeros(len(t), dtype=bool)
+    has_next[:-1] = same[1:]
+    out = [np.empty_like(a) for a in (prev, same, nxt, has_next)]
+    for o, a in zip(out, (prev, same, nxt, has_next)):
+        o[order] = a
+    return tuple(out)
 
 
 def tdp_leaf_installs(changed: pd.DataFrame) -> pd.DataFrame:

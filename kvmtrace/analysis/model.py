@@ -27,6 +27,7 @@ from ..memtype import CACHED, RANK
 from ..memtype import x86 as x86mt
 from ..recording.reader import Recording, read
 from . import faults as faults_mod
+from . import faultstats, windows
 from . import identity, loss, memslots, pages, schema, stage2, vmas as vmas_mod
 
 EXIT_REASONS = kvmapi.EXIT_REASONS
@@ -47,6 +48,7 @@ class Model:
     ranges: pd.DataFrame
     lost: pd.DataFrame        # per event kind: events, lost (see loss.py)
     lost_where: pd.DataFrame  # per process, kind and 2 MiB region
+    fault_stats: faultstats.FaultStats  # what the summaries read of the faults
     notes: list[str] = field(default_factory=list)
     # events per raw table as read (build(keep_raw=False) empties the fault tables)
     event_counts: dict[str, int] = field(default_factory=dict)
@@ -221,18 +223,23 @@ def _snapshot_notes(notes: pd.DataFrame) -> list[str]:
     return out
 
 
-def build(path_or_recording, keep_raw: bool = True) -> Model:
-    """The model of a recording. ``keep_raw=False`` (kvmtrace report's text,
-    JSON, CSV and TSV, which never read them): the raw x86 fault events are
-    emptied from ``model.recording`` once paired, to bound memory; their
-    counts stay in ``event_counts``."""
-    rec = path_or_recording if isinstance(path_or_recording, Recording) else read(path_or_recording)
+def build(path_or_recording, keep_raw: bool = True, lean: bool = False) -> Model:
+    """The model of a recording. ``keep_raw=False``: the raw x86 fault events
+    are emptied from ``model.recording`` once paired, to bound memory; their
+    counts stay in ``event_counts``. ``lean=True`` (kvmtrace report's text,
+    JSON, CSV and TSV summaries): the x86 fault events are read and paired
+    window by window (windows.py) into ``fault_stats``, and ``faults`` is
+    left empty: memory is bounded by the window, not the recording."""
+    if isinstance(path_or_recording, Recording):
+        rec = path_or_recording
+    else:
+        rec = read(path_or_recording, defer=FAULT_EVENT_TABLES if lean else ())
     t, meta = rec.tables, rec.meta
     event_counts = {k: len(v) for k, v in t.items()}
+    event_counts.update(rec.deferred)
     kvm = meta.get("kvm") or {}
     spte_format = kvm.get("spte_format", "legacy")
     pat, _, _ = _x86_context(meta)
-    notes = list(rec.problems) + _snapshot_notes(t["notes"])
 
     exits_ = t["proc_exit"]
     ops = memslots.decode_ops(t["memslot"])
@@ -248,9 +255,19 @@ def build(path_or_recording, keep_raw: bool = True) -> Model:
         schema.SLOTS.empty().drop(columns=[c.name for c in schema.SLOTS.columns if c.optional])
 
     vcpus = memslots.vcpu_to_vm(vm_ioctl)
+    ex = t["userspace_exit"].copy()
+    ex["proc"] = identity.generations(ex, exits_)
+    ex["reason_name"] = ex["reason"].map(EXIT_REASONS).fillna(ex["reason"].astype(str))
+    failures = ex.loc[ex["errno"] < 0, ["tid", "ts"]].reset_index(drop=True)
     arm = stage2.has_stage2(t)
+    ctx = _FaultContext(meta, kvm, spte_format, pat, page, exits_, vcpus, arm)
+    if arm:
+        ops["reason"] = stage2.memslot_reasons(ops, t, meta)
+        slots = _arm64_slot_types(slots, t["prepare_vma"], meta.get("kernel"))
     if arm:
         f, prefetch = stage2.pair(t, meta)
+    elif rec.deferred:  # lean: window by window, nothing per fault kept
+        f, prefetch, stats = _windowed(rec, ctx, slots, failures)
     elif keep_raw:
         f, prefetch = faults_mod.pair(t, spte_format)
     else:  # the raw fault events leave the recording, and pairing lets go of each in turn
@@ -259,27 +276,114 @@ def build(path_or_recording, keep_raw: bool = True) -> Model:
             t[k] = t[k].iloc[:0]
         f, prefetch = faults_mod.pair(ev, spte_format, consume=True)
         del ev
-    f["proc"] = identity.generations(f, exits_)
-    f["vm_fd"] = faults_mod.attach_vm(f, vcpus, slots)
+    if arm or not rec.deferred:
+        f = _fault_columns(f, ctx, slots)
+        stats = faultstats.of_faults(f, failures)
+    notes = list(rec.problems) + _snapshot_notes(t["notes"])
+
+    prefetch = prefetch.reset_index(drop=True)
+    prefetch["proc"] = identity.generations(prefetch, exits_)
+    prefetch["vm_fd"] = faults_mod.attach_vm(prefetch, vcpus, slots)
+    prefetch["slot_row"] = faults_mod.attribute(prefetch, slots, "gfn")
+
+    inv = t["unmap_hva_range"].rename(columns={"start": "hva_start", "end": "hva_end"})
+    inv["proc"] = identity.generations(inv, exits_)
+    inv["vm_fd"] = faults_mod.attach_vm(inv, vcpus, slots)
+    inv["hva"] = inv["hva_start"]
+    inv["slot_row"] = faults_mod.attribute(inv, slots, "hva")
+
+    exits = t["mmio"].rename(columns={"len": "len_bytes"})
+    exits["proc"] = identity.generations(exits, exits_)
+    exits["vm_fd"] = faults_mod.attach_vm(exits, vcpus, slots)
+    exits["gfn"] = exits["gpa"] // page
+    exits["slot_row"] = faults_mod.attribute(exits, slots, "gfn")
+
+    errors = _errors(ops, ex, failures, stats, slots, vcpus, page)
+    lost_kinds = loss.per_kind(rec)
+    lost_where = loss.where(rec, exits_)
+    slot_lost = loss.per_slot(lost_where, slots)
+    unplaced = loss.unplaced(lost_kinds, lost_where)
+    prefetch["request_lost"] = loss.request_lost(prefetch, lost_where)
+    recorded = set((meta.get("probes") or {}).get("events") or [])
+    # the event that carries this MMU's installs: stage-2 maps, legacy sptes, TDP sptes
+    install = {"s2_map"} if arm else {"set_spte"} if spte_format == "legacy" else \
+        {"tdp_spte_changed", "set_spte"}
+    installs_recorded = bool(recorded & install) or not recorded
+    verdicts, ranges = _verdicts(slots, stats, ops, slot_lost, unplaced, installs_recorded)
+    notes += _loss_notes(lost_kinds, unplaced)
+    if spte_format == "legacy" and kvm.get("vendor") in ("amd", "intel"):
+        notes.append("legacy-format sptes: the CPU combines the spte's PAT type with the "
+                     "MTRRs (and on NPT with the guest's PAT); kvmtrace shows the spte's part")
+    S = schema
+    return Model(rec, S.OPS.conform(ops), S.SLOTS.conform(slots),
+                 S.FAULTS.conform(f, drop=faults_mod.WORKING_COLUMNS),
+                 S.PREFETCH.conform(prefetch, drop=PREFETCH_WORKING),
+                 S.INVALIDATIONS.conform(inv, drop=("vcpu_fd", "cpu", "hva")),
+                 S.EXITS.conform(exits, drop=("cpu",)), S.ERRORS.conform(errors),
+                 S.VERDICTS.conform(verdicts), S.RANGES.conform(ranges),
+                 S.LOST.conform(lost_kinds), S.LOST_WHERE.conform(lost_where), stats, notes,
+                 event_counts)
+
+
+@dataclass
+class _FaultContext:
+    """What deriving the per-fault columns needs besides the faults and slots."""
+    meta: dict
+    kvm: dict
+    spte_format: str
+    pat: list
+    page: int
+    exits: pd.DataFrame
+    vcpus: pd.DataFrame
+    arm: bool
+
+
+def _windowed(rec: Recording, ctx: _FaultContext, slots: pd.DataFrame,
+              failures: pd.DataFrame):
+    """(empty faults, prefetch, FaultStats) from the deferred x86 fault events,
+    paired window by window (windows.py) and aggregated (faultstats.py)."""
+    empty = {k: rec.tables[k] for k in FAULT_EVENT_TABLES}
+    w = windows.Windows(ctx.spte_format, rec.deferred, empty)
+    parts, prefetch = [], []
+
+    def take(done):
+        for f, p in done:
+            parts.append(faultstats.of_faults(_fault_columns(f, ctx, slots), failures))
+            prefetch.append(p)
+
+    for batch in rec.stream(windows.stream_columns()):
+        take(w.add(batch))
+    take(w.finish())
+    stats = faultstats.merge(parts) if parts else \
+        faultstats.of_faults(_fault_columns(schema.FAULTS.empty(), ctx, slots), failures)
+    pf = pd.concat(prefetch, ignore_index=True) if prefetch else empty["set_spte"]
+    return schema.FAULTS.empty(), pf, stats
+
+
+def _fault_columns(f: pd.DataFrame, ctx: _FaultContext, slots: pd.DataFrame) -> pd.DataFrame:
+    """The per-fault columns derived from paired faults: process generation,
+    VM, slot, both memory types, the kernel rule and the verdict. Each row on
+    its own (a window of faults gives the rows the whole would)."""
+    f["proc"] = identity.generations(f, ctx.exits)
+    f["vm_fd"] = faults_mod.attach_vm(f, ctx.vcpus, slots)
     f["slot_row"] = faults_mod.attribute(f, slots, "gfn")
-    if arm:
-        ops["reason"] = stage2.memslot_reasons(ops, t, meta)
-        slots = _arm64_slot_types(slots, t["prepare_vma"], meta.get("kernel"))
+    kvm, meta = ctx.kvm, ctx.meta
+    if ctx.arm:
         f["spte_memtype"] = stage2.spte_memtypes(f, meta)
         f["vma_memtype"], f["vma_memtype_source"] = _arm64_vma_memtypes(f, slots)
         f["expected_memtype"], f["rule"] = stage2.expected(f, slots, meta)
     else:
-        f["spte_memtype"] = faults_mod.spte_memtypes(f, spte_format, pat)
+        f["spte_memtype"] = faults_mod.spte_memtypes(f, ctx.spte_format, ctx.pat)
         f["vma_memtype"], f["vma_memtype_source"] = _vma_memtypes(f, slots, meta)
         f["expected_memtype"] = schema.categorical([], np.full(len(f), -1))
-        f["rule"], combines = _x86_rules(f, x86mt.mmu_kind(kvm), pat)
+        f["rule"], combines = _x86_rules(f, x86mt.mmu_kind(kvm), ctx.pat)
     # per-fault text as categoricals: every rule below runs once per distinct value
     for c in ("spte_memtype", "vma_memtype", "vma_memtype_source", "expected_memtype",
               "rule", "access", "start_kind"):
         if not isinstance(f[c].dtype, pd.CategoricalDtype):
             f[c] = schema.categorical(f[c].to_numpy(dtype=object))
     verdict = _verdict_codes(f["vma_memtype"].array, f["spte_memtype"].array,
-                             None if arm else combines, x86mt.mmu_kind(kvm))
+                             None if ctx.arm else combines, x86mt.mmu_kind(kvm))
     vcodes = np.asarray(verdict.codes, np.int64)
     vals = list(verdict.categories) + ["", "rejected"]
     scats = f["spte_memtype"].cat.categories
@@ -293,56 +397,11 @@ def build(path_or_recording, keep_raw: bool = True) -> Model:
     vcodes[none] = len(vals) - 2
     vcodes[refused] = len(vals) - 1
     f["verdict"] = schema.categorical(vals, vcodes)
-    f["mapping_size_bytes"] = pages.mapping_bytes(f["level"], page)
+    f["mapping_size_bytes"] = pages.mapping_bytes(f["level"], ctx.page)
     f["slot"] = pd.array(np.where(f["slot_row"] >= 0, slots["slot"].to_numpy()[
         f["slot_row"].clip(lower=0)] if len(slots) else -1, -1), dtype="Int64")
     f.loc[f["slot_row"] < 0, "slot"] = pd.NA
-
-    prefetch = prefetch.reset_index(drop=True)
-    prefetch["proc"] = identity.generations(prefetch, exits_)
-    prefetch["vm_fd"] = faults_mod.attach_vm(prefetch, vcpus, slots)
-    prefetch["slot_row"] = faults_mod.attribute(prefetch, slots, "gfn")
-
-    inv = t["unmap_hva_range"].rename(columns={"start": "hva_start", "end": "hva_end"})
-    inv["proc"] = identity.generations(inv, exits_)
-    inv["vm_fd"] = faults_mod.attach_vm(inv, vcpus, slots)
-    inv["hva"] = inv["hva_start"]
-    inv["slot_row"] = faults_mod.attribute(inv, slots, "hva")
-
-    ex = t["userspace_exit"].copy()
-    ex["proc"] = identity.generations(ex, exits_)
-    ex["reason_name"] = ex["reason"].map(EXIT_REASONS).fillna(ex["reason"].astype(str))
-    exits = t["mmio"].rename(columns={"len": "len_bytes"})
-    exits["proc"] = identity.generations(exits, exits_)
-    exits["vm_fd"] = faults_mod.attach_vm(exits, vcpus, slots)
-    exits["gfn"] = exits["gpa"] // page
-    exits["slot_row"] = faults_mod.attribute(exits, slots, "gfn")
-
-    errors = _errors(ops, ex, f, slots, vcpus, page)
-    lost_kinds = loss.per_kind(rec)
-    lost_where = loss.where(rec, exits_)
-    slot_lost = loss.per_slot(lost_where, slots)
-    unplaced = loss.unplaced(lost_kinds, lost_where)
-    prefetch["request_lost"] = loss.request_lost(prefetch, lost_where)
-    recorded = set((meta.get("probes") or {}).get("events") or [])
-    # the event that carries this MMU's installs: stage-2 maps, legacy sptes, TDP sptes
-    install = {"s2_map"} if arm else {"set_spte"} if spte_format == "legacy" else \
-        {"tdp_spte_changed", "set_spte"}
-    installs_recorded = bool(recorded & install) or not recorded
-    verdicts, ranges = _verdicts(slots, f, ops, slot_lost, unplaced, installs_recorded)
-    notes += _loss_notes(lost_kinds, unplaced)
-    if spte_format == "legacy" and kvm.get("vendor") in ("amd", "intel"):
-        notes.append("legacy-format sptes: the CPU combines the spte's PAT type with the "
-                     "MTRRs (and on NPT with the guest's PAT); kvmtrace shows the spte's part")
-    S = schema
-    return Model(rec, S.OPS.conform(ops), S.SLOTS.conform(slots),
-                 S.FAULTS.conform(f, drop=faults_mod.WORKING_COLUMNS),
-                 S.PREFETCH.conform(prefetch, drop=PREFETCH_WORKING),
-                 S.INVALIDATIONS.conform(inv, drop=("vcpu_fd", "cpu", "hva")),
-                 S.EXITS.conform(exits, drop=("cpu",)), S.ERRORS.conform(errors),
-                 S.VERDICTS.conform(verdicts), S.RANGES.conform(ranges),
-                 S.LOST.conform(lost_kinds), S.LOST_WHERE.conform(lost_where), notes,
-                 event_counts)
+    return f
 
 
 # working columns of the install tables that are not part of the prefetch table
@@ -366,28 +425,26 @@ def _loss_notes(kinds: pd.DataFrame, unplaced: int) -> list[str]:
     return out
 
 
-def _errors(ops, ex, f, slots, vcpus, page: int) -> pd.DataFrame:
+def _errors(ops, ex, failures, stats: faultstats.FaultStats, slots, vcpus,
+            page: int) -> pd.DataFrame:
     rows = []
     for r in ops[ops["ret"] < 0].itertuples(index=False):
         rows.append({"ts": int(r.ts), "pid": int(r.pid), "proc": int(r.proc), "vm_fd": int(r.vm_fd), "what": r.ioctl_name,
                      "slot": int(r.slot_id), "errno": r.errno, "detail": r.reason})
-    if "verdict" in f:
-        for r in f[f["verdict"] == "rejected"].itertuples(index=False):
-            rows.append({"ts": int(r.ts), "pid": int(r.pid), "proc": int(r.proc), "vm_fd": int(r.vm_fd),
-                         "what": f"{r.access} fault at IPA {int(r.gfn) * page:#x}",
-                         "slot": int(slots.loc[r.slot_row, "slot"]) if r.slot_row >= 0 else None,
-                         "errno": r.rule.rsplit("[", 1)[-1].rstrip("]"), "detail": r.rule})
+    for r in stats.rejected.itertuples(index=False):
+        rows.append({"ts": int(r.ts), "pid": int(r.pid), "proc": int(r.proc), "vm_fd": int(r.vm_fd),
+                     "what": f"{r.access} fault at IPA {int(r.gfn) * page:#x}",
+                     "slot": int(slots.loc[r.slot_row, "slot"]) if r.slot_row >= 0 else None,
+                     "errno": r.rule.rsplit("[", 1)[-1].rstrip("]"), "detail": r.rule})
     bad = ex[ex["errno"] < 0]
     if len(bad):
         bad = bad.assign(vm_fd=faults_mod.attach_vm(bad, vcpus, slots))
-        for r in bad.itertuples(index=False):
-            # the last fault on that thread before the failure names the page
-            prior = f[(f["tid"] == r.tid) & (f["ts"] <= r.ts)]
-            where = ""
-            if len(prior):
-                p = prior.iloc[-1]
-                where = f" after a fault at gfn {int(p.gfn):#x}" + (
-                    f" (slot {int(slots.loc[p.slot_row, 'slot'])})" if p.slot_row >= 0 else "")
+        # the last fault on that thread before the failure names the page
+        prior = {int(p.failure): p for p in stats.before_failure.itertuples(index=False)}
+        for i, r in enumerate(bad.itertuples(index=False)):
+            p = prior.get(i)
+            where = "" if p is None else f" after a fault at gfn {int(p.gfn):#x}" + (
+                f" (slot {int(slots.loc[p.slot_row, 'slot'])})" if p.slot_row >= 0 else "")
             rows.append({"ts": int(r.ts), "pid": int(r.pid), "proc": int(r.proc), "vm_fd": int(r.vm_fd),
                          "what": "KVM_RUN", "slot": None,
                          "errno": kvmapi.ret_errno(int(r.errno)),
@@ -452,81 +509,37 @@ def _slot_verdict(g: dict | None, lost: int, installs_recorded: bool):
     return verdict, vma_mts, "/".join(sorted(spte_mts)), reason
 
 
-def _codes(s: pd.Series) -> tuple[np.ndarray, list]:
-    """(codes, values) of a categorical column (-1: null)."""
-    c = s.array
-    return np.asarray(c.codes, np.int64), [str(x) for x in c.categories]
-
-
-def _first_and_count(key: np.ndarray):
-    """np.unique(key, return_index=True, return_counts=True) of non-negative
-    keys; in one pass (bincount, minimum.at) when the keys are few and small
-    (slot versions times categories), not by sorting millions of rows."""
-    n = len(key)
-    top = int(key.max()) + 1 if n else 0
-    if top > max(4 * n, 1 << 16):
-        return np.unique(key, return_index=True, return_counts=True)
-    cnt = np.bincount(key, minlength=top)
-    first = np.full(top, n, dtype=np.int64)
-    np.minimum.at(first, key, np.arange(n, dtype=np.int64))
-    uk = np.flatnonzero(cnt)
-    return uk, first[uk], cnt[uk]
-
-
-def _firsts(row: np.ndarray, codes: np.ndarray, ncat: int):
-    """(slot_row, code, first position, count) of each distinct (slot_row, code),
-    in order of first appearance within each slot_row."""
-    key = row * (ncat + 1) + (codes + 1)
-    uk, first, cnt = _first_and_count(key)
-    order = np.lexsort((first, uk // (ncat + 1)))
-    uk, first, cnt = uk[order], first[order], cnt[order]
-    return uk // (ncat + 1), uk % (ncat + 1) - 1, first, cnt
-
-
-def _fault_groups(fv: pd.DataFrame) -> dict[int, dict]:
-    """Per slot_row: what _slot_verdict needs of its faults, from grouped
-    counts of the categorical columns (fault order kept: fv is in fault order)."""
-    if not len(fv):
-        return {}
-    row = fv["slot_row"].to_numpy(dtype=np.int64)
-    out = {int(r): {"n": int(n), "counts": None, "spte_mts": set(), "vma_mts": set(),
-                    "rules": [], "first": {}} for r, _, n in zip(*_first_and_count(row))}
-    vc, vv = _codes(fv["verdict"])
-    vmc, vmv = _codes(fv["vma_memtype"])
-    vsc, vsv = _codes(fv["vma_memtype_source"])
-    rc, rv = _codes(fv["rule"])
-    sc, sv = _codes(fv["spte_memtype"])
-    val = lambda vals, c: vals[c] if c >= 0 else None  # noqa: E731
-    for r, c, _, _ in zip(*_firsts(row, sc, len(sv))):
-        if c >= 0 and sv[c] != "":
-            out[int(r)]["spte_mts"].add(sv[c])
-    for r, c, _, _ in zip(*_firsts(row, vmc, len(vmv))):
-        out[int(r)]["vma_mts"].add(val(vmv, c))
-    for r, c, _, _ in zip(*_firsts(row, rc, len(rv))):
-        if c >= 0:
-            out[int(r)]["rules"].append(rv[c])
-    per: dict[int, list] = {}
-    for r, c, first, n in zip(*_firsts(row, vc, len(vv))):
-        v = val(vv, c)
-        g = out[int(r)]
-        g["first"][v] = {"vma_memtype": val(vmv, vmc[first]),
-                         "vma_memtype_source": val(vsv, vsc[first]), "rule": val(rv, rc[first])}
-        if v != "":
-            per.setdefault(int(r), []).append((v, int(n)))
-    for r, g in out.items():
-        kv = per.get(r, [])
-        # value_counts' order: first appearance, then by count, largest first
-        g["counts"] = pd.Series([n for _, n in kv], index=[v for v, _ in kv],
-                                dtype="int64").sort_values(ascending=False)
+def _fault_groups(classes: pd.DataFrame) -> dict[int, dict]:
+    """Per slot_row: what _slot_verdict needs of its faults, from the counted
+    classes of faults (faultstats.py), first appearance kept."""
+    c = classes[classes["slot_row"] >= 0].sort_values(["first_ts", "first_order"],
+                                                      kind="stable")
+    out: dict[int, dict] = {}
+    for r, g in c.groupby("slot_row", sort=True):  # slot versions: few
+        first = {}
+        per = g.groupby("verdict", sort=False, dropna=False)
+        for v, h in per:
+            h0 = h.iloc[0]
+            first[v] = {"vma_memtype": h0["vma_memtype"],
+                        "vma_memtype_source": h0["vma_memtype_source"], "rule": h0["rule"]}
+        counts = per["faults"].sum()
+        counts = counts[counts.index.notna() & (counts.index != "")]
+        rules = [x for x in pd.unique(g["rule"].to_numpy(dtype=object)) if x is not None]
+        spte = g["spte_memtype"].to_numpy(dtype=object)
+        out[int(r)] = {
+            "n": int(g["faults"].sum()),
+            # value_counts' order: by count, largest first; first appearance among equals
+            "counts": counts.astype("int64").sort_values(ascending=False, kind="stable"),
+            "spte_mts": {x for x in spte if x is not None and x != ""},
+            "vma_mts": set(g["vma_memtype"].to_numpy(dtype=object)),
+            "rules": rules, "first": first}
     return out
 
 
-def _verdicts(slots, f, ops, slot_lost, unplaced_lost: int, installs_recorded: bool):
+def _verdicts(slots, stats: faultstats.FaultStats, ops, slot_lost, unplaced_lost: int,
+              installs_recorded: bool):
     rows = []
-    fv = f.loc[f["slot_row"].to_numpy() >= 0,
-               ["slot_row", "ts", "gfn", "mapping_size_bytes", "verdict", "vma_memtype",
-                "vma_memtype_source", "rule", "spte_memtype"]]
-    groups = _fault_groups(fv)
+    groups = _fault_groups(stats.classes)
     for i, s in enumerate(slots.itertuples(index=False)):
         g = groups.get(i)
         verdict, vma_mt, spte_mt, reason = _slot_verdict(g, int(slot_lost[i]),
@@ -548,15 +561,15 @@ def _verdicts(slots, f, ops, slot_lost, unplaced_lost: int, installs_recorded: b
                      "faults": 0, "lost": 0, "verdict": "rejected", "vma_memtype": "",
                      "spte_memtype": "", "reason": f"{r.ioctl_name} refused: {r.reason}"})
     v = schema.VERDICTS.conform(pd.DataFrame(rows, columns=schema.VERDICTS.names, dtype=object))
-    return v, _ranges(fv, slots)
+    return v, _ranges(stats.pages, slots)
 
 
 def _ranges(fv: pd.DataFrame, slots: pd.DataFrame) -> pd.DataFrame:
-    """Consecutive guest pages of one slot with the same level and memory types."""
+    """Consecutive guest pages of one slot with the same level and memory types,
+    from each page's last fault (faultstats.FaultStats.pages)."""
     if not len(fv):
         return schema.RANGES.empty()
-    d = (fv.sort_values("ts").drop_duplicates(["slot_row", "gfn"], keep="last")
-         .sort_values(["slot_row", "gfn"]))
+    d = fv.sort_values(["slot_row", "gfn"])  # one row per page: its last fault
     key = [d["slot_row"].to_numpy(dtype=np.int64),
            d["mapping_size_bytes"].fillna(0).to_numpy(dtype=np.uint64)]
     key += [np.asarray(d[c].array.codes) for c in ("vma_memtype", "spte_memtype", "verdict")]

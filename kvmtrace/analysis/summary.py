@@ -45,24 +45,23 @@ def level_labels(model: Model) -> dict[str, str]:
 def slot_summary(model: Model, pid: int | None = None, slot: int | None = None) -> pd.DataFrame:
     s = model.slots.copy()
     s["slot_row"] = np.arange(len(s))
-    fs = model.faults
-    inside = fs["slot_row"].to_numpy() >= 0
-    if inside.any():
-        # grouped counts over the categorical / small-integer columns: no per-fault Python
-        f = fs.loc[inside, ["slot_row", "access", "level", "service_ns", "spte_memtype"]]
-        acc = f.groupby(["slot_row", "access"], observed=True).size().unstack(fill_value=0)
+    fc = model.fault_stats.classes
+    fc = fc[fc["slot_row"].to_numpy() >= 0]
+    if len(fc):
+        # from the counted classes of faults (faultstats.py): never a row per fault
+        acc = fc.groupby(["slot_row", "access"])["faults"].sum().unstack(fill_value=0)
         acc.columns = [str(c) for c in acc.columns]
-        lvl = f.groupby(["slot_row", "level"]).size().unstack(fill_value=0).rename(
+        lvl = fc.groupby(["slot_row", "level"])["faults"].sum().unstack(fill_value=0).rename(
             columns={i + 1: c for i, c in enumerate(LEVELS)})
-        svc = f.groupby("slot_row")["service_ns"].median().astype("float64") \
+        sv = model.fault_stats.service
+        svc = sv.groupby("slot_row")["service_ns"].median().astype("float64") \
             .rename("service_p50_us") / 1e3
-        pairs = f.loc[(f["spte_memtype"] != "").to_numpy(dtype=bool), ["slot_row", "spte_memtype"]] \
-            .groupby(["slot_row", "spte_memtype"], observed=True).size().reset_index()
-        mts = pairs.assign(spte_memtype=pairs["spte_memtype"].astype(str)) \
-            .groupby("slot_row")["spte_memtype"].agg(lambda x: "/".join(sorted(set(x)))) \
+        mt = fc.loc[fc["spte_memtype"].notna() & (fc["spte_memtype"] != ""),
+                    ["slot_row", "spte_memtype"]]
+        mts = mt.groupby("slot_row")["spte_memtype"].agg(lambda x: "/".join(sorted(set(x)))) \
             .rename("spte_memtype")
-        extra = pd.concat([f.groupby("slot_row").size().rename("faults"), acc, lvl, svc, mts],
-                          axis=1)
+        extra = pd.concat([fc.groupby("slot_row")["faults"].sum().rename("faults"), acc, lvl,
+                           svc, mts], axis=1)
     else:
         extra = pd.DataFrame(index=pd.Index([], name="slot_row"))
     pf = model.prefetch

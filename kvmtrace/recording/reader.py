@@ -60,9 +60,52 @@ class Recording:
     complete: bool
     batches: int
     problems: list[str] = field(default_factory=list)
+    # read(defer=...): the deferred tables' row counts, and how to read them again
+    deferred: dict[str, int] = field(default_factory=dict)
+    _source: tuple | None = field(default=None, repr=False)
 
     def __getitem__(self, name: str) -> pd.DataFrame:
         return self.tables[name]
+
+    def stream(self, columns: dict[str, list[str]] | None = None):
+        """The deferred tables, batch by batch in file order: one
+        ``{name: DataFrame}`` per batch holding the rows of that batch (every
+        deferred name present, possibly empty; only ``columns[name]`` where
+        given, for speed). The file is read a second
+        time and every check of the first read is made again (seal, size
+        budget, Arrow validation, row rules); it must be the file read first
+        (same inode and size), else RecordingError. Problems found (rows
+        dropped by ROW_RULES) are added to ``problems`` when the stream ends."""
+        if self._source is None:
+            return
+        ident, frames, version, decode = self._source
+        fd = _open(self.path)
+        try:
+            st = os.fstat(fd)
+            if (st.st_dev, st.st_ino, st.st_size) != ident:
+                raise RecordingError(f"{_shown(self.path)}: the file changed while it was "
+                                     "being read")
+            names = list(self.deferred)
+            types = {n: pa.struct([_TYPES[n].field(c) for c in (columns or {}).get(n) or
+                                   _TYPES[n].names]) for n in names}
+            budget = _Budget(st.st_size)
+            ruled: list[str] = []
+            for i, frame in enumerate(frames):
+                data = _pread(fd, frame.size, frame.offset)
+                try:
+                    if len(data) < frame.size:
+                        raise _BadBatch("cut short while reading (the file changed)")
+                    batch = _decode(data, frame, i, version, decode, budget)
+                except _BadBatch as e:
+                    raise RecordingError(f"{_shown(self.path)}: batch {i + 1} changed between "
+                                         f"two reads ({e})") from None
+                parts: dict[str, list] = {n: [] for n in names}
+                _rows(batch, parts, {}, keep=parts.keys())
+                yield {n: _apply_rules(n, _table(n, parts.pop(n), types[n], {}), ruled)
+                       for n in names}
+            self.problems.extend(_merge_rule_problems(ruled))
+        finally:
+            os.close(fd)
 
 
 # Message metadata is a few KiB (a batch header) to a few hundred KiB (the
@@ -463,10 +506,13 @@ def _decode(data: bytes, frame: _Frame, index: int, version: int,
     return batch
 
 
-def _rows(batch: pa.RecordBatch, parts: dict, dropped: dict):
+def _rows(batch: pa.RecordBatch, parts: dict, dropped: dict, keep=None, counts=None):
     """Each table's rows of a decoded (and validated) batch: its struct values,
-    null rows dropped."""
+    null rows dropped. Only the tables in ``keep`` (None: all) are kept; the
+    others' valid rows are counted in ``counts``."""
     for i, name in enumerate(batch.schema.names):
+        if keep is not None and name not in keep and counts is None:
+            continue
         col = batch.column(i)
         if col.null_count:
             vals = col.flatten()
@@ -479,7 +525,9 @@ def _rows(batch: pa.RecordBatch, parts: dict, dropped: dict):
         if vals.null_count:
             dropped[name] = dropped.get(name, 0) + vals.null_count
             vals = vals.filter(vals.is_valid())
-        if len(vals):
+        if keep is not None and name not in keep:
+            counts[name] = counts.get(name, 0) + len(vals)
+        elif len(vals):
             parts[name].append(vals)
 
 
@@ -632,15 +680,36 @@ def _open(path) -> int:
         raise RecordingError(f"{_shown(path)}: {e.strerror}") from None
 
 
-def read(path) -> Recording:
+def read(path, defer=()) -> Recording:
+    """The recording at ``path``, every table read whole, except the tables
+    named in ``defer``: those are only counted here (``deferred``) and read
+    batch by batch by ``Recording.stream()``, so a caller can process the
+    big event tables in bounded memory (kvmtrace report)."""
     fd = _open(path)
     try:
-        return _read(os.fspath(path), fd)
+        return _read(os.fspath(path), fd, frozenset(defer))
     finally:
         os.close(fd)
 
 
-def _read(path: str, fd: int) -> Recording:
+_TYPES = fmt.table_types()
+
+
+def _merge_rule_problems(found: list[str]) -> list[str]:
+    """The problems _apply_rules noted batch by batch, one line per rule with
+    the rows summed (as one read of the whole table would say)."""
+    sums: dict[str, int] = {}
+    for p in found:
+        m = re.match(r"table (\S+): (\d+) impossible row\(s\) ignored (.*)$", p)
+        if m:
+            key = f"table {m[1]}: {{}} impossible row(s) ignored {m[3]}"
+            sums[key] = sums.get(key, 0) + int(m[2])
+        else:
+            sums.setdefault(p, 0)
+    return [k.format(n) if "{}" in k else k for k, n in sums.items()]
+
+
+def _read(path: str, fd: int, defer: frozenset = frozenset()) -> Recording:
     st = os.fstat(fd)
     size = st.st_size
     allocated = st.st_blocks * 512 if hasattr(st, "st_blocks") else size
@@ -656,13 +725,15 @@ def _read(path: str, fd: int) -> Recording:
     dropped: dict[str, int] = {}
     complete, batches = True, 0
     budget = _Budget(size)
+    counts: dict[str, int] = {}
+    keep = [n for n in names if n not in defer] if defer else None
     for i, frame in enumerate(batch_frames):
         data = _pread(fd, frame.size, frame.offset)
         try:
             if len(data) < frame.size:
                 raise _BadBatch("cut short while reading (the file changed)")
             batch = _decode(data, frame, i, version, decode, budget)
-            _rows(batch, parts, dropped)
+            _rows(batch, parts, dropped, keep, counts if defer else None)
         except _BadBatch as e:
             complete = False
             problems.append(f"batch {i + 1} of {total}: {e}; the recording is read up to "
@@ -689,10 +760,15 @@ def _read(path: str, fd: int) -> Recording:
     tables = {}
     for name, typ in fmt.table_types().items():
         # each table's decoded batches let go once it is made: peak = the file's data + one table
-        tables[name] = _table(name, parts.pop(name, None) or [], typ, dropped)
+        tables[name] = _table(name, [] if name in defer else parts.pop(name, None) or [], typ,
+                              dropped)
     for name, n in dropped.items():
         problems.append(f"table {name}: {n} row(s) with missing values ignored (corrupt)")
     for name in tables:  # ANY_TABLE_RULES hold for every table, ROW_RULES for theirs
         tables[name] = _apply_rules(name, tables[name], problems)
     tables["notes"] = _clean_notes(tables["notes"], problems)
-    return Recording(path, meta, version, tables, complete, batches, problems)
+    rec = Recording(path, meta, version, tables, complete, batches, problems)
+    if defer:
+        rec.deferred = {n: counts.get(n, 0) for n in _TYPES if n in defer}
+        rec._source = ((st.st_dev, st.st_ino, size), batch_frames[:batches], version, decode)
+    return rec
