@@ -40,15 +40,28 @@ def query(pid: int, gpa: int | None = None, size: int | None = None, hva: int | 
         rng = (int(start), int(size) if size is not None else q.PAGE)
         if rng[1] <= 0 or rng[0] < 0:
             raise q.QueryError("the range must start at 0 or above and have a size above 0")
+    from .host.procfs import process_state
+
+    def exited(when: str = "") -> None:
+        state = process_state(pid)
+        if state is None or state in ("Z", "X"):
+            raise q.QueryError(f"--pid {pid}: " + ("no such process" if state is None else
+                               "the process has exited (a zombie its parent has not reaped)")
+                               + when)
+
+    exited()
     model, path = None, None
     try:
         if window:
             path, _ = snapshot.record_window(pid, window)
             model = build(path)
         snap = snapshot.take(pid)
-        return q.answer(snap, gpa=rng if gpa is not None else None,
-                        hva=rng if hva is not None else None, slot=slot, window=model,
-                        window_s=window or None, vm_fd=vm_fd)
+        df = q.answer(snap, gpa=rng if gpa is not None else None,
+                      hva=rng if hva is not None else None, slot=slot, window=model,
+                      window_s=window or None, vm_fd=vm_fd)
+        if df["slot"].isna().all():  # it exited during the window: say so
+            exited(" while it was queried")
+        return df
     finally:
         if path:
             import shutil

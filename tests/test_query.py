@@ -209,3 +209,40 @@ def test_record_layouts_fit_the_iterator_buffer():
     assert (snap_mod.MAX_SLOTS + 8) * snap_mod.SLOT_DTYPE.itemsize <= snap_mod.SEQ_BUFFER
     text = snap_mod._c_struct("kvmtrace_slot_rec", snap_mod.SLOT_FIELDS)
     assert all(f" {n};" in text for n, _, _ in snap_mod.SLOT_FIELDS)
+
+
+# -- what the window and the iterator cannot see: said, not guessed --------------------
+def test_pages_installed_before_the_window_are_said_unseen():
+    """A window sees installs during it only: nothing seen is 'cannot tell'
+    with that reason, part of the range seen is a partial answer that says so."""
+    (r,) = q.to_records(q.answer(snapshot(), window=window([])))
+    assert r["verdict"] == "unknown" and r["installed_pages"] == 0
+    assert "installed before the window began is not seen" in r["reason"]
+    (p,) = q.to_records(q.answer(snapshot(), window=window([(G, 0x2000, "WB", 10)])))
+    assert p["verdict"] == "consistent" and "(of 16 in the range" in p["reason"]
+    assert "installed before it" in p["reason"]
+    (a,) = q.to_records(q.answer(snapshot(), gpa=(GPA, 0x1000),
+                                 window=window([(G, 0x2000, "WB", 10)])))
+    assert "of 1 in the range" not in a["reason"]  # the whole range asked was seen
+
+
+CUT = [{"vm_fd": 4, "kvm": 1, "complete": False, "slots": 333,
+        "address_spaces": [{"as_id": 0, "generation": 2, "present": True, "slots": 400}]}]
+
+
+@pytest.mark.parametrize("kw,words", [
+    ({"slot": 7}, "memslot 7 may be one of those"),
+    ({"gpa": (0x10, 0x1000)}, "GPA range 0x10+0x1000 may be in one of those"),
+    ({}, "partial answer: VM fd 4 has at least 400 memslots and the BPF iterator read 333"),
+    ({"gpa": (GPA, 0x1000)}, "partial answer"),
+])
+def test_more_memslots_than_the_iterator_holds(kw, words):
+    """Past MAX_SLOTS (333) per VM the iterator reads only some slots: a slot or
+    range not found among them is 'cannot tell', not 'no memslot'; what was
+    found is given with a row saying the answer is partial (exit 2)."""
+    df = q.answer(snapshot(vms=CUT), **kw)
+    assert df.attrs["exit_code"] == 2 and words in q.first_unknown(df), q.first_unknown(df)
+    assert "no memslot" not in q.first_unknown(df)
+    # a slot that was read is answered in full
+    (r,) = q.to_records(q.answer(snapshot(vms=CUT), slot=1))
+    assert r["slot"] == 1 and r["vma_memtype"] == "WB"

@@ -388,3 +388,19 @@ def test_a_process_without_a_vm():
     p = run("query", "--pid", os.getpid())
     assert p.returncode == 2
     assert "has no KVM VM open" in one_line_error(p)
+
+
+def test_an_exited_process_is_said_exited():
+    """A VMM that exited but is not reaped (a zombie) keeps its comm and
+    /proc entry with no fds: query says it exited, not 'no KVM VM open'
+    (a gated test VMM that gave up at its gate looked like this)."""
+    z = subprocess.Popen(["true"])
+    try:
+        deadline = time.monotonic() + 20
+        while Path(f"/proc/{z.pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z":
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        p = run("query", "--pid", z.pid)
+        assert p.returncode == 2 and "has exited" in one_line_error(p)
+    finally:
+        z.wait()

@@ -131,21 +131,23 @@ def _err(msg):
                    "(a tracer attaching then finds a running VM's memslots set).")
 @click.option("--gate", metavar="PATH",
               help="After setting up, say so on stderr and run the guest once PATH exists.")
+@click.option("--gate-timeout", type=float, default=vmm.GATE_LIMIT, metavar="SECONDS",
+              show_default=True, help="Give up waiting for --gate's PATH after this long.")
 @click.option("--timeout", type=float, default=30.0, metavar="SECONDS", show_default=True,
               help="Give up on a guest that runs longer.")
 @click.option("--device", default="/dev/kvm", hidden=True)  # tests
 @click.option("--list", "list_", is_flag=True, help="Print the built-in scenarios as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="No summary line.")
 def cli(scenario, scenario_file, slots, accesses, changes, vcpus, report, hold, delay,
-        pause, gate, timeout, device, list_, quiet):
+        pause, gate, gate_timeout, timeout, device, list_, quiet):
     """Run a small KVM guest that touches chosen pages of chosen memslot
     backings, and report exactly what it did."""
     return run_cli(scenario, scenario_file, slots, accesses, changes, vcpus, report, hold,
-                   delay, timeout, device, list_, quiet, pause, gate)
+                   delay, timeout, device, list_, quiet, pause, gate, gate_timeout)
 
 
 def run_cli(scenario, scenario_file, slots, accesses, changes, vcpus, report_path, hold,
-            delay, timeout, device, list_, quiet, pause=0.0, gate=None):
+            delay, timeout, device, list_, quiet, pause=0.0, gate=None, gate_timeout=None):
     """The command's work; returns its exit status."""
     if list_:
         json.dump({n: f().to_dict() for n, f in sc_mod.BUILTIN.items()}, sys.stdout, indent=1)
@@ -172,7 +174,8 @@ def run_cli(scenario, scenario_file, slots, accesses, changes, vcpus, report_pat
         if delay > 0:
             time.sleep(delay)
         report = vmm.run(sc, timeout=timeout, on_report=on_report, hold=hold, device=device,
-                         log=None if quiet else _err, pause=pause, gate=gate)
+                         log=None if quiet else _err, pause=pause, gate=gate,
+                         gate_timeout=vmm.GATE_LIMIT if gate_timeout is None else gate_timeout)
     except (vmm.VmmError, ScenarioError, OSError) as e:
         _err(str(e))
         return 2

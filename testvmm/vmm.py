@@ -864,8 +864,11 @@ def _wait_for(path: str, timeout: float):
         time.sleep(0.01)
 
 
+GATE_LIMIT = 3600.0  # s: how long a gated VMM waits for its gate (--gate-timeout)
+
+
 def run(scenario, arch=None, timeout=30.0, log=None, on_report=None, hold=0.0,
-        device="/dev/kvm", pause=0.0, gate=None):
+        device="/dev/kvm", pause=0.0, gate=None, gate_timeout=GATE_LIMIT):
     """Run `scenario`; returns the report dict (report["ok"] says if all went as planned).
 
     on_report(report) is called before the hold, while every fd and mapping is
@@ -873,7 +876,11 @@ def run(scenario, arch=None, timeout=30.0, log=None, on_report=None, hold=0.0,
     ``pause``: seconds between setting up (memslots, vCPUs) and running the
     guest, so that a tracer attaching then finds a VM whose memslots exist;
     ``gate``: a path: say so on stderr ("testvmm: set up, waiting for PATH")
-    and run the guest once PATH exists (a test's handshake, not a timing).
+    and run the guest once PATH exists (a test's handshake, not a timing),
+    waiting at most ``gate_timeout`` s: not ``timeout``, the guest's run
+    limit, since what opens the gate (a tracer attaching, bcc compiling under
+    TCG) can take minutes; with ``timeout`` (30 s) the VMM of
+    tests/test_vfio_live.py gave up before query's window attached.
     Raises VmmError for failures that leave nothing to report (no /dev/kvm,
     a setup memslot refused).
     """
@@ -887,7 +894,7 @@ def run(scenario, arch=None, timeout=30.0, log=None, on_report=None, hold=0.0,
         if pause > 0:
             time.sleep(pause)
         if gate:
-            _wait_for(gate, timeout)
+            _wait_for(gate, gate_timeout)
         vmm.run_vcpus()
         vmm.check_writes()
         vmm.check_host_pages()

@@ -41,6 +41,10 @@ from .model import VERDICT_ORDER, compare_memtypes
 
 PAGE = os.sysconf("SC_PAGE_SIZE")  # query runs on the host it asks about (4K, 16K or 64K)
 MISMATCH = ("downgraded", "upgraded")
+# A window sees only what KVM installs while it records: a page the guest
+# touched before (still mapped, never faulted again) is not in it.
+BEFORE_WINDOW = ("a page KVM installed before the window began is not seen (it stays "
+                 "mapped without a new fault; the window shows only installs during it)")
 
 COLUMNS = [
     "pid", "vm_fd", "as_id", "slot", "gpa", "size_bytes", "hva", "flags", "flag_names",
@@ -325,8 +329,13 @@ def answer(snap, gpa: tuple[int, int] | None = None, hva: tuple[int, int] | None
             fail(f"fd {vm_fd} of process {pid} is not a KVM VM (VM fds: "
                  f"{', '.join(map(str, snap.vm_fds))})")
             return _frame(rows, attrs)
+    unread = _unread_slots(snap, vm_fd)
     if slot is not None:
         ms = ms[(ms["as_id"] == slot >> 16) & (ms["slot"] == slot & 0xFFFF)]
+        if not len(ms) and unread:
+            fail(f"{unread}; memslot {slot} may be one of those",
+                 slot=slot & 0xFFFF, as_id=slot >> 16)
+            return _frame(rows, attrs)
         if not len(ms):
             fail(f"no memslot {slot} in the VM(s) of process {pid} (slots: "
                  f"{', '.join(str(kvmapi.slot_id(int(a), int(s))) for a, s in zip(snap.memslots['as_id'], snap.memslots['slot']))})",
@@ -345,7 +354,12 @@ def answer(snap, gpa: tuple[int, int] | None = None, hva: tuple[int, int] | None
         if lo < hi:
             asked.append((s, lo, hi))
     if not asked:
-        if gpa is not None:
+        if unread:  # not among the slots read: cannot tell, not "no memslot"
+            fail(f"{unread}; the {_what_asked(gpa, hva, slot)} may be in one of "
+                 "those", range_gpa=None if gpa is None else gpa[0],
+                 range_hva=None if hva is None else hva[0],
+                 range_size_bytes=(gpa or hva or (None, None))[1])
+        elif gpa is not None:
             fail(f"no memslot of process {pid} covers GPA {gpa[0]:#x}+{gpa[1]:#x}",
                  range_gpa=gpa[0], range_size_bytes=gpa[1])
         elif hva is not None:
@@ -375,7 +389,41 @@ def answer(snap, gpa: tuple[int, int] | None = None, hva: tuple[int, int] | None
         if arch == "aarch64":
             row["rule"] = _arm64_rule(row, g, ctx)
         rows.append(row)
+    if unread and slot is None:
+        # the rows above are right for the slots read; the range (or the VM)
+        # may also be in a slot the iterator could not hold: a partial answer
+        fail(f"partial answer: {unread}; the slot rows given are only the slots read, and the "
+             f"{_what_asked(gpa, hva, slot)} may also be in one of the others")
+        rows.insert(0, rows.pop())  # first: the one line a script sees on stderr
     return _frame(rows, attrs)
+
+
+def _unread_slots(snap, vm_fd: int | None) -> str:
+    """'' when every memslot of the VM(s) asked about was read, else which VM
+    fds were cut short: the memslot iterator writes at most MAX_SLOTS records
+    per VM (one seq buffer, collectors/snapshot.py) and its walk stops after a
+    fixed number of steps (the trailer's count is then a lower bound)."""
+    cut = [v for v in (getattr(snap, "vms", None) or []) if not v.get("complete", True)
+           and (vm_fd is None or v.get("vm_fd") == vm_fd)]
+    if not cut:
+        return ""
+    parts = []
+    for v in cut:
+        seen = sum(int(a.get("slots") or 0) for a in v.get("address_spaces") or [])
+        parts.append(f"VM fd {v['vm_fd']} has at least {max(seen, int(v.get('slots') or 0)):,} "
+                     f"memslots and the BPF iterator read {int(v.get('slots') or 0):,} of them "
+                     "(its buffer holds no more)")
+    return "; ".join(parts)
+
+
+def _what_asked(gpa, hva, slot) -> str:
+    if slot is not None:
+        return f"memslot {slot}"
+    if gpa is not None:
+        return f"GPA range {gpa[0]:#x}+{gpa[1]:#x}"
+    if hva is not None:
+        return f"HVA range {hva[0]:#x}+{hva[1]:#x}"
+    return "VM's memory"
 
 
 def _vma_fields(over: list[_Vma], lo: int, hi: int) -> dict:
@@ -427,7 +475,7 @@ def _kvm_side(row: dict, installs, s, lo: int, hi: int, over: list[_Vma], pat_li
                    reason=f"host VMA {vma_mt}; KVM installed nothing in this range that is "
                           f"still mapped" + (f" ({zapped} page(s) installed, then unmapped by "
                           f"an invalidation)" if zapped else " (no guest access during the "
-                          "window)"))
+                          "window)") + f"; {BEFORE_WINDOW}")
         return g
     gfn = g["gfn"].to_numpy(dtype=np.uint64)
     page_hva = int(s.hva) + (gfn - np.uint64(int(s.gpa) // PAGE)).astype(np.int64) * PAGE
@@ -463,6 +511,10 @@ def _kvm_side(row: dict, installs, s, lo: int, hi: int, over: list[_Vma], pat_li
                pat_memtype_list=pat_note, verdict=verdict)
     reason = (f"host VMA {vma_mt_page[worst]} ({vma_src_page[worst]}); KVM installed "
               f"{spte_mt[worst]} for {len(g)} page(s) seen in the window")
+    asked_pages = (hi - lo + PAGE - 1) // PAGE
+    if len(g) < asked_pages:  # a partial answer: say which part
+        reason += (f" (of {asked_pages} in the range; the others: not touched in the window "
+                   f"or installed before it)")
     if verdict == "downgraded":
         reason += ": the guest gets a stricter type than the VMA (slower)"
     elif verdict == "upgraded":

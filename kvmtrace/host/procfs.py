@@ -76,3 +76,17 @@ def read_text(path: str) -> str | None:
             return f.read()
     except OSError:
         return None
+
+
+def process_state(pid: int) -> str | None:
+    """The state letter of /proc/PID/stat (R, S, D, Z, ...), None if gone.
+    A zombie (Z: exited, not yet reaped by its parent) still has a comm
+    but no fds and no mappings: query says it exited instead of reading
+    nothing from it."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read().decode(errors="replace")
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    rest = stat.rpartition(")")[2].split()  # comm may hold spaces and ')'
+    return rest[0] if rest else None
