@@ -9,6 +9,9 @@ is cumulative; the last note in a recording holds everything.
 
 from __future__ import annotations
 
+import mmap
+import struct
+
 NOWHERE = (1 << 64) - 1
 REGION_PAGES = 512  # the BPF side keys a region as gfn >> 9 (2 MiB of 4 KiB frames)
 
@@ -24,3 +27,22 @@ def lost_where(b, events) -> list[list]:
                      int(v.first_ts), int(v.last_ts)])
     rows.sort(key=lambda r: (r[0], r[1], -1 if r[2] is None else r[2]))
     return rows
+
+
+class LostTotals:
+    """The per-kind totals of ``kvmtrace_lost_total`` (probes/bpf/prelude.c: a
+    BPF_F_MMAPABLE array, one u64 per event kind, added to atomically), read
+    through mmap: no bpf() call, so reading them at every flush never holds
+    the CPU's bpf_prog_active (see progstats.py for what that costs)."""
+
+    def __init__(self, b, kinds: int):
+        table = b["kvmtrace_lost_total"]
+        size = -(-kinds * 8 // mmap.PAGESIZE) * mmap.PAGESIZE
+        self.kinds = kinds
+        self._map = mmap.mmap(table.map_fd, size, mmap.MAP_SHARED, mmap.PROT_READ)
+
+    def read(self) -> list[int]:
+        return list(struct.unpack_from(f"<{self.kinds}Q", self._map))
+
+    def close(self):
+        self._map.close()

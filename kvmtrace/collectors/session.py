@@ -42,10 +42,11 @@ from ..host import btf, procfs
 from ..probes import codegen
 from ..probes.load import LoadedProbes, ProbeLoadError, load_probes
 from .. import outputs
-from . import child, context, hostload, loss
+from . import child, context, hostload, loss, progstats
 
 
 GRACE_S = 3.0  # between SIGTERM and SIGKILL when record stops the command
+LOST_WHERE_S = 10.0  # the lost_where note at most this often while recording
 
 
 class RecordError(RuntimeError):
@@ -268,14 +269,31 @@ class Session:
                     memslot_pids.update(set(recs["pid"].tolist()))
         return memslot_pids
 
-    def _lost(self, b, events, writer):
-        table = b["kvmtrace_lost_count"]
-        for i, ev in enumerate(events):
-            self.stats.lost[ev.name] = int(sum(table[ctypes.c_int(i)]))
+    def _lost(self, b, events, writer, final=False):
+        totals = getattr(self, "_lost_totals", None)
+        if totals is None:  # once: the mmap reader, or why not (then bpf() lookups)
+            try:
+                totals = loss.LostTotals(b, len(events))
+            except (OSError, KeyError, ValueError):
+                totals = False
+            self._lost_totals = totals
+        if totals:
+            for ev, n in zip(events, totals.read()):
+                self.stats.lost[ev.name] = n
+        else:
+            table = b["kvmtrace_lost_count"]
+            for i, ev in enumerate(events):
+                self.stats.lost[ev.name] = int(sum(table[ctypes.c_int(i)]))
         total = sum(self.stats.lost.values())
-        if total != getattr(self, "_lost_noted", 0):  # where they were lost, when it moved
+        # where they were lost, when it moved: at most every LOST_WHERE_S while
+        # recording (walking the map is a bpf() call per entry, each holding
+        # bpf_prog_active: see LostTotals), and at the end
+        now = time.monotonic()
+        if total != getattr(self, "_lost_noted", 0) and (
+                final or now - getattr(self, "_lost_where_at", 0.0) >= LOST_WHERE_S):
             writer.note("lost_where", loss.lost_where(b, events))
             self._lost_noted = total
+            self._lost_where_at = now
 
     def _stats_rows(self, events, always=False):
         """Cumulative counts per event kind, when they moved since the last rows
@@ -468,9 +486,12 @@ class Session:
         for pid in sorted(self.snapshotted_pids | set(self.opts.pids)):
             if os.path.exists(f"/proc/{pid}"):
                 self._snapshot(writer, pid, "end")
-        self._lost(b, prog.events, writer)
+        self._lost(b, prog.events, writer, final=True)
         writer.add_rows("stats", self._stats_rows(prog.events, always=True))
         writer.note("host_load", self.load.end_note())
+        # programs the kernel skipped (the CPU's bpf_prog_active held): events
+        # missing without a full ring (progstats.py)
+        writer.note("bpf_misses", progstats.recursion_misses(b))
         end = {
             "stopped_by": self.stats.stopped_by or "unknown",
             "signal": self._stop_signal,
@@ -512,5 +533,7 @@ class Session:
             writer.abandon()
         for _, rd in readers:
             rd.close()
+        if getattr(self, "_lost_totals", None):
+            self._lost_totals.close()
         if live and self.write_error is None:
             live.stop(self, writer)

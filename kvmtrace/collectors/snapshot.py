@@ -321,6 +321,7 @@ class IteratorReader:
     def __init__(self, cache: bool | None = None):
         self.b = None
         self.fds: list[int] = []
+        self._tgid = None  # what kvmtrace_iter_tgid holds
         self.layout = kernel_layout()
         ids = self.layout["iter_btf_ids"]
         for target, tid in ids.items():
@@ -371,7 +372,14 @@ class IteratorReader:
         self.close()
 
     def _run(self, target: str, pid: int) -> bytes:
-        self.b["kvmtrace_iter_tgid"][ctypes.c_int(0)] = ctypes.c_uint32(pid)
+        # Written only when it changes: a map update from user space holds the
+        # CPU's bpf_prog_active (kernel/bpf/syscall.c bpf_disable_instrumentation)
+        # and, on a preemptible kernel (7.x's PREEMPT_LAZY), whatever runs on that
+        # CPU while this task is preempted there has its kprobe and tracepoint
+        # programs skipped: events missing with no ring ever full (progstats.py).
+        if self._tgid != pid:
+            self.b["kvmtrace_iter_tgid"][ctypes.c_int(0)] = ctypes.c_uint32(pid)
+            self._tgid = pid
         link = link_iter(self.prog[target], pid)
         try:
             return read_iter(link)

@@ -158,6 +158,8 @@ def build(probes, filter_pids: bool, offsets: dict | None = None,
         vma_text, cflags, vma_lookup = _vma_lookup_setup(offsets)
         parts.append(vma_text)
         ioctl = _read("ioctl.c")
+        parts += [f"#define KVMTRACE_IDX_{e.name.upper()} {index.get(e.name, -1)}\n"
+                  for e in (MEMSLOT, VM_IOCTL)]
         ms = (codegen.c_emit(MEMSLOT, index[MEMSLOT.name], _memslot_assigns())
               if MEMSLOT.name in index else "")
         vi = (codegen.c_emit(VM_IOCTL, index[VM_IOCTL.name], _vm_ioctl_assigns())

@@ -30,6 +30,18 @@ struct kvmtrace_pending {
 BPF_TABLE("lru_hash", u32, struct kvmtrace_pending, kvmtrace_pending_ioctl, 4096);
 BPF_PERCPU_ARRAY(kvmtrace_scratch, struct kvmtrace_pending, 1);
 
+/* An ioctl whose event will not be emitted is counted lost in its kind
+ * (KVMTRACE_IDX_*: the event's index, -1 when not traced), so a recording
+ * never drops one silently: the entry could not be kept, or an entry was
+ * still there at the next entry (its sys_exit_ioctl was never seen). */
+static __always_inline void kvmtrace_ioctl_lost(u32 cmd)
+{
+    int kind = (cmd == KVM_SET_USER_MEMORY_REGION || cmd == KVM_SET_USER_MEMORY_REGION2)
+               ? KVMTRACE_IDX_MEMSLOT : KVMTRACE_IDX_VM_IOCTL;
+    if (kind >= 0)
+        kvmtrace_lost(kind);
+}
+
 static __always_inline int kvmtrace_ioctl_enter(u32 cmd, s32 fd, u64 arg, int lookup)
 {
     if (cmd != KVM_RUN && cmd != KVM_SET_USER_MEMORY_REGION &&
@@ -75,7 +87,11 @@ static __always_inline int kvmtrace_ioctl_enter(u32 cmd, s32 fd, u64 arg, int lo
     } else if (cmd == KVM_SET_USER_MEMORY_REGION || cmd == KVM_SET_USER_MEMORY_REGION2) {
         p->vma_status = KVMTRACE_VMA_SKIPPED;
     }
-    kvmtrace_pending_ioctl.update(&tid, p);
+    struct kvmtrace_pending *stale = kvmtrace_pending_ioctl.lookup(&tid);
+    if (stale)
+        kvmtrace_ioctl_lost(stale->cmd);
+    if (kvmtrace_pending_ioctl.update(&tid, p))
+        kvmtrace_ioctl_lost(cmd);
     return 0;
 }
 

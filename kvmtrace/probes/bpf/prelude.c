@@ -15,6 +15,12 @@ BPF_TABLE("lru_hash", u32, s32, kvmtrace_vcpu, 16384);
 
 /* Events that found their ring buffer full, per event kind. */
 BPF_PERCPU_ARRAY(kvmtrace_lost_count, u64, KVMTRACE_NKINDS);
+/* The same totals in one array that the collector reads through mmap at each
+ * flush, with no bpf() call: a map lookup from user space holds the CPU's
+ * bpf_prog_active, and on a preemptible kernel every kprobe and tracepoint
+ * program that runs on that CPU while the reader is preempted there is
+ * skipped (collectors/progstats.py). */
+BPF_F_TABLE("array", int, u64, kvmtrace_lost_total, KVMTRACE_NKINDS, BPF_F_MMAPABLE);
 
 static __always_inline int kvmtrace_wanted(void)
 {
@@ -50,6 +56,9 @@ static __always_inline void kvmtrace_lost_at(int kind, u64 gfn)
     u64 *n = kvmtrace_lost_count.lookup(&kind);
     if (n)
         (*n)++;
+    u64 *t = kvmtrace_lost_total.lookup(&kind);
+    if (t)
+        __sync_fetch_and_add(t, 1);
     struct kvmtrace_lost_key k = {};
     k.pid = bpf_get_current_pid_tgid() >> 32;
     k.kind = kind;

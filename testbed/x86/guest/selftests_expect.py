@@ -173,7 +173,8 @@ def compare(expected: list, got: list) -> list:
             e = next((a for a in e if sorted(a) == sorted(g) and all(
                 len(a[s]) == len(g[s]) for s in a)), e[0])
         if sorted(e) != sorted(g):
-            bad.append(f"VM {i}: slots {sorted(g)[:8]}... reported, {sorted(e)[:8]}... expected")
+            bad.append(f"VM {i}: {len(g)} slots reported, {len(e)} expected; not reported: "
+                       f"{sorted(set(e) - set(g))[:8]}, not expected: {sorted(set(g) - set(e))[:8]}")
             continue
         for s in e:
             if len(e[s]) != len(g[s]):
@@ -190,20 +191,51 @@ def compare(expected: list, got: list) -> list:
 
 
 def memslot_model(path: str):
-    """kvmtrace.load()'s model, with the recording's tables, completeness and
-    problems at the top (what check_all and selftests.py read)."""
+    """The report's memslot history of the recording at ``path``: its ``ops``
+    and ``slots`` made by the functions kvmtrace.load() makes them with
+    (analysis/model.py build(): memslots.decode_ops, identity.generations,
+    memslots.replay with the KVM_CREATE_VM calls), without the fault path,
+    which the check does not read (the full model of a 32k-slot recording
+    takes minutes in the TCG guest); the fault tables are only counted. With
+    the recording's tables, completeness and problems."""
     import types
 
-    import kvmtrace
+    from kvmtrace.analysis import identity, memslots, pages
+    from kvmtrace.recording.reader import read
 
-    m = kvmtrace.load(path)
-    rec = m.recording
-    return types.SimpleNamespace(recording=rec.tables, ops=m.ops, slots=m.slots, meta=rec.meta,
+    rec = read(path, defer=FAULT_TABLES)
+    t = rec.tables
+    exits = t["proc_exit"]
+    ops = memslots.decode_ops(t["memslot"])
+    ops["proc"] = identity.generations(ops, exits)
+    snap = t.get("memslot_snapshot")
+    if snap is not None:
+        snap = snap.assign(proc=identity.generations(snap, exits))
+    vm_ioctl = t["vm_ioctl"].assign(proc=identity.generations(t["vm_ioctl"], exits))
+    ops, slots = memslots.replay(ops, pages.page_size(rec.meta), snap,
+                                 memslots.vm_creations(vm_ioctl))
+    return types.SimpleNamespace(recording=t, ops=ops, slots=slots, meta=rec.meta,
                                  complete=rec.complete, problems=rec.problems)
 
 
+# the event kinds the check reads (memslot history, VM instances,
+# kvm_arch_prepare_memory_region counts, process generations)
+CHECKED_KINDS = ("memslot", "vm_ioctl", "prepare_region", "proc_exit")
+
+# kvmtrace's programs on syscalls:sys_enter_ioctl / sys_exit_ioctl
+# (kvmtrace/probes/program.py ENTER_IOCTL*, bcc's name for bpf/ioctl.c's
+# TRACEPOINT_PROBE)
+SYSCALL_PROGRAMS = ("kvmtrace_enter_ioctl", "kvmtrace_enter_ioctl_novma",
+                    "tracepoint__syscalls__sys_exit_ioctl")
+
+# the x86 fault path's tables (kvmtrace/analysis/model.py FAULT_EVENT_TABLES
+# and the rest of the fault path): not read by the check
+FAULT_TABLES = ("spte_requested", "set_spte", "pt_walk", "page_fault", "tdp_spte_changed",
+                "fault_handler", "unmap_hva_range", "userspace_exit", "mmio")
+
+
 def check_all(model, runs: dict, say=print) -> list:
-    """Every test exited 0 and its memslot history in ``model`` (kvmtrace.load)
+    """Every test exited 0 and its memslot history in ``model`` (memslot_model)
     is what its source says. ``runs``: selftests.json. Returns the failures."""
     failures = []
 
@@ -218,8 +250,28 @@ def check_all(model, runs: dict, say=print) -> list:
     if not len(end):
         check(False, "the recording has its end note (lost-event counts)")
     else:
-        lost = json.loads(end["value"].iloc[0]).get("lost", {})
-        check(sum(lost.values()) == 0, f"no lost events ({lost})")
+        lost = {k: v for k, v in json.loads(end["value"].iloc[0]).get("lost", {}).items() if v}
+        mine = {k: v for k, v in lost.items() if k in CHECKED_KINDS}
+        # The fault path's events (not read here) can overflow their rings in
+        # a burst: 6.1's dirty_log_test write-protects its 1 GiB slot's 262k
+        # SPTEs at once. The recording says so; the line shows them.
+        check(not mine, f"no lost events of the kinds checked ({mine}; "
+              f"others: { {k: v for k, v in lost.items() if k not in CHECKED_KINDS} })")
+    # A program the kernel skipped (run while the CPU's bpf_prog_active was
+    # held: kvmtrace/collectors/progstats.py) dropped its event without any
+    # ring being full. The KVM kprobes and tracepoints run only for KVM's work:
+    # none may be skipped. The ioctl syscall programs run for every ioctl of
+    # every process (a shell's TCGETS too), so a skip there need not be a KVM
+    # ioctl; a skipped KVM memslot or VM ioctl is what the histories and the
+    # prepare_region counts below catch (a skipped sys_exit_ioctl is also
+    # counted lost: probes/bpf/ioctl.c). Recordings before the note have none.
+    misses = r["notes"].query("key == 'bpf_misses'")
+    if len(misses):
+        m = json.loads(misses["value"].iloc[-1])
+        kvm = {p: n for p, n in m.items() if p not in SYSCALL_PROGRAMS}
+        sys_ = {p: n for p, n in m.items() if p in SYSCALL_PROGRAMS}
+        check(not kvm, f"no KVM probe program skipped by the kernel ({kvm}; "
+              f"ioctl syscall programs: {sys_})")
     for name, run in runs["tests"].items():
         check(run["rc"] == 0, f"{name}: exited {run['rc']}")
         exp = EXPECT[name](run, runs["nr_memslots"], runs["kernel"])
