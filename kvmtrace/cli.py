@@ -563,6 +563,9 @@ def report(recording, fmt, pid, slot, table, fail_on, output, force, width):
     lost = int(model.lost["lost"].sum()) if len(model.lost) else 0
     if "loss" in want and lost:
         found.append(f"{lost:,} events lost while recording")
+    if "loss" in want and model.skipped:
+        found.append(f"the kernel skipped the probe programs {sum(model.skipped.values()):,} "
+                     "times while recording")
     if "truncated" in want and incomplete:
         found.append(incomplete)
     elif incomplete:

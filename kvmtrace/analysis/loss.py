@@ -35,6 +35,31 @@ WHERE_COLS = {"kind": "object", "pid": "int64", "gfn_start": "Int64", "count": "
               "first_ts": "int64", "last_ts": "int64"}
 
 
+def skipped(rec) -> dict[str, int]:
+    """{program: runs the kernel skipped} from the last ``bpf_misses`` note
+    (collectors/progstats.py): events missing though no ring was full."""
+    notes = rec["notes"]
+    w = notes[notes["key"] == "bpf_misses"]
+    if not len(w):
+        return {}
+    try:
+        d = json.loads(w["value"].iloc[-1])
+    except ValueError:
+        return {}
+    return {str(k): int(v) for k, v in d.items()
+            if isinstance(v, int) and not isinstance(v, bool) and v > 0}
+
+
+def skipped_note(skips: dict[str, int]) -> str:
+    """The report's line for the programs the kernel skipped ('' if none)."""
+    if not skips:
+        return ""
+    return (f"the kernel skipped kvmtrace's probe programs {sum(skips.values()):,} times "
+            "(another BPF program held the CPU): their events are missing though no ring "
+            "buffer was full (" + ", ".join(f"{k} {v:,}" for k, v in sorted(skips.items()))
+            + ")")
+
+
 def per_kind(rec) -> pd.DataFrame:
     """kind, events, lost (cumulative at the last flush) and lost_pct, for
     every kind recorded."""

@@ -48,6 +48,7 @@ class Model:
     ranges: pd.DataFrame
     lost: pd.DataFrame        # per event kind: events, lost (see loss.py)
     lost_where: pd.DataFrame  # per process, kind and 2 MiB region
+    skipped: dict  # program -> runs the kernel skipped (loss.skipped)
     fault_stats: faultstats.FaultStats  # what the summaries read of the faults
     notes: list[str] = field(default_factory=list)
     # events per raw table as read (build(keep_raw=False) empties the fault tables)
@@ -311,6 +312,9 @@ def build(path_or_recording, keep_raw: bool = True, lean: bool = False) -> Model
     installs_recorded = bool(recorded & install) or not recorded
     verdicts, ranges = _verdicts(slots, stats, ops, slot_lost, unplaced, installs_recorded)
     notes += _loss_notes(lost_kinds, unplaced)
+    skips = loss.skipped(rec)
+    if skips:
+        notes.append(loss.skipped_note(skips))
     if spte_format == "legacy" and kvm.get("vendor") in ("amd", "intel"):
         notes.append("legacy-format sptes: the CPU combines the spte's PAT type with the "
                      "MTRRs (and on NPT with the guest's PAT); kvmtrace shows the spte's part")
@@ -321,7 +325,8 @@ def build(path_or_recording, keep_raw: bool = True, lean: bool = False) -> Model
                  S.INVALIDATIONS.conform(inv, drop=("vcpu_fd", "cpu", "hva")),
                  S.EXITS.conform(exits, drop=("cpu",)), S.ERRORS.conform(errors),
                  S.VERDICTS.conform(verdicts), S.RANGES.conform(ranges),
-                 S.LOST.conform(lost_kinds), S.LOST_WHERE.conform(lost_where), stats, notes,
+                 S.LOST.conform(lost_kinds), S.LOST_WHERE.conform(lost_where), skips, stats,
+                 notes,
                  event_counts)
 
 

@@ -582,7 +582,7 @@ def _numpy(c) -> np.ndarray:
 # known key holding anything else is dropped (the views and the analysis
 # read these).
 NOTE_TYPES = {"end": dict, "smaps_unavailable": dict, "host_load": dict, "command": dict,
-              "lost_where": list}
+              "lost_where": list, "bpf_misses": dict}
 
 
 def _clean_notes(notes: pd.DataFrame, problems: list[str]) -> pd.DataFrame:
