@@ -97,3 +97,15 @@ def test_stats_merge_is_exact():
                                   whole.pages.astype({c: str for c in ("vma_memtype",
                                                                        "spte_memtype",
                                                                        "verdict")}))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_median_from_counts_is_pandas_median(seed):
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(1, 3000))
+    row = rng.integers(0, 5, n)
+    val = rng.integers(0, 50 if seed % 2 else 2**40, n)  # many repeats / none
+    want = pd.Series(val).groupby(row).median()
+    sv = pd.DataFrame({"slot_row": row, "service_ns": val, "count": np.ones(n, np.int64)})
+    got = faultstats.median_per_slot(faultstats._counted(sv))
+    pd.testing.assert_series_equal(got, want, check_names=False, check_index_type=False)

@@ -8,8 +8,9 @@ touched, not by faults:
 
 - ``classes``: faults counted per slot version and distinct (access, level,
   memory types, rule, verdict), with the time (and order) of the first;
-- ``service``: the service times of the faults inside a slot (an exact median
-  needs them; 16 bytes a fault, against the hundreds of a fault row);
+- ``service``: the service times of the faults inside a slot, counted per
+  distinct value (an exact median needs every value; service times repeat,
+  so this is bounded by distinct values, not faults);
 - ``pages``: per slot version and guest page, its last fault's mapping size,
   memory types and verdict (the ranges table);
 - ``rejected``: the faults KVM refused (few: the errors table lists each);
@@ -69,11 +70,37 @@ def of_faults(f: pd.DataFrame, failures: pd.DataFrame) -> FaultStats:
     svc = f["service_ns"].to_numpy(dtype=np.int64, na_value=-1) if len(f) else \
         np.zeros(0, np.int64)
     has = inside & f["service_ns"].notna().to_numpy(dtype=bool)
-    service = pd.DataFrame({"slot_row": keys["slot_row"][has], "service_ns": svc[has]})
+    service = _counted(pd.DataFrame({"slot_row": keys["slot_row"][has], "service_ns": svc[has],
+                                     "count": np.ones(int(has.sum()), dtype=np.int64)}))
     pages = _last_per_page(f.loc[inside, PAGE_COLUMNS])
     rej = (f["verdict"] == "rejected").to_numpy(dtype=bool)
     rejected = f.loc[rej, REJECTED_COLUMNS + ["fault_id"]].reset_index(drop=True)
     return FaultStats(classes, service, pages, rejected, _before(f, failures))
+
+
+def _counted(sv: pd.DataFrame) -> pd.DataFrame:
+    """(slot_row, service_ns, count) summed per distinct (slot_row, service_ns)."""
+    return sv.groupby(["slot_row", "service_ns"], sort=True)["count"].sum().reset_index()
+
+
+def median_per_slot(service: pd.DataFrame) -> pd.Series:
+    """Per slot_row, the median service time (ns, float64: the mean of the two
+    middle values for an even count, as pandas' median) from the counts."""
+    if not len(service):
+        return pd.Series(dtype="float64")
+    sv = service.sort_values(["slot_row", "service_ns"], kind="stable")
+    row = sv["slot_row"].to_numpy(np.int64)
+    val = sv["service_ns"].to_numpy(np.int64)
+    cum = np.cumsum(sv["count"].to_numpy(np.int64))
+    rows, start = np.unique(row, return_index=True)
+    end = np.r_[start[1:], len(row)]
+    before = np.r_[0, cum[:-1]][start]  # faults of the earlier slots
+    n = cum[end - 1] - before
+    lo = before + (n - 1) // 2  # 0-based ranks of the middle value(s)
+    hi = before + n // 2
+    v_lo = val[np.searchsorted(cum, lo, side="right")]
+    v_hi = val[np.searchsorted(cum, hi, side="right")]
+    return pd.Series((v_lo.astype(np.float64) + v_hi.astype(np.float64)) / 2, index=rows)
 
 
 def _last_per_page(p: pd.DataFrame) -> pd.DataFrame:
@@ -126,7 +153,7 @@ def merge(parts: list[FaultStats]) -> FaultStats:
     classes = c.groupby(CLASS_KEYS, sort=False, dropna=False).agg(
         faults=("faults", "sum"), first_ts=("first_ts", "first"),
         first_order=("first_order", "first")).reset_index()
-    service = pd.concat([p.service for p in parts], ignore_index=True)
+    service = _counted(pd.concat([p.service for p in parts], ignore_index=True))
     pages = _last_per_page(_concat([p.pages for p in parts]))
     rejected = _concat([p.rejected for p in parts]).sort_values(["ts", "fault_id"],
                                                                  kind="stable")

@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from . import pages, schema
+from . import faultstats, pages, schema
 from .model import Model
 from ..memtype import arm64 as a64
 from .vmas import vmflag_words
@@ -53,9 +53,7 @@ def slot_summary(model: Model, pid: int | None = None, slot: int | None = None) 
         acc.columns = [str(c) for c in acc.columns]
         lvl = fc.groupby(["slot_row", "level"])["faults"].sum().unstack(fill_value=0).rename(
             columns={i + 1: c for i, c in enumerate(LEVELS)})
-        sv = model.fault_stats.service
-        svc = sv.groupby("slot_row")["service_ns"].median().astype("float64") \
-            .rename("service_p50_us") / 1e3
+        svc = faultstats.median_per_slot(model.fault_stats.service).rename("service_p50_us") / 1e3
         mt = fc.loc[fc["spte_memtype"].notna() & (fc["spte_memtype"] != ""),
                     ["slot_row", "spte_memtype"]]
         mts = mt.groupby("slot_row")["spte_memtype"].agg(lambda x: "/".join(sorted(set(x)))) \
