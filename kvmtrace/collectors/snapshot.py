@@ -36,9 +36,12 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
+
+if TYPE_CHECKING:  # pandas is imported where a table is made: record --pid reads the
+    import pandas as pd  # memslots before its probes attach, and pandas takes 0.34 s to import
 
 from ..host import bccload, bpfcache
 from ..host import btf as btf_mod
@@ -389,6 +392,8 @@ class IteratorReader:
     def memslots(self, pid: int) -> tuple[pd.DataFrame, list[dict]]:
         """(one row per memslot of every VM of ``pid``, one dict per VM fd with
         generation, slot count and whether the read was complete)."""
+        import pandas as pd
+
         last_why = ""
         for _ in range(RETRIES):
             raw = np.frombuffer(self._run("task_file", pid), dtype=SLOT_DTYPE)
@@ -400,6 +405,8 @@ class IteratorReader:
         raise SnapshotError(f"the memslots changed during each of {RETRIES} reads ({last_why})")
 
     def vmas(self, pid: int) -> pd.DataFrame:
+        import pandas as pd
+
         raw = np.frombuffer(self._run("task_vma", pid), dtype=VMA_DTYPE)
         df = pd.DataFrame({n: raw[n] for n in VMA_DTYPE.names if n != "pad"})
         # one task's VMAs (the kernel's tid filter); without it (before 6.1) every
@@ -412,6 +419,8 @@ class IteratorReader:
 
 def _decode_slots(raw: np.ndarray) -> tuple[pd.DataFrame, list[dict], str]:
     """Rows, per-VM summaries, and why the read must be retried ('' if not)."""
+    import pandas as pd
+
     vms, rows, why = {}, [], ""
     skip = False
     for r in raw:
