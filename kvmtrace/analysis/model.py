@@ -457,9 +457,9 @@ def _errors(ops, ex, failures, stats: faultstats.FaultStats, slots, vcpus,
     return schema.ERRORS.conform(pd.DataFrame(rows, columns=schema.ERRORS.names, dtype=object))
 
 
-def _reason(vma_mt, vma_src, spte_mts, verdict) -> str:
+def _reason(vma_mt, vma_src, spte_mts, verdict, rules=()) -> str:
     spte = "/".join(sorted(spte_mts)) or "none installed"
-    base = f"host VMA {vma_mt} ({vma_src}); KVM installed {spte}"
+    base = f"host VMA {vma_mt} ({vma_src}); {x86mt.installed_words(spte, rules)}"
     if verdict == "consistent":
         return base
     if verdict == "downgraded":
@@ -495,8 +495,8 @@ def _slot_verdict(g: dict | None, lost: int, installs_recorded: bool):
         return "unknown", vma_mts, "", _no_install_reason(n, lost, installs_recorded)
     verdict = next(v for v in VERDICT_ORDER if v in counts.index)
     worst = g["first"][verdict]  # the slot's first fault with that verdict
-    reason = _reason(worst["vma_memtype"], worst["vma_memtype_source"], spte_mts, verdict)
     rules = [r for r in g["rules"] if r]
+    reason = _reason(worst["vma_memtype"], worst["vma_memtype_source"], spte_mts, verdict, rules)
     if rules:
         reason += "; kernel rule: " + " / ".join(rules)
     if verdict == "unknown" and worst["vma_memtype"] == "unknown":

@@ -193,7 +193,7 @@ def _installs(window, pid: int) -> pd.DataFrame | None:
     prefetches. None without a window."""
     if window is None:
         return None
-    cols = ["ts", "vm_fd", "gfn", "pfn", "level", "spte_memtype", "kind"]
+    cols = ["ts", "vm_fd", "gfn", "pfn", "level", "spte_memtype", "kind", "rule"]
     parts = []
     f = window.faults
     if len(f):
@@ -202,7 +202,8 @@ def _installs(window, pid: int) -> pd.DataFrame | None:
                                    "vm_fd": f["vm_fd"].astype("int64"),
                                    "gfn": f["gfn"].astype("uint64"), "pfn": f["pfn"],
                                    "level": f["level"].astype("int64"),
-                                   "spte_memtype": f["spte_memtype"], "kind": "fault"}))
+                                   "spte_memtype": f["spte_memtype"], "kind": "fault",
+                                   "rule": f["rule"].astype(object) if "rule" in f else None}))
     p = window.prefetch
     if len(p) and "spte" in p:
         p = p[p["pid"] == pid]
@@ -215,7 +216,11 @@ def _installs(window, pid: int) -> pd.DataFrame | None:
                                        "vm_fd": p["vm_fd"].astype("int64"),
                                        "gfn": p["gfn"].astype("uint64"), "pfn": pd.NA,
                                        "level": p["level"].astype("int64"),
-                                       "spte_memtype": mt, "kind": "prefetch"}))
+                                       "spte_memtype": mt, "kind": "prefetch",
+                                       "rule": x86mt.kvm_rules(
+                                           p["spte"].astype("uint64").to_numpy(),
+                                           p["level"].astype("int64").to_numpy(),
+                                           x86mt.mmu_kind(window.meta.get("kvm") or {}), pat)}))
     if not parts:
         return pd.DataFrame(columns=cols)
     d = pd.concat([x for x in parts if len(x)] or [parts[0]], ignore_index=True)
@@ -509,8 +514,10 @@ def _kvm_side(row: dict, installs, s, lo: int, hi: int, over: list[_Vma], pat_li
                installed_levels=", ".join(f"level {int(k)}: {int(n)}" for k, n in levels.items()),
                installed_pfns=_pfn_ranges(pfn[known_pfn]),
                pat_memtype_list=pat_note, verdict=verdict)
-    reason = (f"host VMA {vma_mt_page[worst]} ({vma_src_page[worst]}); KVM installed "
-              f"{spte_mt[worst]} for {len(g)} page(s) seen in the window")
+    rules = g["rule"].to_numpy(dtype=object) if "rule" in g else []
+    reason = (f"host VMA {vma_mt_page[worst]} ({vma_src_page[worst]}); "
+              f"{x86mt.installed_words(spte_mt[worst], rules)} for {len(g)} page(s) seen in "
+              "the window")
     asked_pages = (hi - lo + PAGE - 1) // PAGE
     if len(g) < asked_pages:  # a partial answer: say which part
         reason += (f" (of {asked_pages} in the range; the others: not touched in the window "

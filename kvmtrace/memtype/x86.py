@@ -257,6 +257,17 @@ SHADOW_RULE = ("shadow paging: KVM puts no memory type in the spte (no get_mt_ma
                "not used by the CPU")
 
 
+def installed_words(memtype: str, rules=()) -> str:
+    """How a reason says what KVM installed. Under NPT_RULE KVM installed no
+    type at all: the entry's zero PAT:PCD:PWT select host PAT entry 0 (WB),
+    so "KVM installed WB" would claim a choice KVM did not make."""
+    rules = [r for r in rules if r]
+    if rules and all(r == NPT_RULE for r in rules):
+        return ("the NPT entries carry no memory type (PAT:PCD:PWT 0 selects host PAT "
+                f"entry 0, {memtype})")
+    return f"KVM installed {memtype}"
+
+
 MTRR_TYPES = {"UC": 0, "WC": 1, "WT": 4, "WP": 5, "WB": 6}  # arch/x86/include/uapi/asm/mtrr.h
 
 
