@@ -31,6 +31,7 @@ from rich.text import Text
 from .analysis import compare, identity, pages, schema, summary
 from .analysis.model import EXIT_REASONS, Model
 from .probes.events import EVENTS
+from .memtype import x86 as x86mt
 
 VERDICT_STYLE = {"consistent": "green", "downgraded": "yellow", "upgraded": "bold red",
                  "rejected": "red", "unknown": "dim"}
@@ -430,6 +431,8 @@ def _header(model: Model, console: Console):
                   f"{_m(endv.get('stopped_by', 'unknown (not closed)'))}; "
                   f"{n_events:,} events, {lost}")
     console.print(f"  probes attached: {_m(', '.join(map(str, probes.get('attached', []))))}")
+    if m.get("arch") == "x86_64" and isinstance(m.get("x86"), dict):
+        console.print(f"  {_m(x86mt.mtrr_words(m['x86']))}")
     for name, why in (probes.get("unavailable") or {}).items():
         console.print(f"  [dim]not attached: {_m(name)}: {_m(why)}[/]")
     for p in model.notes:  # the recording's own problems come first in it

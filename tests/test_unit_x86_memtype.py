@@ -396,3 +396,25 @@ def test_ept_ipat_wb_over_uc_vma_is_upgraded():
     v = _verdict_codes(pd.Categorical(["UC-"]), smt, x86.guest_pat_combines(spte, "ept"), "ept")
     assert list(v) == ["upgraded"]
     assert "forces write-back" in x86.kvm_rules(spte, 1, "ept")[0]
+
+
+def test_proc_mtrr_parsed():
+    """/proc/mtrr as arch/x86/kernel/cpu/mtrr/if.c mtrr_seq_show prints it
+    ("reg%02i: base=0x%06lx000 (%5luMB), size=%5lu%cB, count=%d: %s"); this
+    development host (KVM-PVM guest) has no /proc/mtrr, so the lines are made
+    from that format, with a KB-sized range and a type the kernel hides ('?')."""
+    from kvmtrace.host.procfs import parse_mtrr
+    from kvmtrace.memtype import x86 as x86mt
+
+    text = ("reg00: base=0x000000000 (    0MB), size= 2048MB, count=1: write-back\n"
+            "reg01: base=0x0c0000000 ( 3072MB), size=  256MB, count=1: uncachable\n"
+            "reg02: base=0x0fee00000 ( 4078MB), size=    4KB, count=1: write-combining\n"
+            "reg03: base=0x000000000 (    0MB), size=    0MB, count=0: ?\n")
+    got = parse_mtrr(text)
+    assert got[:3] == [{"start": 0, "end": 2 << 30, "memtype": "WB"},
+                       {"start": 3 << 30, "end": (3 << 30) + (256 << 20), "memtype": "UC"},
+                       {"start": 0xFEE00000, "end": 0xFEE01000, "memtype": "WC"}]
+    assert got[3]["memtype"] == "?"
+    words = x86mt.mtrr_words({"mtrr": got[:2]})
+    assert "0x0-0x80000000 WB" in words and "0xc0000000-0xd0000000 UC" in words
+    assert "not recorded" in x86mt.mtrr_words({"mtrr": None, "mtrr_source": "unavailable"})

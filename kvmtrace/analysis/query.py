@@ -108,6 +108,7 @@ def decided_by(context: dict) -> str:
     pat_list = ("the host PAT memtype list (debugfs) holds the type reserved for each "
                 "remapped physical range" if listed else
                 "the host PAT memtype list is not readable (debugfs)")
+    pat_list += "; " + x86mt.mtrr_words(context.get("x86") or {})
     mmu = kvm.get("mmu")
     if arch == "aarch64":
         return ("stage 2: with FEAT_S2FWB the stage-2 attribute decides, else stage 1 and "

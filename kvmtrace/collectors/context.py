@@ -59,6 +59,12 @@ def host_context() -> dict:
             "unavailable (mount debugfs: mount -t debugfs debugfs /sys/kernel/debug)",
             "ram": ctx["ram"],
         }
+        # the host MTRRs combine with the PAT type of every mapping (NPT, shadow, EPT
+        # without IPAT): recorded as /proc/mtrr shows them (variable ranges only)
+        mtrr = procfs.read_text("/proc/mtrr")
+        ctx["x86"]["mtrr"] = procfs.parse_mtrr(mtrr) if mtrr else None
+        ctx["x86"]["mtrr_source"] = "/proc/mtrr (variable ranges)" if mtrr else \
+            "unavailable (no /proc/mtrr: a host without MTRRs, or CONFIG_MTRR off)"
     elif machine == "aarch64":
         ctx["arm64"] = arm64.cpu_facts()
     return ctx

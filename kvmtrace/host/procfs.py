@@ -54,6 +54,27 @@ def parse_pat_memtype_list(text: str) -> list[dict]:
             for a, b, t in _PAT.findall(text)]
 
 
+# arch/x86/kernel/cpu/mtrr/if.c mtrr_seq_show (2.6 to 7.x):
+# "reg%02i: base=0x%06lx000 (%5luMB), size=%5lu%cB, count=%d: %s" with the type as
+# mtrr_attrib_to_str names it
+_MTRR = re.compile(r"^reg\d+: base=0x([0-9a-f]+) \(\s*\d+MB\), size=\s*(\d+)([KM])B, "
+                   r"count=\d+: (\S+)", re.M)
+MTRR_TYPES = {"uncachable": "UC", "write-combining": "WC", "write-through": "WT",
+              "write-protect": "WP", "write-back": "WB"}
+
+
+def parse_mtrr(text: str) -> list[dict]:
+    """The variable-range MTRRs of /proc/mtrr -> start, end (exclusive), memtype
+    (UC / WC / WT / WP / WB; '?' when the kernel hides them from the reader).
+    /proc/mtrr shows neither the default type nor the fixed ranges below 1 MiB."""
+    out = []
+    for base, size, unit, kind in _MTRR.findall(text):
+        start = int(base, 16)
+        n = int(size) << (10 if unit == "K" else 20)
+        out.append({"start": start, "end": start + n, "memtype": MTRR_TYPES.get(kind, "?")})
+    return out
+
+
 def parse_iomem_ram(text: str) -> list[dict]:
     """Top-level 'System RAM' ranges of /proc/iomem (inclusive end made exclusive).
 

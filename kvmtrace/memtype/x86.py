@@ -257,6 +257,17 @@ SHADOW_RULE = ("shadow paging: KVM puts no memory type in the spte (no get_mt_ma
                "not used by the CPU")
 
 
+def mtrr_words(x86: dict) -> str:
+    """The host MTRRs as a report or query states them (recording meta x86)."""
+    mtrr = x86.get("mtrr")
+    if mtrr is None:
+        return "host MTRRs not recorded (" + (x86.get("mtrr_source") or "an older recording") + ")"
+    if not mtrr:
+        return "host MTRRs: no variable range set (/proc/mtrr; the default type applies)"
+    return "host MTRRs (/proc/mtrr, variable ranges; the default type is not shown there): " + \
+        ", ".join(f"{r['start']:#x}-{r['end']:#x} {r['memtype']}" for r in mtrr)
+
+
 def installed_words(memtype: str, rules=()) -> str:
     """How a reason says what KVM installed. Under NPT_RULE KVM installed no
     type at all: the entry's zero PAT:PCD:PWT select host PAT entry 0 (WB),

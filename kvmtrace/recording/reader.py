@@ -288,6 +288,7 @@ META_SPEC = {
     "ram": _opt(_list_of(_range)),
     "x86": {"pat": {"entries": _list_of(_str, 8), "source": _str},
             "pat_memtype_list": _opt(_list_of(_pat_range)),
+            "mtrr": _opt(_list_of(_pat_range)), "mtrr_source": _opt(_str),
             "ram": _opt(_list_of(_range))},
     "arm64": {"fwb": _opt(_bool), "dic": _opt(_bool)},
     "btf": {"enums": {"kvm_pgtable_prot": _pgtable_prot}},
