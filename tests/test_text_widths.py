@@ -211,3 +211,19 @@ def test_probes_fits_80():
 def test_bad_width(value):
     from conftest import one_line_error
     assert "--width" in one_line_error(kvmtrace("report", X86, "--width", value))
+
+
+@pytest.mark.parametrize("width", [80, 200])
+def test_long_tables_are_plain_columns_that_fit(width, monkeypatch):
+    """Over render.PLAIN_ROWS rows a table is drawn as plain columns (a report of
+    32,764 memslots took 3 min through rich): it fits the width as the rich
+    table does and holds the same cells."""
+    rich_out = report_text(X86, width)
+    monkeypatch.setattr(render, "PLAIN_ROWS", 0)
+    out = _render(lambda con: render.to_text(model(X86), con), True, width)
+    check_fits(out, width, report_text(X86, 10000))
+    m = model(X86)
+    for s in m.slots.itertuples():
+        assert f"{s.gpa:#x}-{s.gpa + s.size_bytes:#x}" in out
+    words = lambda t: re.findall(r"[0-9A-Za-z_.+-]{3,}", t)  # noqa: E731
+    assert set(words(out)) == set(words(rich_out))
