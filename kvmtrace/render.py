@@ -476,10 +476,13 @@ MEMSLOT_COLS = [Col("slot"), Col("GPA range"), Col("size"), Col("flags", drop=5)
 
 
 def _memslot_table(s: pd.DataFrame, console: Console):
-    for (pid, proc, vm), g in s.groupby(["pid", "proc", "vm_fd"]):
+    reused = s.groupby(["pid", "proc", "vm_fd"])["vm_instance"].nunique()
+    for (pid, proc, vm, inst), g in s.groupby(["pid", "proc", "vm_fd", "vm_instance"]):
         who = identity.label(pid, proc)
         if proc:
             who += f" (process {proc + 1} with pid {pid} in this recording)"
+        if reused[(pid, proc, vm)] > 1 or inst:  # the fd number held one VM, then another
+            vm = f"{vm} (VM {inst + 1} on this fd number)"
         rows = []
         for r in g.itertuples(index=False):
             hist = f"{r.created_by} {_t(r.t_start_s)}"

@@ -35,3 +35,9 @@ def test_a_new_vm_on_a_reused_fd_starts_with_no_slots(tmp_path):
     assert list(s["ended_by"]) == ["VM replaced", "VM replaced", ""]
     # each version ends when the next VM was created, before its own slot was set
     assert (s["end_ts"].iloc[:2].to_numpy() <= s["start_ts"].iloc[1:].to_numpy()).all()
+    # and the report names them apart: VM 1, 2 and 3 on that fd number
+    assert list(s["vm_instance"]) == [0, 1, 2]
+    text = run("report", out, "--table", "slots", "--width", "200").stdout
+    fd = done["vms"][0]["vm_fd"]
+    for i in (1, 2, 3):
+        assert f"vm fd {fd} (VM {i} on this fd number)" in text, text[:2000]

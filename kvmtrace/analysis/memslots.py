@@ -144,6 +144,8 @@ def replay(ops: pd.DataFrame, page: int = 4096, snapshot: pd.DataFrame | None = 
     (``VM_REPLACED``), so the new VM starts with none."""
     op_col, reason_col = [], []
     state, versions = seed(snapshot, ops)
+    # which VM on its fd number: 0 the first seen, +1 at each KVM_CREATE_VM returning it
+    instance = {key: 0 for key in state}
     new_vms = [] if created is None else list(
         created[["ts", "pid", "proc", "vm_fd"]].itertuples(index=False, name=None))
     nxt = 0
@@ -153,6 +155,7 @@ def replay(ops: pd.DataFrame, page: int = 4096, snapshot: pd.DataFrame | None = 
             nxt += 1
             for old in state.pop((pid, proc, fd), {}).values():
                 old["end_ts"], old["ended_by"] = int(ts), VM_REPLACED
+            instance[(pid, proc, fd)] = instance.get((pid, proc, fd), -1) + 1
         live = state.setdefault((row.pid, row.proc, row.vm_fd), {})
         key = (row.as_id, row.slot_id)
         old = live.get(key)
@@ -184,13 +187,16 @@ def replay(ops: pd.DataFrame, page: int = 4096, snapshot: pd.DataFrame | None = 
                "flags": int(row.flags), "flag_names": row.flag_names,
                "ioctl_name": row.ioctl_name, "gmem_fd": int(row.gmem_fd) if row.ioctl == 2
                and row.flags & kvmapi.KVM_MEM_GUEST_MEMFD else -1,
-               "start_ts": int(row.ts), "end_ts": INF, "created_by": op, "ended_by": ""}
+               "start_ts": int(row.ts), "end_ts": INF, "created_by": op, "ended_by": "",
+               "vm_instance": instance.setdefault((row.pid, row.proc, row.vm_fd), 0)}
         live[key] = new
         versions.append(new)
     ops = ops.assign(op=op_col, reason=reason_col)
     cols = ["pid", "proc", "vm_fd", "as_id", "slot", "gpa", "size_bytes", "hva", "flags",
             "flag_names", "ioctl_name", "gmem_fd", "start_ts", "end_ts", "created_by", "ended_by"]
     slots = pd.DataFrame(versions, columns=cols).astype(SLOT_INT_COLS)
+    slots.insert(3, "vm_instance", np.array([v.get("vm_instance", 0) for v in versions],
+                                            dtype=np.int64))
     # when it was read from the kernel, for a slot that existed before recording
     slots["snapshot_ts"] = pd.array([v.get("snapshot_ts") for v in versions], dtype="UInt64")
     slots["gfn_start"] = (slots["gpa"] // page).astype("int64")

@@ -273,9 +273,12 @@ OPS = Table("ops", "every memslot ioctl, decoded and classified by KVM's rules "
     C("reason", "str", "", "why KVM refused it, '' on success"),
 ))
 
+VM_INSTANCE = C("vm_instance", "int64", "", "which VM on this fd number: 0 the first seen, 1 the "
+      "next one KVM_CREATE_VM returned the same fd number for (after the first was closed), ...")
+
 SLOTS = Table("slots", "slot versions over time: one row per create, move or flags change, "
               "with the VMA behind it (analysis/memslots.py, analysis/vmas.py)", (
-    PID, PROC, VM_FD, AS_ID, C("slot", "int64", "", "slot id"),
+    PID, PROC, VM_FD, VM_INSTANCE, AS_ID, C("slot", "int64", "", "slot id"),
     C("gpa", "uint64", "bytes", "guest physical start"),
     C("size_bytes", "uint64", "bytes", "size"),
     C("hva", "uint64", "bytes", "host virtual start"),
@@ -470,6 +473,7 @@ SUMMARY = Table("summary", "the memslot table joined with its activity and verdi
     C("slot_vma_memtype", "str", "", "the VMA type even without faults"),
     C("verdict", "str", "", "verdict"), C("reason", "str", "", "why"),
     C("vma_source", "str", "", "where the VMA came from"),
+    VM_INSTANCE,  # last: the columns before it keep their places in CSV
 ))
 
 OPS_VIEW = Table("ops_view", "the memslot ioctls as report prints them", (
