@@ -63,16 +63,10 @@ class _Latest:
         self.has_events, self.fallback = has_events, fallback
 
     def see(self, tid: np.ndarray, ts: np.ndarray):
-        if not len(ts):
-            return
-        u, inv = np.unique(tid, return_inverse=True)
-        m = np.full(len(u), NEVER, dtype=np.int64)
-        np.maximum.at(m, inv, ts)
-        get = self.per_tid.get
-        for t, v in zip(u.tolist(), m.tolist()):
-            if v > get(t, NEVER):
+        for t, v in _per_tid(tid, ts, np.maximum).items():
+            if v > self.per_tid.get(t, NEVER):
                 self.per_tid[t] = v
-        self.any = max(self.any, int(m.max()))
+            self.any = max(self.any, v)
 
     def horizon(self, tids: np.ndarray) -> np.ndarray:
         """Per thread: every unread event of the kind is at or after this."""
