@@ -38,13 +38,8 @@ WHERE_COLS = {"kind": "object", "pid": "int64", "gfn_start": "Int64", "count": "
 def skipped(rec) -> dict[str, int]:
     """{program: runs the kernel skipped} from the last ``bpf_misses`` note
     (collectors/progstats.py): events missing though no ring was full."""
-    notes = rec["notes"]
-    w = notes[notes["key"] == "bpf_misses"]
-    if not len(w):
-        return {}
-    try:
-        d = json.loads(w["value"].iloc[-1])
-    except ValueError:
+    d = rec.last_note("bpf_misses")
+    if not isinstance(d, dict):
         return {}
     return {str(k): int(v) for k, v in d.items()
             if isinstance(v, int) and not isinstance(v, bool) and v > 0}

@@ -30,14 +30,7 @@ def _int(v):
 
 
 def _end_note(rec) -> dict:
-    notes = rec["notes"]
-    end = notes[notes["key"] == "end"]
-    if not len(end):
-        return {}
-    try:
-        v = json.loads(end["value"].iloc[-1])
-    except ValueError:
-        return {}
+    v = rec.last_note("end")
     return v if isinstance(v, dict) else {}
 
 

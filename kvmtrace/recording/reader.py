@@ -67,6 +67,18 @@ class Recording:
     def __getitem__(self, name: str) -> pd.DataFrame:
         return self.tables[name]
 
+    def last_note(self, key: str):
+        """The value of the last note ``key`` as JSON, None without one (or
+        when it is not JSON)."""
+        notes = self.tables["notes"]
+        v = notes.loc[notes["key"] == key, "value"]
+        if not len(v):
+            return None
+        try:
+            return json.loads(v.iloc[-1])
+        except ValueError:
+            return None
+
     def stream(self, columns: dict[str, list[str]] | None = None):
         """The deferred tables, batch by batch in file order: one
         ``{name: DataFrame}`` per batch holding the rows of that batch (every
@@ -91,11 +103,8 @@ class Recording:
             budget = _Budget(st.st_size)
             ruled: list[str] = []
             for i, frame in enumerate(frames):
-                data = _pread(fd, frame.size, frame.offset)
                 try:
-                    if len(data) < frame.size:
-                        raise _BadBatch("cut short while reading (the file changed)")
-                    batch = _decode(data, frame, i, version, decode, budget)
+                    batch = _read_batch(fd, frame, i, version, decode, budget)
                 except _BadBatch as e:
                     raise RecordingError(f"{_shown(self.path)}: batch {i + 1} changed between "
                                          f"two reads ({e})") from None
@@ -507,6 +516,15 @@ def _decode(data: bytes, frame: _Frame, index: int, version: int,
     return batch
 
 
+def _read_batch(fd: int, frame: _Frame, index: int, version: int, schema: pa.Schema,
+                budget: _Budget) -> pa.RecordBatch:
+    """One batch read from the file and checked (_decode); _BadBatch if not."""
+    data = _pread(fd, frame.size, frame.offset)
+    if len(data) < frame.size:
+        raise _BadBatch("cut short while reading (the file changed)")
+    return _decode(data, frame, index, version, schema, budget)
+
+
 def _rows(batch: pa.RecordBatch, parts: dict, dropped: dict, keep=None, counts=None):
     """Each table's rows of a decoded (and validated) batch: its struct values,
     null rows dropped. Only the tables in ``keep`` (None: all) are kept; the
@@ -729,11 +747,8 @@ def _read(path: str, fd: int, defer: frozenset = frozenset()) -> Recording:
     counts: dict[str, int] = {}
     keep = [n for n in names if n not in defer] if defer else None
     for i, frame in enumerate(batch_frames):
-        data = _pread(fd, frame.size, frame.offset)
         try:
-            if len(data) < frame.size:
-                raise _BadBatch("cut short while reading (the file changed)")
-            batch = _decode(data, frame, i, version, decode, budget)
+            batch = _read_batch(fd, frame, i, version, decode, budget)
             _rows(batch, parts, dropped, keep, counts if defer else None)
         except _BadBatch as e:
             complete = False
