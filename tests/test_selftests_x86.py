@@ -21,7 +21,9 @@ from conftest import FIXTURES, ROOT
 sys.path.insert(0, str(ROOT / "testbed" / "x86" / "guest"))
 import selftests_expect as expect  # noqa: E402
 
-KERNELS = ["6.1", "7.x"]
+# 7.x-skips: a 7.3.4 run in which the kernel skipped the ioctl events of three
+# memslot creates (tests/fixtures/x86-selftests-7.x-skips/README.md)
+KERNELS = ["6.1", "7.x", "7.x-skips"]
 
 
 def _dir(k):
@@ -100,3 +102,32 @@ def test_report_says_the_kernel_skipped_programs():
     assert "skipped kvmtrace's probe programs 14 times" in loss.skipped_note(s7)
     assert loss.skipped(read(_dir("6.1") / "selftests.kvt")) == {}
     assert loss.skipped_note({}) == ""
+
+
+def test_changes_whose_ioctl_events_were_skipped_are_recovered(rec):
+    """The three creates whose ioctl events the kernel skipped come back from
+    kvm_arch_prepare_memory_region (memslots.recover_skipped), marked, with
+    the report's note; in the runs with nothing skipped nothing is added."""
+    k, model, runs = rec
+    got = model.ops[model.ops["ioctl_name"] == "recovered"]
+    if k != "7.x-skips":
+        assert got.empty and model.notes == []
+        return
+    smrt = runs["tests"]["set_memory_region_test"]["pid"]
+    assert sorted(got["slot_id"]) == [2859, 10623, 12234]
+    assert (got["pid"] == smrt).all() and (got["op"] == "create").all()
+    # each as the test made it (test_add_max_memory_regions: slot i at
+    # guest_addr + i * size, host address likewise): midway between the
+    # recorded creates of slots i - 1 and i + 1 of the same VM, same size and flags
+    ops = model.ops[model.ops["pid"] == smrt]
+    for r in got.itertuples():
+        near = ops[ops["slot_id"].isin([r.slot_id - 1, r.slot_id + 1]) & (ops["op"] == "create")
+                   & (ops["vm_fd"] == r.vm_fd)].sort_values("slot_id")
+        assert len(near) == 2 and (near["ioctl_name"] != "recovered").all()
+        for col in ("gpa", "hva"):
+            lo, hi = (int(v) for v in near[col])
+            assert getattr(r, col) - lo == hi - getattr(r, col) == r.size_bytes
+        assert near["flags"].eq(r.flags).all()
+    assert model.notes == ["3 memslot changes had no ioctl event (the kernel skipped or lost "
+                           "it) and were recovered from kvm_arch_prepare_memory_region's: "
+                           "ioctl shown as 'recovered'"]

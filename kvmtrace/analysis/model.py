@@ -243,14 +243,9 @@ def build(path_or_recording, keep_raw: bool = True, lean: bool = False) -> Model
     pat, _, _ = _x86_context(meta)
 
     exits_ = t["proc_exit"]
-    ops = memslots.decode_ops(t["memslot"])
-    ops["proc"] = identity.generations(ops, exits_)
     page = pages.page_size(meta)
-    snap = t.get("memslot_snapshot")  # slots set before recording (format 4+)
-    if snap is not None:
-        snap = snap.assign(proc=identity.generations(snap, exits_))
-    vm_ioctl = t["vm_ioctl"].assign(proc=identity.generations(t["vm_ioctl"], exits_))
-    ops, slots = memslots.replay(ops, page, snap, memslots.vm_creations(vm_ioctl))
+    arm = stage2.has_stage2(t)
+    ops, slots, vm_ioctl, snap, recovered_notes = memslots.history(t, meta, page)
     sv = vmas_mod.slot_vmas(slots, t["vmas"], t["memslot"], meta, t["notes"], snap)
     slots = pd.concat([slots, sv.drop(columns="slot_row")], axis=1) if len(slots) else \
         schema.SLOTS.empty().drop(columns=[c.name for c in schema.SLOTS.columns if c.optional])
@@ -260,7 +255,6 @@ def build(path_or_recording, keep_raw: bool = True, lean: bool = False) -> Model
     ex["proc"] = identity.generations(ex, exits_)
     ex["reason_name"] = ex["reason"].map(EXIT_REASONS).fillna(ex["reason"].astype(str))
     failures = ex.loc[ex["errno"] < 0, ["tid", "ts"]].reset_index(drop=True)
-    arm = stage2.has_stage2(t)
     ctx = _FaultContext(meta, kvm, spte_format, pat, page, exits_, vcpus, arm)
     if arm:
         ops["reason"] = stage2.memslot_reasons(ops, t, meta)
@@ -280,7 +274,7 @@ def build(path_or_recording, keep_raw: bool = True, lean: bool = False) -> Model
     if arm or not rec.deferred:
         f = _fault_columns(f, ctx, slots)
         stats = faultstats.of_faults(f, failures)
-    notes = list(rec.problems) + _snapshot_notes(t["notes"])
+    notes = list(rec.problems) + _snapshot_notes(t["notes"]) + recovered_notes
 
     prefetch = prefetch.reset_index(drop=True)
     prefetch["proc"] = identity.generations(prefetch, exits_)

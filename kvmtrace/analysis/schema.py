@@ -264,7 +264,9 @@ OPS = Table("ops", "every memslot ioctl, decoded and classified by KVM's rules "
     C("vm_pgoff", "uint64", "pages", "VMA vm_pgoff"),
     C("vma_ino", "uint64", "", "inode of the VMA's file"),
     AS_ID, C("slot_id", "int64", "", "slot id within the address space"),
-    C("ioctl_name", "str", "", "the ioctl's name"),
+    C("ioctl_name", "str", "", "the ioctl's name; 'recovered' for a change whose ioctl "
+      "event the kernel skipped or lost, put back from kvm_arch_prepare_memory_region's "
+      "(memslots.recover_skipped)"),
     C("errno", "str", "", "errno name of a failure, '' on success"),
     C("flag_names", "str", "", "flags by name, '|'-separated ('' for none)"),
     C("latency_ns", "int64", "ns", "time in the ioctl"),
@@ -284,7 +286,7 @@ SLOTS = Table("slots", "slot versions over time: one row per create, move or fla
     C("hva", "uint64", "bytes", "host virtual start"),
     C("flags", "int64", "", "KVM_MEM_* flags"),
     C("flag_names", "str", "", "flags by name, '|'-separated ('' for none)"),
-    C("ioctl_name", "str", "", "the ioctl that set this version"),
+    C("ioctl_name", "str", "", "the ioctl that set this version ('recovered': see ops)"),
     C("gmem_fd", "int64", "", "guest_memfd (-1 without)"),
     C("start_ts", "uint64", "ns", "when this version began"),
     C("end_ts", "uint64", "ns", "when it ended (2**64-1: still live at the end)"),
