@@ -418,3 +418,52 @@ def test_proc_mtrr_parsed():
     words = x86mt.mtrr_words({"mtrr": got[:2]})
     assert "0x0-0x80000000 WB" in words and "0xc0000000-0xd0000000 UC" in words
     assert "not recorded" in x86mt.mtrr_words({"mtrr": None, "mtrr_source": "unavailable"})
+
+
+def test_mtrr_per_frame_on_the_testbeds_own_mtrrs():
+    """The x86 testbed's own /proc/mtrr (captured beside bar-7.x.kvt, in
+    bar-7.x.host.txt: reg00 0xc0000000 + 1 GiB uncachable) over the host frames
+    KVM mapped in that recording: the BAR's frames (slots 2 and 3, resource2
+    and resource2_wc) lie in the UC range, RAM's in none. In the report each
+    fault's rule then says so, and the NPT slot reason names it; a recording
+    without MTRRs keeps the bare rule. (The recording predates kvmtrace
+    recording /proc/mtrr in its meta, so the captured file gives it here.)"""
+    import re
+
+    from kvmtrace.analysis import model as model_mod
+    from kvmtrace.host.procfs import parse_mtrr
+    from kvmtrace.memtype import x86 as x86mt
+    from kvmtrace.recording.reader import read
+
+    d = FIXTURES / "x86-tdp"
+    host = (d / "bar-7.x.host.txt").read_text()
+    mtrr = parse_mtrr(re.search(r"## /proc/mtrr\n(.*?)\n## ", host, re.S)[1])
+    assert mtrr == [{"start": 0xC0000000, "end": 0x100000000, "memtype": "UC"}]
+    rec = read(str(d / "bar-7.x.kvt"))
+    assert (rec.meta.get("x86") or {}).get("mtrr") is None
+    plain = model_mod.build(rec)
+    rec = read(str(d / "bar-7.x.kvt"))
+    rec.meta.setdefault("x86", {})["mtrr"] = mtrr
+    m = model_mod.build(rec)
+    f, f0 = m.faults, plain.faults
+    slot = f["slot"].astype("Int64")
+    bar = f[slot.isin([2, 3]) & (f["rule"] != "")]
+    ram = f[(slot == 1) & (f["rule"] != "")]
+    assert len(bar) and len(ram)
+    assert (bar["pfn"].astype("uint64") >= 0xC0000).all()
+    uc = x86mt.NPT_RULE + x86mt.MTRR_SEP + "UC (0xc0000000-0x100000000 UC)"
+    assert set(bar["rule"].astype(str)) == {uc}
+    assert set(ram["rule"].astype(str)) == {
+        x86mt.NPT_RULE + x86mt.MTRR_SEP + "no variable range covers it (the MTRR default "
+        "type, which /proc/mtrr does not show)"}
+    # only the rule text grows: the verdicts are those of the recording without MTRRs
+    assert f["verdict"].astype(str).tolist() == f0["verdict"].astype(str).tolist()
+    assert set(f0.loc[f0["rule"] != "", "rule"].astype(str)) == {x86mt.NPT_RULE}
+    # each slot's verdict says who decides: no type in the NPT entry, the frame's MTRR
+    v = m.verdicts.set_index("slot")["reason"]
+    for s_ in (2, 3):
+        assert "the NPT entries carry no memory type" in v[s_]
+        assert "; host MTRR of the frame: UC (0xc0000000-0x100000000 UC); kernel rule: NPT" \
+            in v[s_] and v[s_].count("host MTRR of the frame") == 1
+    assert "no variable range covers it" in v[1]
+    assert "host MTRR of the frame" not in plain.verdicts.set_index("slot")["reason"][2]

@@ -133,10 +133,14 @@ def _verdict_codes(vma_mt: pd.Categorical, spte_mt: pd.Categorical, combines=Non
     return schema.categorical(vals, codes[idx])
 
 
-def _x86_rules(f: pd.DataFrame, mmu: str, pat):
+def _x86_rules(f: pd.DataFrame, mmu: str, pat, mtrr: list | None = None, page: int = 4096):
     """(rule, combines) per fault: the kernel rule behind its spte's memory type
     (x86mt.kvm_rules) as a categorical, and whether the CPU combines the guest's
-    PAT with it. Decided once per distinct memory-type bits of the sptes."""
+    PAT with it. Decided once per distinct memory-type bits of the sptes.
+    ``mtrr``: the host's variable MTRRs (meta x86.mtrr), where recorded: under
+    NPT and shadow paging the CPU combines the entry's type with the MTRR of
+    the frame, so each rule says what the MTRRs give that fault's frame (EPT's
+    memory type takes the MTRRs' place)."""
     has = f["spte"].notna().to_numpy(dtype=bool)
     rule = np.zeros(len(f), np.int64)  # code 0: "" (nothing installed)
     combines = np.zeros(len(f), bool)
@@ -150,6 +154,14 @@ def _x86_rules(f: pd.DataFrame, mmu: str, pat):
         rule[has] = rc[inv] + 1
         vals += list(rv)
         combines[has] = x86mt.guest_pat_combines(spte, mmu)
+        if mtrr is not None and mmu != "ept" and "pfn" in f:
+            frame = x86mt.mtrr_of_frames(f.loc[has, "pfn"].to_numpy(dtype="uint64", na_value=0),
+                                         mtrr, page)
+            fc, fv = pd.factorize(frame)
+            pair = np.unique(rule[has] * len(fv) + fc)
+            texts = [f"{vals[int(p) // len(fv)]}; {fv[int(p) % len(fv)]}" for p in pair]  # MTRR_SEP
+            rule[has] = np.searchsorted(pair, rule[has] * len(fv) + fc) + 1
+            vals = [""] + texts
     return schema.categorical(vals, rule), combines
 
 
@@ -375,7 +387,8 @@ def _fault_columns(f: pd.DataFrame, ctx: _FaultContext, slots: pd.DataFrame) -> 
         f["spte_memtype"] = faults_mod.spte_memtypes(f, ctx.spte_format, ctx.pat)
         f["vma_memtype"], f["vma_memtype_source"] = _vma_memtypes(f, slots, meta)
         f["expected_memtype"] = schema.categorical([], np.full(len(f), -1))
-        f["rule"], combines = _x86_rules(f, x86mt.mmu_kind(kvm), ctx.pat)
+        f["rule"], combines = _x86_rules(f, x86mt.mmu_kind(kvm), ctx.pat,
+                                         (meta.get("x86") or {}).get("mtrr"), ctx.page)
     # per-fault text as categoricals: every rule below runs once per distinct value
     for c in ("spte_memtype", "vma_memtype", "vma_memtype_source", "expected_memtype",
               "rule", "access", "start_kind"):
@@ -491,8 +504,9 @@ def _slot_verdict(g: dict | None, lost: int, installs_recorded: bool):
     worst = g["first"][verdict]  # the slot's first fault with that verdict
     rules = [r for r in g["rules"] if r]
     reason = _reason(worst["vma_memtype"], worst["vma_memtype_source"], spte_mts, verdict, rules)
-    if rules:
-        reason += "; kernel rule: " + " / ".join(rules)
+    if rules:  # the frames' MTRRs are said once, by _reason
+        reason += "; kernel rule: " + " / ".join(
+            dict.fromkeys(str(r).split(x86mt.MTRR_SEP, 1)[0] for r in rules))
     if verdict == "unknown" and worst["vma_memtype"] == "unknown":
         reason = f"host memory type not observable: {worst['vma_memtype_source']}"
     if verdict == "rejected":

@@ -268,15 +268,56 @@ def mtrr_words(x86: dict) -> str:
         ", ".join(f"{r['start']:#x}-{r['end']:#x} {r['memtype']}" for r in mtrr)
 
 
+def _mtrr_combined(types: list[str]) -> str:
+    """The type of a frame several variable MTRRs cover (Intel SDM vol. 3,
+    "MTRR Precedences"; AMD APM vol. 2 likewise): UC if any is UC; WT over WB;
+    anything else is undefined by the architecture."""
+    t = set(types)
+    if len(t) == 1:
+        return types[0]
+    if "UC" in t:
+        return "UC"
+    if t == {"WT", "WB"}:
+        return "WT"
+    return "undefined (" + "+".join(sorted(t)) + ")"
+
+
+# between a rule and what the host MTRRs give the frame (model._x86_rules)
+MTRR_SEP = "; host MTRR of the frame: "
+
+
+def mtrr_of_frames(pfn, mtrr: list[dict], page_size: int = 4096) -> np.ndarray:
+    """For each host frame, what the host MTRRs (/proc/mtrr's variable ranges,
+    recording meta x86.mtrr) say of it, as a reason states it. Decided once per
+    distinct set of covering ranges (at most a few dozen ranges: one mask each)."""
+    pa = _u64(pfn) * np.uint64(page_size)
+    ranges = mtrr[:62]  # one bit each of an int64 key
+    key = np.zeros(pa.shape, dtype=np.int64)
+    for i, r in enumerate(ranges):
+        key[(pa >= np.uint64(r["start"])) & (pa < np.uint64(r["end"]))] |= np.int64(1) << i
+    uniq, inv = np.unique(key, return_inverse=True)
+    words = []
+    for k in uniq:
+        mine = [r for i, r in enumerate(ranges) if (int(k) >> i) & 1]
+        words.append(MTRR_SEP[2:] + (
+                f"{_mtrr_combined([r['memtype'] for r in mine])} (" + ", ".join(
+                    f"{r['start']:#x}-{r['end']:#x} {r['memtype']}" for r in mine) + ")"
+                if mine else "no variable range covers it (the MTRR default type, which "
+                "/proc/mtrr does not show)"))
+    return np.array(words, dtype=object)[inv.reshape(key.shape)]
+
+
 def installed_words(memtype: str, rules=()) -> str:
     """How a reason says what KVM installed. Under NPT_RULE KVM installed no
     type at all: the entry's zero PAT:PCD:PWT select host PAT entry 0 (WB),
     so "KVM installed WB" would claim a choice KVM did not make."""
-    rules = [r for r in rules if r]
-    if rules and all(r == NPT_RULE for r in rules):
-        return ("the NPT entries carry no memory type (PAT:PCD:PWT 0 selects host PAT "
-                f"entry 0, {memtype})")
-    return f"KVM installed {memtype}"
+    rules = [str(r) for r in rules if r]
+    mtrr = sorted({MTRR_SEP[2:] + r.split(MTRR_SEP, 1)[1] for r in rules if MTRR_SEP in r})
+    base = [r.split(MTRR_SEP, 1)[0] for r in rules]
+    words = (f"the NPT entries carry no memory type (PAT:PCD:PWT 0 selects host PAT entry 0, "
+             f"{memtype})" if base and all(r == NPT_RULE for r in base) else
+             f"KVM installed {memtype}")
+    return "; ".join([words] + mtrr)
 
 
 MTRR_TYPES = {"UC": 0, "WC": 1, "WT": 4, "WP": 5, "WB": 6}  # arch/x86/include/uapi/asm/mtrr.h
