@@ -32,6 +32,23 @@ def _missing_live() -> str | None:
     return None
 
 
+def pytest_collection_finish(session):
+    """Start the emulated hosts' end to ends beside the suite (testbeds_beside)."""
+    import testbeds_beside
+    testbeds_beside.start(session.items, lambda: _missing_live() is None)
+
+
+def pytest_terminal_summary(terminalreporter):
+    import testbeds_beside
+    for line in testbeds_beside.summary():
+        terminalreporter.write_line(line)
+
+
+def pytest_sessionfinish(session):
+    import testbeds_beside
+    testbeds_beside.stop()
+
+
 @pytest.fixture
 def live():
     why = _missing_live()

@@ -13,6 +13,8 @@ and reused after) and checks there what this host cannot run.
   Measured: 128 s (6.1) and 145 s (7.x) with the image cached; about 5.5
   minutes more to build it.
 
+Both run beside the rest of the suite, started when collection ends
+(tests/testbeds_beside.py); the test waits for its result.
 KVMTRACE_ARM64=0 / KVMTRACE_X86=0 leave one out of a local run;
 KVMTRACE_X86_KERNELS picks the x86 kernels (default "6.1 7.x"; CI runs 7.x
 only, to keep a fresh machine's whole run, image builds included, under an
@@ -20,11 +22,10 @@ hour: see .ci/run).
 """
 
 import os
-import subprocess
 
 import pytest
 
-from conftest import ROOT
+import testbeds_beside
 
 pytestmark = pytest.mark.usefixtures("live")
 
@@ -33,11 +34,10 @@ pytestmark = pytest.mark.usefixtures("live")
 def test_end_to_end_on_both_kernels(arch, env):
     if os.environ.get(env) == "0":
         pytest.skip(f"{env}=0: the {arch} end to end left out on request")
-    kernels = (os.environ.get("KVMTRACE_X86_KERNELS") if arch == "x86" else None) or "6.1 7.x"
-    p = subprocess.run([str(ROOT / f"testbed/{arch}/e2e")], cwd=ROOT, capture_output=True,
-                       text=True, timeout=3 * 3600, env=dict(os.environ, KERNELS=kernels))
+    run = testbeds_beside.RUNS.get(arch) or testbeds_beside.Run(arch)
+    p = run.wait()
     failures = [ln for ln in p.stdout.splitlines() if ln.startswith(("FAIL", "ERROR"))]
     summary = p.stdout[p.stdout.rfind(f"== {arch} end to end summary"):]
     assert p.returncode == 0, "\n".join(failures[-30:]) + "\n" + summary + p.stderr[-2000:]
-    for k in kernels.split():
+    for k in testbeds_beside.kernels(arch).split():
         assert f"kernel {k}: ok" in summary
