@@ -453,10 +453,9 @@ def report_html(model: Model, tables: dict) -> str:
             body.append(_table(g, _memslot_cols(as_ids), row_id=lambda r: htmlmap.anchor(
                 r["pid"], r["proc"], r["vm_fd"], r["as_id"], r["slot"], r["version"])))
         body.append("</section>")
-    outside = model.fault_stats.outside
+    outside = summary.outside_words(model)
     if outside:
-        body.append(f"<p class='note'>{outside:,} faults outside every recorded memslot "
-                    "(slots set before recording started, or of untraced VMs)</p>")
+        body.append(f"<p class='note'>{_e(outside)}</p>")
     body.append("<h2 id='verdicts'>memory-type verdicts</h2>")
     v = tables["verdicts"]
     body.append(_table(v, VERDICT_COLS) if len(v) else "<p>none</p>")

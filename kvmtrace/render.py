@@ -673,10 +673,9 @@ def to_text(model: Model, console: Console, pid=None, slot=None, table=None):
         _activity_table(s, console, summary.level_labels(model))
         _verdict_table(t["verdicts"], console)
         _ranges_table(t["ranges"], console, pages.page_size(model.meta))
-    outside = model.fault_stats.outside
+    outside = summary.outside_words(model)
     if outside:
-        console.print(f"[yellow]{outside} faults outside every recorded memslot[/] "
-                      "(slots set before recording started, or of untraced VMs)")
+        console.print(f"[yellow]{outside}[/]")
     _lost_table(t["lost"], console)
     _errors_table(t["errors"], console)
 

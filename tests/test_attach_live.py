@@ -93,4 +93,4 @@ def test_record_pid_of_running_vm(tmp_path, scenario):
     # and the report says where they came from
     t = run("report", out, "--width", "200")
     assert t.returncode == 0, t.stderr
-    assert BEFORE_RECORDING in t.stdout and "outside every recorded memslot" not in t.stdout
+    assert BEFORE_RECORDING in t.stdout and "faults outside every" not in t.stdout

@@ -129,3 +129,14 @@ def test_cacheable_pfnmap_per_kernel(k, verdict, words):
         assert list(m.errors["errno"]) == ["EINVAL"]
     else:
         assert "host VMA Normal " in v.loc[slot, "reason"]
+
+
+def test_faults_outside_every_memslot_are_named_emulated_mmio():
+    """QEMU's whole life recorded (tests/fixtures/qemu-arm64): its guest's
+    accesses to addresses no memslot covers (ECAM, the UART, ...) are emulated
+    MMIO, and the report says that, not a guess about unrecorded slots."""
+    for k in ("6.1", "7.x"):
+        p = run("report", FIXTURES / "qemu-arm64" / f"qemu-{k}.kvt", timeout=300)
+        assert p.returncode == 0, p.stderr
+        line = next(ln for ln in p.stdout.splitlines() if "faults outside every" in ln)
+        assert "which KVM emulates as MMIO" in line and "before recording" not in line

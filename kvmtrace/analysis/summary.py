@@ -149,3 +149,26 @@ def _flag_words(s: pd.DataFrame, kernel) -> pd.Series:
     return pd.Series(np.where(has, np.where(words == "-", "VM_ALLOW_ANY_UNCACHED",
                                             words + "|VM_ALLOW_ANY_UNCACHED"), words),
                      index=s.index)
+
+
+def outside_words(model: Model) -> str:
+    """What the faults outside every recorded memslot are, as far as the
+    recording tells ('' when there are none). KVM handles a guest access to
+    an address no memslot covers as emulated MMIO (arm64 io_mem_abort, x86 an
+    MMIO spte, then KVM_EXIT_MMIO to the VMM). Those are the only outside
+    faults when every memslot the traced VMs had is known: created while
+    recording, or read from the kernel when recording began. Only where that
+    read failed (a note says so) can an outside fault be in a slot the
+    recording does not know."""
+    n = model.fault_stats.outside
+    if not n:
+        return ""
+    unread = model.recording.tables["notes"]["key"].eq("memslot_snapshot_unavailable").any()
+    ex = model.exits
+    mmio = int((ex["slot_row"] < 0).sum()) if len(ex) else 0
+    if unread:
+        return (f"{n:,} faults outside every recorded memslot: emulated MMIO, or slots the "
+                "VMM set before recording began, which could not be read (see the note)")
+    return (f"{n:,} faults outside every memslot: guest accesses to addresses no memslot "
+            f"covers, which KVM emulates as MMIO ({mmio:,} MMIO exit"
+            f"{'s' if mmio != 1 else ''} to the VMM outside every memslot recorded)")
