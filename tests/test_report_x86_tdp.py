@@ -84,7 +84,13 @@ def test_bar_memtypes_on_npt(kernel):
     assert (bar["pfn"].astype("int64") >= 0xfe800).all()
     assert (bar["pfn"].astype("int64") < 0xfe800 + 512).all()
     assert set(f["spte_memtype"].astype(str)) == {"WB"}
-    assert set(f["rule"].astype(str)) == {x86.NPT_RULE}
+    # the rule, and what the host MTRRs (recorded with it) give each frame:
+    # the BAR in the testbed's UC range, RAM in none
+    uc = x86.NPT_RULE + x86.MTRR_SEP + "UC (0xc0000000-0x100000000 UC)"
+    assert set(f.loc[f["slot"].isin([2, 3]), "rule"].astype(str)) == {uc}
+    assert set(f.loc[f["slot"].isin([0, 1]), "rule"].astype(str)) == {
+        x86.NPT_RULE + x86.MTRR_SEP + "no variable range covers it (the MTRR default type, "
+        "which /proc/mtrr does not show)"}
 
     v = m.verdicts[m.verdicts["pid"] == g["pid"]].set_index("slot")
     assert v["verdict"].to_dict() == {0: "consistent", 1: "consistent", 2: "unknown",

@@ -421,13 +421,12 @@ def test_proc_mtrr_parsed():
 
 
 def test_mtrr_per_frame_on_the_testbeds_own_mtrrs():
-    """The x86 testbed's own /proc/mtrr (captured beside bar-7.x.kvt, in
-    bar-7.x.host.txt: reg00 0xc0000000 + 1 GiB uncachable) over the host frames
-    KVM mapped in that recording: the BAR's frames (slots 2 and 3, resource2
-    and resource2_wc) lie in the UC range, RAM's in none. In the report each
-    fault's rule then says so, and the NPT slot reason names it; a recording
-    without MTRRs keeps the bare rule. (The recording predates kvmtrace
-    recording /proc/mtrr in its meta, so the captured file gives it here.)"""
+    """The x86 testbed's own MTRRs, recorded with bar-7.x.kvt (meta x86.mtrr,
+    from /proc/mtrr; bar-7.x.host.txt has the file: reg00 0xc0000000 + 1 GiB
+    uncachable), over the host frames KVM mapped: the BAR's frames (slots 2
+    and 3, resource2 and resource2_wc) lie in the UC range, RAM's in none.
+    Each fault's rule says so, and each slot's reason once; without the MTRRs
+    the rules are the bare NPT rule and the verdicts the same."""
     import re
 
     from kvmtrace.analysis import model as model_mod
@@ -440,11 +439,11 @@ def test_mtrr_per_frame_on_the_testbeds_own_mtrrs():
     mtrr = parse_mtrr(re.search(r"## /proc/mtrr\n(.*?)\n## ", host, re.S)[1])
     assert mtrr == [{"start": 0xC0000000, "end": 0x100000000, "memtype": "UC"}]
     rec = read(str(d / "bar-7.x.kvt"))
-    assert (rec.meta.get("x86") or {}).get("mtrr") is None
-    plain = model_mod.build(rec)
-    rec = read(str(d / "bar-7.x.kvt"))
-    rec.meta.setdefault("x86", {})["mtrr"] = mtrr
+    assert rec.meta["x86"]["mtrr"] == mtrr
     m = model_mod.build(rec)
+    rec = read(str(d / "bar-7.x.kvt"))
+    rec.meta["x86"]["mtrr"] = None
+    plain = model_mod.build(rec)
     f, f0 = m.faults, plain.faults
     slot = f["slot"].astype("Int64")
     bar = f[slot.isin([2, 3]) & (f["rule"] != "")]
@@ -456,7 +455,7 @@ def test_mtrr_per_frame_on_the_testbeds_own_mtrrs():
     assert set(ram["rule"].astype(str)) == {
         x86mt.NPT_RULE + x86mt.MTRR_SEP + "no variable range covers it (the MTRR default "
         "type, which /proc/mtrr does not show)"}
-    # only the rule text grows: the verdicts are those of the recording without MTRRs
+    # only the rule text grows: the verdicts are those without MTRRs
     assert f["verdict"].astype(str).tolist() == f0["verdict"].astype(str).tolist()
     assert set(f0.loc[f0["rule"] != "", "rule"].astype(str)) == {x86mt.NPT_RULE}
     # each slot's verdict says who decides: no type in the NPT entry, the frame's MTRR
