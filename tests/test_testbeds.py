@@ -16,9 +16,7 @@ and reused after) and checks there what this host cannot run.
 Both run beside the rest of the suite, started when collection ends
 (tests/testbeds_beside.py); the test waits for its result.
 KVMTRACE_ARM64=0 / KVMTRACE_X86=0 leave one out of a local run;
-KVMTRACE_X86_KERNELS picks the x86 kernels (default "6.1 7.x"; CI runs 7.x
-only, to keep a fresh machine's whole run, image builds included, under an
-hour: see .ci/run).
+KVMTRACE_X86_KERNELS picks the x86 kernels (default "6.1 7.x", what CI runs).
 """
 
 import os
