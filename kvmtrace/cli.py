@@ -346,9 +346,14 @@ def _record_pids(ctx, param, values):
 @click.option("--no-cache", is_flag=True,
               help="compile the BPF program even if the compile cache "
                    "(/var/cache/kvmtrace/bpf) holds it")
+@click.option("--qmp", "qmp", multiple=True, metavar="SOCKET|auto",
+              help="QEMU's QMP unix socket: name each memslot after QEMU's memory region "
+                   "(its `info mtree -f`, asked after memslot changes); 'auto' takes it from "
+                   "COMMAND's -qmp unix:PATH; repeatable. QEMU serves one QMP client per "
+                   "socket: give one no other tool uses")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 def record(output, pids, duration, probes, force, flush_interval, buffer_pages, leave_running,
-           no_cache, command):
+           no_cache, qmp, command):
     """Record memslots, faults and sptes to OUTPUT.
 
     Traces every VM on the host, the given --pid(s), or COMMAND (after --),
@@ -373,12 +378,18 @@ def record(output, pids, duration, probes, force, flush_interval, buffer_pages, 
         _fail("--leave-running needs a COMMAND to launch (after --)")
     if command and not command[0]:
         _fail("empty COMMAND name after --")
+    if qmp:
+        from .collectors import qmp as qmp_mod
+        try:
+            qmp = tuple(qmp_mod.resolve(qmp, tuple(command)))
+        except qmp_mod.QmpError as e:
+            _fail(str(e))
     if os.geteuid() != 0:
         _fail("record needs root (BPF and tracefs); try: sudo kvmtrace record ...")
     opts = Options(output=output, probes=probes, pids=tuple(pids), command=tuple(command),
                    duration=duration, flush_s=flush_interval, force=force,
                    leave_running=leave_running, buffer_pages=buffer_pages,
-                   cache=False if no_cache else None)
+                   cache=False if no_cache else None, qmp=tuple(qmp))
     try:
         stats = Session(opts).run(live=LiveView())
     except RecordError as e:

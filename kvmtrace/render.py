@@ -475,8 +475,21 @@ MEMSLOT_COLS = [Col("slot"), Col("GPA range"), Col("size"), Col("flags", drop=5)
                 Col("VMA type"), Col("ioctl", drop=2), Col("history", "prose", drop=3)]
 
 
+# with record --qmp: QEMU's name for the slot's memory, after the VMA
+QEMU_COL = Col("QEMU region", "prose", min=12)
+
+
+def _qemu(r) -> str:
+    """'pc.ram (ram)': QEMU's region and its kind, '-' where QEMU named none."""
+    if pd.isna(r.qemu_region):
+        return "-"
+    return f"{r.qemu_region} ({r.qemu_kind})"
+
+
 def _memslot_table(s: pd.DataFrame, console: Console):
     reused = s.groupby(["pid", "proc", "vm_fd"])["vm_instance"].nunique()
+    named = bool(s["qemu_region"].notna().any())  # the column only where QEMU named slots
+    cols = MEMSLOT_COLS[:6] + [QEMU_COL] + MEMSLOT_COLS[6:] if named else MEMSLOT_COLS
     for (pid, proc, vm, inst), g in s.groupby(["pid", "proc", "vm_fd", "vm_instance"]):
         who = identity.label(pid, proc)
         if proc:
@@ -491,9 +504,10 @@ def _memslot_table(s: pd.DataFrame, console: Console):
             rows.append([_slot(_sid(r.as_id, r.slot), r.version),
                          f"{_hex(r.gpa)}-{_hex(r.gpa_end)}", _size(r.size_bytes),
                          _flags(r.flag_names),
-                         _hex(r.hva), r.vma, r.vm_flags, r.slot_vma_memtype,
+                         _hex(r.hva), r.vma, *([_qemu(r)] if named else []), r.vm_flags,
+                         r.slot_vma_memtype,
                          str(r.ioctl_name).replace("KVM_SET_USER_MEMORY_", ""), hist])
-        fit_table(console, f"memslots of VM pid {who} vm fd {vm}", MEMSLOT_COLS, rows)
+        fit_table(console, f"memslots of VM pid {who} vm fd {vm}", cols, rows)
 
 
 def _activity_table(s: pd.DataFrame, console: Console, levels: dict[str, str]):

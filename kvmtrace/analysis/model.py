@@ -28,7 +28,7 @@ from ..memtype import x86 as x86mt
 from ..recording.reader import Recording, read
 from . import faults as faults_mod
 from . import faultstats, windows
-from . import identity, loss, memslots, pages, schema, stage2, vmas as vmas_mod
+from . import identity, loss, memslots, pages, qemu, schema, stage2, vmas as vmas_mod
 
 EXIT_REASONS = kvmapi.EXIT_REASONS
 VERDICT_ORDER = ["upgraded", "downgraded", "rejected", "unknown", "consistent"]
@@ -261,6 +261,8 @@ def build(path_or_recording, keep_raw: bool = True, lean: bool = False) -> Model
     sv = vmas_mod.slot_vmas(slots, t["vmas"], t["memslot"], meta, t["notes"], snap)
     slots = pd.concat([slots, sv.drop(columns="slot_row")], axis=1) if len(slots) else \
         schema.SLOTS.empty().drop(columns=[c.name for c in schema.SLOTS.columns if c.optional])
+    if len(slots) and len(t.get("qmp_mtree", ())):  # QEMU's names (record --qmp)
+        slots = pd.concat([slots, qemu.slot_regions(slots, t["qmp_mtree"], page)], axis=1)
 
     vcpus = memslots.vcpu_to_vm(vm_ioctl)
     ex = t["userspace_exit"].copy()
@@ -286,7 +288,8 @@ def build(path_or_recording, keep_raw: bool = True, lean: bool = False) -> Model
     if arm or not rec.deferred:
         f = _fault_columns(f, ctx, slots)
         stats = faultstats.of_faults(f, failures)
-    notes = list(rec.problems) + _snapshot_notes(t["notes"]) + recovered_notes
+    notes = (list(rec.problems) + _snapshot_notes(t["notes"]) + qemu.notes(t["notes"])
+             + recovered_notes)
 
     prefetch = prefetch.reset_index(drop=True)
     prefetch["proc"] = identity.generations(prefetch, exits_)

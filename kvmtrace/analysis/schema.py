@@ -319,6 +319,13 @@ SLOTS = Table("slots", "slot versions over time: one row per create, move or fla
     C("kvm_vm_flags", "UInt64", "", "arm64: vm_flags KVM looked up", True),
     C("kvm_pgprot", "UInt64", "", "arm64: vm_page_prot KVM looked up", True),
     C("vma_memtype_arm64", "str", "", "arm64: the VMA's memory type used by verdicts", True),
+    *(QEMU := (
+        C("qemu_region", "str", "", "QEMU's memory region at the slot's place (pc.ram, "
+          "pc.bios, a backend's id ...), from QEMU's flat view asked through QMP while the "
+          "slot version was live (record --qmp; analysis/qemu.py); null: no answer of QEMU "
+          "names it", True),
+        C("qemu_kind", "str", "", "the region's kind in that flat view: ram / rom / romd / "
+          "ramd (null with qemu_region)", True))),
 ))
 
 FAULTS = Table("faults", "one row per guest fault, paired from tracepoints (or kprobes), "
@@ -476,6 +483,7 @@ SUMMARY = Table("summary", "the memslot table joined with its activity and verdi
     C("verdict", "str", "", "verdict"), C("reason", "str", "", "why"),
     C("vma_source", "str", "", "where the VMA came from"),
     VM_INSTANCE,  # last: the columns before it keep their places in CSV
+    *QEMU,  # after it, for the same reason
 ))
 
 OPS_VIEW = Table("ops_view", "the memslot ioctls as report prints them", (

@@ -97,6 +97,7 @@ class Options:
     # kind's expected rate calls for, probes.codegen.ring_pages)
     buffer_pages: int | dict | None = None
     cache: bool | None = None  # the BPF compile cache (None: unless $KVMTRACE_BPF_CACHE=0)
+    qmp: tuple[str, ...] = ()  # QEMU's QMP sockets to ask for its memory map (qmp.py)
 
 
 @dataclass
@@ -134,6 +135,7 @@ class Session:
         self._old_handlers: dict = {}
         self._error: BaseException | None = None
         self.load: hostload.HostLoad | None = None
+        self.qmp = None  # qmp.Collector with --qmp
 
     # -- setup --------------------------------------------------------------
     def _load_probes(self, filter_pids: bool) -> LoadedProbes:
@@ -254,6 +256,16 @@ class Session:
             # a snapshot takes tens of ms: read the other rings after each (not
             # memslot: its next records must trigger their own snapshots)
             self._read_rings(readers, writer, skip="memslot")
+        if self.qmp is not None:
+            self.qmp.changed(memslot_pids)
+            self._qmp_take(writer)
+
+    def _qmp_take(self, writer):
+        """QEMU's answers and the QMP notes so far, into the recording."""
+        rows, notes = self.qmp.take()
+        writer.add_rows("qmp_mtree", rows)
+        for ts, value in notes:
+            writer.note("qmp", value, ts)
 
     def _read_rings(self, readers, writer, skip=None) -> set[int]:
         """Read every ring (but ``skip``); the pids of memslot events read."""
@@ -409,6 +421,10 @@ class Session:
             writer.note("command", {"pid": self.proc.pid, "argv": list(opts.command),
                                     "own_process_group": self.proc.own_group,
                                     "leave_running": opts.leave_running})
+        if opts.qmp and not self._stop:
+            from . import qmp
+            self.qmp = qmp.Collector(list(opts.qmp))
+            self.qmp.start()
         try:
             for pid in (opts.pids or ([] if opts.command else context.vmm_pids())):
                 self._snapshot(writer, pid, "start")
@@ -512,6 +528,12 @@ class Session:
         for fd in self._pidfds:
             os.close(fd)
         self._pidfds = []
+        if self.qmp is not None:  # QEMU's last answer, before the command is stopped
+            try:
+                self.qmp.finish()
+            except Exception as e:  # noqa: BLE001 - QMP never fails a recording
+                writer.note("qmp", {"status": "lost", "reason": f"{type(e).__name__}: {e}"})
+            self._qmp_take(writer)
         if self.proc is not None:
             def waiting():  # the command's teardown events, drained while it stops
                 try:

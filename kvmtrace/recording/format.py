@@ -12,6 +12,11 @@ Tables are:
   when recording began (record --pid, or every VM on the host), read from
   the kernel by a BPF iterator (collectors/snapshot.py), each with the VMA
   behind its HVA: memslots set before recording are known from the start;
+- ``qmp_mtree`` (version 5 onwards): QEMU's own view of guest memory, its
+  ``info mtree -f`` as QEMU answered it through QMP (record --qmp,
+  collectors/qmp.py), each with the QEMU process it came from and when it was
+  asked and answered: the analysis names each memslot after QEMU's memory
+  region (analysis/qemu.py);
 - ``stats``: per flush and event kind, cumulative events read and lost;
 - ``notes``: timestamped key / JSON value pairs (end-of-recording facts,
   collector warnings).
@@ -51,7 +56,7 @@ import pyarrow as pa
 from ..probes.codegen import event_dtype
 from ..probes.events import EVENTS
 
-SCHEMA_VERSION = 4  # 4: the memslot_snapshot table
+SCHEMA_VERSION = 5  # 4: the memslot_snapshot table; 5: qmp_mtree
 VERSION_KEY = b"kvmtrace.schema_version"
 META_KEY = b"kvmtrace.meta"
 HEADER_CRC_KEY = b"kvmtrace.header_crc32"   # schema metadata, version 2+
@@ -87,6 +92,14 @@ MEMSLOT_SNAPSHOT_FIELDS = [
     ("vm_flags", pa.uint64()), ("vm_page_prot", pa.uint64()), ("vm_pgoff", pa.uint64()),
     ("vma_has_file", pa.bool_()), ("vma_ino", pa.uint64()), ("vma_dev", pa.uint32()),
 ]
+QMP_MTREE_FIELDS = [
+    ("ts", pa.uint64()),          # CLOCK_MONOTONIC when QEMU's answer was read
+    ("request_ts", pa.uint64()),  # when the command was sent (the view is of a moment between)
+    ("pid", pa.uint32()),         # the QEMU process (SO_PEERCRED of the QMP socket; 0 unknown)
+    ("socket", pa.string()),      # the QMP socket's path
+    ("command", pa.string()),     # the HMP command run (human-monitor-command)
+    ("text", pa.string()),        # QEMU's answer, as it came
+]
 STATS_FIELDS = [("ts", pa.uint64()), ("kind", pa.string()),
                 ("events", pa.uint64()), ("lost", pa.uint64())]
 NOTES_FIELDS = [("ts", pa.uint64()), ("key", pa.string()), ("value", pa.string())]
@@ -108,6 +121,7 @@ def _table_types() -> dict[str, pa.StructType]:
     types["memslot_snapshot"] = pa.struct(MEMSLOT_SNAPSHOT_FIELDS)
     types["stats"] = pa.struct(STATS_FIELDS)
     types["notes"] = pa.struct(NOTES_FIELDS)
+    types["qmp_mtree"] = pa.struct(QMP_MTREE_FIELDS)
     return types
 
 

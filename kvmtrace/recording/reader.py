@@ -601,7 +601,7 @@ def _numpy(c) -> np.ndarray:
 # known key holding anything else is dropped (the views and the analysis
 # read these).
 NOTE_TYPES = {"end": dict, "smaps_unavailable": dict, "host_load": dict, "command": dict,
-              "lost_where": list, "bpf_misses": dict}
+              "lost_where": list, "bpf_misses": dict, "qmp": dict}
 
 
 def _clean_notes(notes: pd.DataFrame, problems: list[str]) -> pd.DataFrame:
