@@ -134,8 +134,6 @@ def load_probes(probes: str | Sequence[Probe] = "all", *, filter_pids: bool,
                          buffer_pages=buffer_pages)
     if cache is None:
         cache = os.environ.get(CACHE_ENV) != "0"
-    # the cache loads tracepoint programs only (bpfcache.CachedBPF): with kprobes, compile
-    cache = cache and not prog.attach
     try:
         b = bccload.load(prog.text, cflags + prog.cflags, after=prog.attach_all, cache=cache)
     except bccload.BPFLoadError as e:
