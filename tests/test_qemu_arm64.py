@@ -300,32 +300,6 @@ def test_fixture_vfio_bar(k):
     check_vfio_bar(m, doc, d)
 
 
-def test_flat_view_parser():
-    text = ('FlatView #2\n AS "memory", root: system\n Root memory region: system\n'
-            '  0000000000000000-0000000003ffffff (prio 0, romd): virt.flash0 KVM\n'
-            '  000000003f000000-000000003fffffff (prio 0, i/o): pcie-mmcfg-mmio\n'
-            '  0000000040000000-0000000043ffffff (prio 0, ram): kt-ram KVM\n'
-            'FlatView #3\n AS "I/O", root: io\n'
-            '  0000000000000000-000000000000ffff (prio 0, i/o): io\n')
-    assert flat_view(text) == [
-        {"gpa": 0, "size": 64 << 20, "kind": "romd", "name": "virt.flash0", "kvm": True},
-        {"gpa": 0x3f000000, "size": 16 << 20, "kind": "i/o", "name": "pcie-mmcfg-mmio",
-         "kvm": False},
-        {"gpa": 0x40000000, "size": 64 << 20, "kind": "ram", "name": "kt-ram", "kvm": True}]
-    # names with spaces (vfio-pci's mmaps), an offset into the region, no KVM
-    # (lines of qemu-vfio-7.x.mtree.json)
-    text = ('FlatView #0\n AS "memory", root: system\n'
-            '  0000000010000000-00000000101fffff (prio 0, ramd): 0000:00:01.0 BAR 2 mmaps[0]'
-            ' KVM\n'
-            '  0000000010200000-000000003efeffff (prio 0, i/o): gpex_mmio_window'
-            ' @0000000010200000\n')
-    assert flat_view(text) == [
-        {"gpa": 0x10000000, "size": 2 << 20, "kind": "ramd",
-         "name": "0000:00:01.0 BAR 2 mmaps[0]", "kvm": True},
-        {"gpa": 0x10200000, "size": 0x2edf0000, "kind": "i/o", "name": "gpex_mmio_window",
-         "kvm": False}]
-
-
 # --------------------------------------------------------------------- live
 
 def _missing() -> str | None:
