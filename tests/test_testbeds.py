@@ -34,8 +34,9 @@ def test_end_to_end_on_both_kernels(arch, env):
         pytest.skip(f"{env}=0: the {arch} end to end left out on request")
     run = testbeds_beside.RUNS.get(arch) or testbeds_beside.Run(arch)
     p = run.wait()
-    failures = [ln for ln in p.stdout.splitlines() if ln.startswith(("FAIL", "ERROR"))]
+    # the failing tests and their assertion lines (pytest's "E   ..." lines)
+    failures = [ln for ln in p.stdout.splitlines() if ln.startswith(("FAIL", "ERROR", "E  "))]
     summary = p.stdout[p.stdout.rfind(f"== {arch} end to end summary"):]
-    assert p.returncode == 0, "\n".join(failures[-30:]) + "\n" + summary + p.stderr[-2000:]
+    assert p.returncode == 0, "\n".join(failures[-60:]) + "\n" + summary + p.stderr[-2000:]
     for k in testbeds_beside.kernels(arch).split():
         assert f"kernel {k}: ok" in summary
