@@ -49,13 +49,19 @@ def pytest_sessionfinish(session):
     testbeds_beside.stop()
 
 
+def skip_or_fail(why: str | None, required: bool = True, what: str = "live test"):
+    """Skip a test whose capability is missing (``why``); fail instead under
+    KVMTRACE_REQUIRE_LIVE=1 where the capability must be there (``required``:
+    e.g. only on the architecture it is for)."""
+    if why:
+        if REQUIRE_LIVE and required:
+            pytest.fail(f"{what} cannot run ({why}) and KVMTRACE_REQUIRE_LIVE=1")
+        pytest.skip(why)
+
+
 @pytest.fixture
 def live():
-    why = _missing_live()
-    if why:
-        if REQUIRE_LIVE:
-            pytest.fail(f"live test cannot run ({why}) and KVMTRACE_REQUIRE_LIVE=1")
-        pytest.skip(why)
+    skip_or_fail(_missing_live())
 
 
 def kvmtrace(*args, timeout=120, **kw):

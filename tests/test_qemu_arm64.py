@@ -64,7 +64,7 @@ import pytest
 import kvmtrace
 from kvmtrace.analysis import qemu as qemu_view
 
-from conftest import REQUIRE_LIVE, kvmtrace as run
+from conftest import kvmtrace as run, skip_or_fail
 
 ROOT = Path(__file__).resolve().parents[1]
 PAYLOAD_SRC = ROOT / "testbed" / "arm64" / "payload" / "qemu-payload.S"
@@ -320,11 +320,7 @@ def _missing() -> str | None:
 
 @pytest.fixture
 def qemu_live():
-    why = _missing()
-    if why:
-        if REQUIRE_LIVE and IS_ARM64:
-            pytest.fail(f"QEMU live test cannot run ({why}) and KVMTRACE_REQUIRE_LIVE=1")
-        pytest.skip(why)
+    skip_or_fail(_missing(), IS_ARM64, "QEMU live test")
 
 
 def _wait_ready(read_bar, rec: subprocess.Popen, d: dict, timeout: float) -> None:
@@ -422,9 +418,8 @@ def _vfio_bar():
 
 
 def _vfio_unavailable(why: str):
-    if REQUIRE_LIVE and os.environ.get("KVMTRACE_TESTBED_IOMMU") == "1":
-        pytest.fail(f"booted with an IOMMU but vfio cannot take the BAR: {why}")
-    pytest.skip(why)
+    skip_or_fail(why, os.environ.get("KVMTRACE_TESTBED_IOMMU") == "1",
+                 "vfio-pci (the testbed was booted with an IOMMU)")
 
 
 def _pidfd_getfd(pid: int, fd: int) -> int:

@@ -51,7 +51,7 @@ from kvmtrace import render
 from kvmtrace.analysis.qemu import MEM_KINDS, flat_view, memory_kind
 from kvmtrace.recording.reader import RecordingError, read
 
-from conftest import REQUIRE_LIVE, ROOT, kvmtrace as run
+from conftest import ROOT, kvmtrace as run, skip_or_fail
 
 QEMU = "qemu-system-x86_64"
 IS_X86 = platform.machine() == "x86_64"
@@ -69,11 +69,7 @@ def _missing() -> str | None:
 
 @pytest.fixture(autouse=True)
 def qemu_x86():
-    why = _missing()
-    if why:
-        if REQUIRE_LIVE and IS_X86:
-            pytest.fail(f"QEMU live test cannot run ({why}) and KVMTRACE_REQUIRE_LIVE=1")
-        pytest.skip(why)
+    skip_or_fail(_missing(), IS_X86, "QEMU live test")
 
 
 def qemu_cmd(*sockets) -> list[str]:

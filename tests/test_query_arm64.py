@@ -103,11 +103,8 @@ def _scenario(path: Path):
 
 @pytest.fixture(scope="module")
 def vm(tmp_path_factory):
-    why = __import__("conftest")._missing_live()
-    if why:
-        if REQUIRE_LIVE:
-            pytest.fail(f"live test cannot run ({why}) and KVMTRACE_REQUIRE_LIVE=1")
-        pytest.skip(why)
+    conftest = __import__("conftest")
+    conftest.skip_or_fail(conftest._missing_live())
     import kvmtrace
     from kvmtrace.host import procfs
     d = tmp_path_factory.mktemp("qa64")
