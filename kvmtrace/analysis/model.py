@@ -159,7 +159,8 @@ def _x86_rules(f: pd.DataFrame, mmu: str, pat, mtrr: list | None = None, page: i
                                          mtrr, page)
             fc, fv = pd.factorize(frame)
             pair = np.unique(rule[has] * len(fv) + fc)
-            texts = [f"{vals[int(p) // len(fv)]}; {fv[int(p) % len(fv)]}" for p in pair]  # MTRR_SEP
+            # each frame's words begin with MTRR_SEP[2:]: rule + "; " + words splits at MTRR_SEP
+            texts = [f"{vals[int(p) // len(fv)]}; {fv[int(p) % len(fv)]}" for p in pair]
             rule[has] = np.searchsorted(pair, rule[has] * len(fv) + fc) + 1
             vals = [""] + texts
     return schema.categorical(vals, rule), combines
