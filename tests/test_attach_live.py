@@ -16,6 +16,7 @@ import pytest
 
 import kvmtrace
 from kvmtrace.analysis.memslots import BEFORE_RECORDING
+from kvmtrace.analysis.vmas import kernel_file_name
 from kvmtrace.recording.reader import RecordingError, read
 
 from conftest import ROOT, guest_cmd, kvmtrace as run, load_json
@@ -83,6 +84,16 @@ def test_record_pid_of_running_vm(tmp_path, scenario):
     assert (first["start_ts"] == 0).all() and first["snapshot_ts"].notna().all()
     assert first["vma_source"].str.startswith("read by a BPF iterator").all(), \
         first["vma_source"].tolist()
+    # the iterator read each file's own name: smaps shows the same (memfd:NAME),
+    # or a path ending in it (a shared anonymous mapping: /dev/zero (deleted))
+    snap = m.recording["memslot_snapshot"]
+    files = snap[(snap["pid"] == g["pid"]) & snap["vma_has_file"]]
+    assert len(files) or scenario != "demo"  # the demo has a memfd slot
+    for r in files.itertuples():
+        (vma,) = first.loc[first["slot"] == r.slot, "vma"]
+        name = kernel_file_name(r.vma_name, r.vma_fs_magic, r.vma_ino, r.vma_dev)
+        assert name == vma or vma.removesuffix(" (deleted)").endswith("/" + r.vma_name), \
+            (name, vma)
     # the faults land in their slots, as many as the guest counts
     f = m.faults[m.faults["pid"] == g["pid"]]
     assert len(f) == g["expected_faults_total"]

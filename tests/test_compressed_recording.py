@@ -72,7 +72,7 @@ def frames(data: bytes):
 def test_round_trip(tmp_path, codec):
     rec = reader.read(write(tmp_path / "r.kvt", codec, tile=1000))
     assert rec.complete and not rec.problems, rec.problems
-    assert rec.schema_version == fmt.SCHEMA_VERSION == 5
+    assert rec.schema_version == fmt.SCHEMA_VERSION == 6
     want = columns("set_spte")
     got = rec["set_spte"]
     assert len(got) == 2 * 1000 * len(want)

@@ -22,6 +22,7 @@ import struct
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -148,17 +149,26 @@ def test_verifier_summary_names_the_reason():
 
 # -- live -------------------------------------------------------------------------
 
-# A VMM that sets one memslot over fresh anonymous memory, says what its own
-# /proc/self/maps showed for it, then unmaps it (or exits) at once.
+# A VMM that sets one memslot over fresh memory (anonymous, a named memfd, or
+# a file on /dev/shm), says what its own /proc/self/maps showed for it, then
+# unmaps it (or exits) at once.
 QUICK_VMM = r"""
 import ctypes, json, mmap, os, sys, time
 from kvmtrace import kvmapi
 from testvmm.kvmcall import ioctl, open_kvm
-mode = sys.argv[1]
+mode, backing = sys.argv[1], sys.argv[2]
 libc = ctypes.CDLL(None)
 kvm = open_kvm()
 vm = ioctl(kvm, kvmapi.KVM_CREATE_VM, 0)
-m = mmap.mmap(-1, 256 << 10, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+if backing == "anon":
+    m = mmap.mmap(-1, 256 << 10, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+else:
+    fd = (os.memfd_create("kvmtrace-quick") if backing == "memfd" else
+          os.open(sys.argv[3], os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600))
+    os.ftruncate(fd, 256 << 10)
+    m = mmap.mmap(fd, 256 << 10, flags=mmap.MAP_SHARED)
+    if backing == "file":
+        os.unlink(sys.argv[3])
 addr = ctypes.addressof(ctypes.c_char.from_buffer(m))
 line = next(l for l in open("/proc/self/maps") if int(l.split("-")[0], 16) <= addr
             < int(l.split("-")[1].split()[0], 16))
@@ -264,7 +274,7 @@ def test_vvar_pfnmap_slot_has_flags_and_pgprot(demo):
     assert f["vma_memtype_source"].str.contains("vm_page_prot").all()
 
 
-def _record_quick(tmp_path, mode, env=None):
+def _record_quick(tmp_path, mode, env=None, backing="anon"):
     """Record every VM on the host while a quick VMM runs. The recorder is
     stopped (SIGSTOP) from before the VMM's memslot ioctl until the VMM has
     unmapped the slot's memory or exited: its smaps snapshot then comes too
@@ -280,7 +290,8 @@ def _record_quick(tmp_path, mode, env=None):
     assert rec.poll() is None, rec.communicate()
     rec.send_signal(signal.SIGSTOP)
     try:
-        vmm = subprocess.Popen([sys.executable, "-c", QUICK_VMM, mode], cwd=ROOT,
+        shm = f"/dev/shm/kvmtrace-quick-{os.getpid()}"  # tmpfs: a file with a name
+        vmm = subprocess.Popen([sys.executable, "-c", QUICK_VMM, mode, backing, shm], cwd=ROOT,
                                stdout=subprocess.PIPE, text=True)
         said = json.loads(vmm.stdout.readline())
         if mode == "exit":
@@ -301,13 +312,21 @@ def _record_quick(tmp_path, mode, env=None):
 
 
 @pytest.mark.usefixtures("live")
-@pytest.mark.parametrize("mode", ["unmap", "exit"])
-def test_vmm_that_unmaps_or_exits_at_once_keeps_its_vma(tmp_path, mode):
-    model, said, row = _record_quick(tmp_path, mode)
+@pytest.mark.parametrize("mode, backing", [("unmap", "anon"), ("exit", "anon"),
+                                           ("exit", "memfd"), ("unmap", "file")])
+def test_vmm_that_unmaps_or_exits_at_once_keeps_its_vma(tmp_path, mode, backing):
+    """The VMA, and its file's name (the dentry's, read in BPF at the ioctl),
+    although no smaps snapshot ever showed it."""
+    model, said, row = _record_quick(tmp_path, mode, backing=backing)
     assert int(row.hva) == said["hva"]
     assert row.vma_source == "captured in BPF at the ioctl"
-    check_vma_against_maps(row, parse_maps_line(said["maps"]))
-    assert row.vma == "[anon]" and not row.pfnmap and row.pgprot_memtype == "WB"
+    maps = parse_maps_line(said["maps"])
+    check_vma_against_maps(row, maps)
+    name = {"anon": "[anon]", "memfd": "memfd:kvmtrace-quick",
+            "file": f".../{Path(maps['path'].removesuffix(' (deleted)')).name} "
+                    f"(inode {maps['inode']} on {maps['dev']})"}
+    assert row.vma == name[backing], (row.vma, maps)
+    assert not row.pfnmap and row.pgprot_memtype == "WB"
     # smaps, read after the munmap or the exit, could not have seen it
     snap = model.recording["vmas"]
     snap = snap[snap["pid"] == said["pid"]]

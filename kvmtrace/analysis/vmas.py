@@ -51,6 +51,7 @@ VM_FLAG_MNEMONICS = {
 }
 VM_PFNMAP, VM_IO, VM_MIXEDMAP = 1 << 10, 1 << 14, 1 << 28
 KERNEL_MINORBITS = 20  # kernel dev_t: major << 20 | minor (include/linux/kdev_t.h)
+ANON_INODE_FS_MAGIC = 0x09041934  # anon_inodefs' s_magic (include/uapi/linux/magic.h)
 
 FOUND, NONE, FAILED, SKIPPED = (VMA_STATUS[k] for k in ("FOUND", "NONE", "FAILED", "SKIPPED"))
 
@@ -66,6 +67,22 @@ def describe_path(path: str, vmflags: str) -> str:
     if path.startswith("/memfd:"):
         return "memfd:" + path[len("/memfd:"):].replace(" (deleted)", "")
     return path
+
+
+def kernel_file_name(name: str, fs_magic: int, ino: int, dev: int) -> str:
+    """A VMA's file named from what BPF read at the ioctl (its dentry's own
+    name, recording format 6), as /proc/PID/maps would show it where that can
+    be told (anon_inode:NAME, memfd:NAME); else its last path component with
+    the inode. Used when no smaps snapshot showed the VMA (the VMM had
+    exited or unmapped it by then)."""
+    where = f"inode {ino} on {dev_name(dev)}"
+    if not name:
+        return f"file {where}"
+    if fs_magic == ANON_INODE_FS_MAGIC:
+        return f"anon_inode:{name}"
+    if name.startswith("memfd:"):
+        return name
+    return f".../{name} ({where})"
 
 
 def is_pfn_mapped(vmflags: str) -> bool:
@@ -158,7 +175,8 @@ def _events_by_slot(memslot: pd.DataFrame | None) -> dict:
 
 
 EVENT_FIELDS = ("vma_status", "vma_err", "vma_has_file", "vma_covers", "vma_count", "vma_dev",
-                "vma_start", "vma_end", "vm_flags", "vm_page_prot", "vm_pgoff", "vma_ino")
+                "vma_start", "vma_end", "vm_flags", "vm_page_prot", "vm_pgoff", "vma_ino",
+                "vma_fs_magic")
 
 
 def _event(memslot, k):
@@ -168,7 +186,8 @@ def _event(memslot, k):
     if k is None:
         return None
     return SimpleNamespace(**{f: int(memslot[f][k]) if f in memslot else 0
-                              for f in EVENT_FIELDS})
+                              for f in EVENT_FIELDS},
+                           vma_name=str(memslot["vma_name"][k]) if "vma_name" in memslot else "")
 
 
 # how the VMA of a slot set before recording was read (collectors/snapshot.py)
@@ -189,7 +208,8 @@ def _events_from_snapshot(snapshot: pd.DataFrame | None) -> dict:
             "vma_count": 1 if r.vma_found else 0, "vma_dev": int(r.vma_dev),
             "vma_start": int(r.vma_start), "vma_end": int(r.vma_end),
             "vm_flags": int(r.vm_flags), "vm_page_prot": int(r.vm_page_prot),
-            "vm_pgoff": int(r.vm_pgoff), "vma_ino": int(r.vma_ino)})
+            "vm_pgoff": int(r.vm_pgoff), "vma_ino": int(r.vma_ino),
+            "vma_fs_magic": int(r.vma_fs_magic), "vma_name": str(r.vma_name)})
     return out
 
 
@@ -274,7 +294,8 @@ def slot_vmas(slots: pd.DataFrame, vmas: pd.DataFrame, memslot: pd.DataFrame | N
     by_pid = {pid: _Smaps(g) for pid, g in vmas.groupby("pid")} if len(vmas) else {}
     events = _events_by_slot(memslot)
     if memslot is not None:  # the VMA fields as numpy arrays: one element each per slot
-        memslot = {f: memslot[f].to_numpy() for f in EVENT_FIELDS if f in memslot}
+        memslot = {f: memslot[f].to_numpy() for f in EVENT_FIELDS + ("vma_name",)
+                   if f in memslot}
     at_start = _events_from_snapshot(snapshot)
     gone = _smaps_gone(notes)
     for i, s in zip(slots.index, slots.itertuples(index=False)):  # tuples: no Series per row
@@ -351,7 +372,7 @@ def _from_bpf(row: dict, ev, hit, g, meta: dict, how: str) -> dict:
             row.update(kernelpagesize_kb=int(g.at(f, "kernelpagesize_kb")),
                        anonhuge_kb=int(g.at(f, "anonhugepages_kb")))
     else:
-        name = (f"file inode {ino} on {dev_name(dev)}" if has_file else
+        name = (kernel_file_name(ev.vma_name, ev.vma_fs_magic, ino, dev) if has_file else
                 "[no file, VM_PFNMAP]" if flags & (VM_PFNMAP | VM_MIXEDMAP) else "[anon]")
         row.update(kernelpagesize_kb=None, anonhuge_kb=0)  # smaps showed another mapping
     count = int(ev.vma_count)

@@ -97,7 +97,10 @@ def _plan(dtype: np.dtype) -> tuple[int, tuple]:
         fdt, off = body.fields[name][:2]
         off += base
         word, sub = divmod(off, 8)
-        if sub + fdt.itemsize > 8 or off % fdt.itemsize:
+        if fdt.kind == "S":  # a char array: whole words of its own
+            if sub or fdt.itemsize % 8:
+                raise ValueError(f"char field {name} is not whole 8-byte words")
+        elif sub + fdt.itemsize > 8 or off % fdt.itemsize:
             raise ValueError(f"field {name} straddles a word or is misaligned")
         fields.append((name, fdt, word, sub))
     return rec // 8, tuple(fields)
@@ -134,7 +137,9 @@ def decode_columns(raw: np.ndarray, dtype: np.dtype) -> tuple[Columns, int]:
     tb = t.view(np.uint8)
     cols = {}
     for name, fdt, word, sub in fields:
-        if fdt.itemsize == 8:
+        if fdt.kind == "S":  # its words, one row each, back into records
+            col = np.ascontiguousarray(t[word:word + fdt.itemsize // 8].T).view(fdt)[:, 0]
+        elif fdt.itemsize == 8:
             col = t[word].view(fdt)
         else:  # a narrower field: every 8th .. byte of a row already copied
             col = np.ndarray((n,), dtype=fdt, buffer=tb, offset=word * n * 8 + sub,

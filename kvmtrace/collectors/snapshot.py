@@ -47,6 +47,8 @@ from ..host import bccload, bpfcache
 from ..host import btf as btf_mod
 from ..host import headers as bcc_headers
 from ..host import procfs
+from ..probes import codegen
+from ..probes.events import VMA_NAME_LEN
 
 _HERE = os.path.join(os.path.dirname(os.path.dirname(__file__)), "probes", "bpf")
 
@@ -79,10 +81,12 @@ VMA_FIELDS = (
     ("vm_page_prot", "u64", "vm_page_prot"), ("vm_pgoff", "u64", "vm_pgoff"),
     ("ino", "u64", "vm_file->f_inode->i_ino"),
     ("dev", "u32", "vm_file->f_inode->i_sb->s_dev"), ("has_file", "u32", "vm_file != NULL"),
-    ("tgid", "u32", "the process"), ("pad", "u32", ""),
+    ("tgid", "u32", "the process"), ("magic", "u32", "vm_file->f_inode->i_sb->s_magic"),
+    (  # the file's own name, as the memslot event has it (probes/events.py)
+        "name", f"char[{VMA_NAME_LEN}]", "vm_file->f_path.dentry->d_name.name"),
 )
 
-_NP = {"u32": "<u4", "u64": "<u8"}
+_NP = {"u32": "<u4", "u64": "<u8", f"char[{VMA_NAME_LEN}]": f"S{VMA_NAME_LEN}"}
 # KVM's frame numbers count the host's pages (PAGE_SHIFT: 12, 14 or 16 on arm64)
 PAGE_SHIFT = os.sysconf("SC_PAGE_SIZE").bit_length() - 1
 SLOT_DTYPE = np.dtype([(n, _NP[t]) for n, t, _ in SLOT_FIELDS])
@@ -100,7 +104,8 @@ MEMBERS = (
     ("kvm_memory_slot", "id"), ("kvm_memory_slot", "as_id"), ("kvm_memory_slot", "flags"),
     ("kvm_memory_slot", "base_gfn"), ("kvm_memory_slot", "npages"),
     ("kvm_memory_slot", "userspace_addr"),
-) + btf_mod.VMA_LOOKUP_MEMBERS
+)
+MEMBERS = tuple(dict.fromkeys(MEMBERS + btf_mod.VMA_LOOKUP_MEMBERS))  # each define once
 OPTIONAL = (("kvm_memory_slot", "gmem.file"), ("kvm_memory_slot", "gmem.pgoff"))
 
 SEQ_BUFFER = 8 * 4096  # a BPF iterator's seq buffer per object (kernel/bpf/bpf_iter.c)
@@ -126,8 +131,8 @@ class SnapshotError(RuntimeError):
 
 
 def _c_struct(name: str, fields) -> str:
-    ctype = {"u32": "u32", "u64": "u64"}
-    body = "".join(f"    {ctype[t]} {n};\n" for n, t, _ in fields)
+    body = "".join(f"    char {n}[{VMA_NAME_LEN}];\n" if t.startswith("char") else
+                   f"    {t} {n};\n" for n, t, _ in fields)
     return f"struct {name} {{\n{body}}};\n"
 
 
@@ -408,7 +413,8 @@ class IteratorReader:
         import pandas as pd
 
         raw = np.frombuffer(self._run("task_vma", pid), dtype=VMA_DTYPE)
-        df = pd.DataFrame({n: raw[n] for n in VMA_DTYPE.names if n != "pad"})
+        df = pd.DataFrame({n: codegen.text_column(raw[n]) if n == "name" else raw[n]
+                           for n in VMA_DTYPE.names})
         # one task's VMAs (the kernel's tid filter); without it (before 6.1) every
         # thread of the process walks the same mm: keep each VMA once
         df = df[df["tgid"] == pid].drop(columns="tgid").drop_duplicates()
@@ -480,7 +486,8 @@ def recorded_memslots(reader: IteratorReader, pid: int, ts: int) -> list[dict]:
                "generation": int(r.generation), "gmem": bool(r.gmem),
                "gmem_offset": int(r.gmem_offset), "vma_found": False, "vma_start": 0,
                "vma_end": 0, "vm_flags": 0, "vm_page_prot": 0, "vm_pgoff": 0,
-               "vma_has_file": False, "vma_ino": 0, "vma_dev": 0}
+               "vma_has_file": False, "vma_ino": 0, "vma_dev": 0, "vma_fs_magic": 0,
+               "vma_name": ""}
         if vmas is not None and len(vmas):
             hit = vmas[(vmas["start"] <= int(r.hva)) & (vmas["end"] > int(r.hva))]
             if len(hit):
@@ -488,7 +495,8 @@ def recorded_memslots(reader: IteratorReader, pid: int, ts: int) -> list[dict]:
                 row.update(vma_found=True, vma_start=int(v["start"]), vma_end=int(v["end"]),
                            vm_flags=int(v["vm_flags"]), vm_page_prot=int(v["vm_page_prot"]),
                            vm_pgoff=int(v["vm_pgoff"]), vma_has_file=bool(v["has_file"]),
-                           vma_ino=int(v["ino"]), vma_dev=int(v["dev"]))
+                           vma_ino=int(v["ino"]), vma_dev=int(v["dev"]),
+                           vma_fs_magic=int(v["magic"]), vma_name=str(v["name"]))
         rows.append(row)
     return rows
 

@@ -89,6 +89,7 @@ def cache_dir() -> str:
 # -- the key ------------------------------------------------------------------
 
 _TP = re.compile(r"TRACEPOINT_PROBE\(\s*(\w+)\s*,\s*(\w+)\s*\)")
+_ABS_INCLUDE = re.compile(r'^[ \t]*#[ \t]*include[ \t]+"(/[^"\n]+)"', re.M)
 
 
 def _file_digest(h, path: str):
@@ -129,6 +130,10 @@ def key(text: str, cflags: list[str], bcc_version: str, bcc_library: str | None)
         if flag.startswith("-I"):
             h.update(_stat_id(flag[2:]).encode() + b"\0")
     h.update(text.encode() + b"\0")
+    # files the text includes by absolute path (probes/bpf/vma.h): their
+    # contents, so a changed header is never served from an old compile
+    for path in sorted(set(_ABS_INCLUDE.findall(text))):
+        _file_digest(h, path)
     for name in ("vmlinux", "kvm"):
         _file_digest(h, f"/sys/kernel/btf/{name}")
     root = tracefs.find()

@@ -208,6 +208,7 @@ VMA_LOOKUP_MEMBERS = (
     ("vm_area_struct", "vm_flags"), ("vm_area_struct", "vm_page_prot"),
     ("vm_area_struct", "vm_pgoff"), ("vm_area_struct", "vm_file"),
     ("file", "f_inode"), ("inode", "i_ino"), ("inode", "i_sb"), ("super_block", "s_dev"),
+    ("super_block", "s_magic"), ("file", "f_path.dentry"), ("dentry", "d_name.name"),
 )
 
 

@@ -16,7 +16,7 @@ import os
 
 from typing import TYPE_CHECKING
 
-from .events import CTYPES, Event
+from .events import CTYPES, Event, chars_len, numpy_type
 
 if TYPE_CHECKING:
     import numpy as np
@@ -40,8 +40,9 @@ def event_size(ev: Event) -> int:
     own size, the whole a multiple of its largest field (event_dtype's layout)."""
     off, align = 0, 1
     for f in ev.all_fields:
-        n = int(CTYPES[f.ctype][1:])
-        off = (off + n - 1) // n * n + n
+        size = chars_len(f.ctype)
+        n = 1 if size else int(CTYPES[f.ctype][1:])  # a char array aligns as a char
+        off = (off + n - 1) // n * n + (size or n)
         align = max(align, n)
     return (off + align - 1) // align * align
 
@@ -54,7 +55,20 @@ def record_size(ev: Event) -> int:
 def event_dtype(ev: Event) -> np.dtype:
     import numpy as np
 
-    return np.dtype([(f.name, CTYPES[f.ctype]) for f in ev.all_fields], align=True)
+    return np.dtype([(f.name, numpy_type(f.ctype)) for f in ev.all_fields], align=True)
+
+
+def text_column(values) -> "np.ndarray":
+    """A char-array field (numpy ``S<N>``, NUL-padded as the kernel wrote it)
+    as text: cut at the first NUL, bytes that are not UTF-8 escaped."""
+    import numpy as np
+
+    raw = np.ascontiguousarray(values)
+    width = raw.dtype.itemsize
+    m = raw.view(np.uint8).reshape(len(raw), width).copy()
+    m[np.cumsum(m == 0, axis=1) > 0] = 0  # everything from the first NUL on
+    head = m.view(f"S{width}")[:, 0]  # (numpy drops trailing NULs)
+    return np.char.decode(head, "utf-8", "backslashreplace")
 
 
 def record_dtype(ev: Event) -> np.dtype:
@@ -113,7 +127,7 @@ def ring_pages(ev: Event, buffer_pages: int | dict | None = None) -> int:
 
 
 def c_struct(ev: Event, buffer_pages: int | dict | None = None) -> str:
-    members = "\n".join(f"    {f.ctype} {f.name}; /* {f.doc} */" for f in ev.all_fields)
+    members = "\n".join(f"    {c_member(f)}; /* {f.doc} */" for f in ev.all_fields)
     size = event_size(ev)
     return (
         f"struct {struct_name(ev)} {{\n{members}\n}};\n"
@@ -121,6 +135,12 @@ def c_struct(ev: Event, buffer_pages: int | dict | None = None) -> str:
         f"\"{ev.name}: layout differs from the Python declaration\");\n"
         f"BPF_RINGBUF_OUTPUT({ring_name(ev)}, {ring_pages(ev, buffer_pages)});\n"
     )
+
+
+def c_member(f) -> str:
+    """A field's C declaration: ``u64 ts``, ``char name[64]``."""
+    n = chars_len(f.ctype)
+    return f"char {f.name}[{n}]" if n else f"{f.ctype} {f.name}"
 
 
 def c_lost(ev: Event, index: int, var=lambda name: f"v_{name}") -> str:

@@ -15,6 +15,7 @@ needs (the PAT memtype list is keyed by physical address).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from .. import kvmapi
@@ -25,6 +26,23 @@ CTYPES = {
     "u8": "u1", "s8": "i1", "u16": "u2", "s16": "i2",
     "u32": "u4", "s32": "i4", "u64": "u8", "s64": "i8",
 }
+# Text the kernel holds (a file name): ``char[N]``, NUL-padded in the event,
+# a string column in the recording (numpy "S<N>" on the way). N is a multiple
+# of 8 and the field starts at a multiple of 8 in its event (the ring decoder
+# reads events in 8-byte words: collectors/ringbuf.py).
+_CHARS = re.compile(r"char\[([1-9][0-9]{0,3})\]")
+
+
+def chars_len(ctype: str) -> int | None:
+    """N of a ``char[N]`` field type, None for a number type."""
+    m = _CHARS.fullmatch(ctype)
+    return int(m.group(1)) if m else None
+
+
+def numpy_type(ctype: str) -> str:
+    """The numpy type string of a field type (``char[N]``: ``S<N>``)."""
+    n = chars_len(ctype)
+    return f"S{n}" if n else CTYPES[ctype]
 
 
 @dataclass(frozen=True)
@@ -39,7 +57,7 @@ class Field:
     at_return: bool = False  # filled in the return probe (entry/return pairs)
 
     def __post_init__(self):
-        if self.ctype not in CTYPES:
+        if self.ctype not in CTYPES and chars_len(self.ctype) is None:
             raise ValueError(f"{self.name}: unsupported C type {self.ctype}")
 
 
@@ -67,6 +85,10 @@ class Event:
     # ("gfn", or "byte" for a guest-physical address): a lost event is then
     # counted per 2 MiB region, so the report can say which memslots lost events.
     where: tuple[str, str] | None = None
+
+    def __post_init__(self):
+        if (self.tracepoint or self.kprobe) and any(chars_len(f.ctype) for f in self.fields):
+            raise ValueError(f"{self.name}: a generated probe copies numbers only")
 
     @property
     def all_fields(self) -> tuple[Field, ...]:
@@ -117,6 +139,8 @@ def _tp(name, tracepoint, doc, fields, rate=RARE_RATE, where=None):
     )
 
 
+VMA_NAME_LEN = 64  # bytes of vma_name, its NUL included
+
 MEMSLOT = Event(
     "memslot",
     "KVM_SET_USER_MEMORY_REGION(2) as issued and answered: the struct read from "
@@ -151,6 +175,13 @@ MEMSLOT = Event(
               "arm64: AttrIndx in [4:2])"),
         Field("vm_pgoff", "u64", "its vm_pgoff (offset into the file or device, in pages)"),
         Field("vma_ino", "u64", "inode number of its file (vm_file->f_inode->i_ino)"),
+        # Its file's name as the kernel holds it, so a slot's VMA is named even
+        # when the VMM exits or unmaps before /proc/PID/smaps is read (version 6)
+        Field("vma_name", f"char[{VMA_NAME_LEN}]", "its file's name: vm_file's dentry "
+              "d_name (the last path component; memfd:NAME for a memfd; [vfio-device] "
+              "for an anon_inode file), cut to fit; empty for no file"),
+        Field("vma_fs_magic", "u32", "s_magic of its file's file system (anon_inodefs "
+              "0x09041934, tmpfs 0x01021994, hugetlbfs 0x958458f6, sysfs 0x62656572 ...)"),
     ),
     wakeup=True, rate=MEMSLOT_RATE,
 )

@@ -121,7 +121,8 @@ def _memslot_assigns() -> str:
         ("vma_start", "p->vma.start"), ("vma_end", "p->vma.end"),
         ("vm_flags", "p->vma.flags"), ("vm_page_prot", "p->vma.prot"),
         ("vm_pgoff", "p->vma.pgoff"), ("vma_ino", "p->vma.ino"),
-    ))
+        ("vma_fs_magic", "p->vma.magic"),
+    )) + "        __builtin_memcpy(e->vma_name, p->vma.name, sizeof(e->vma_name));\n"
 
 
 def _vm_ioctl_assigns() -> str:

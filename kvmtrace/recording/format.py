@@ -56,7 +56,7 @@ import pyarrow as pa
 from ..probes.codegen import event_dtype
 from ..probes.events import EVENTS
 
-SCHEMA_VERSION = 5  # 4: the memslot_snapshot table; 5: qmp_mtree
+SCHEMA_VERSION = 6  # 4: the memslot_snapshot table; 5: qmp_mtree; 6: memslot vma_name
 VERSION_KEY = b"kvmtrace.schema_version"
 META_KEY = b"kvmtrace.meta"
 HEADER_CRC_KEY = b"kvmtrace.header_crc32"   # schema metadata, version 2+
@@ -91,6 +91,7 @@ MEMSLOT_SNAPSHOT_FIELDS = [
     ("vma_found", pa.bool_()), ("vma_start", pa.uint64()), ("vma_end", pa.uint64()),
     ("vm_flags", pa.uint64()), ("vm_page_prot", pa.uint64()), ("vm_pgoff", pa.uint64()),
     ("vma_has_file", pa.bool_()), ("vma_ino", pa.uint64()), ("vma_dev", pa.uint32()),
+    ("vma_fs_magic", pa.uint32()), ("vma_name", pa.string()),  # version 6
 ]
 QMP_MTREE_FIELDS = [
     ("ts", pa.uint64()),          # CLOCK_MONOTONIC when QEMU's answer was read
@@ -106,8 +107,11 @@ NOTES_FIELDS = [("ts", pa.uint64()), ("key", pa.string()), ("value", pa.string()
 
 
 def event_struct(name: str) -> pa.StructType:
+    """An event table's Arrow type: its fields' integers, and strings for its
+    char arrays (numpy ``S<N>``)."""
     dt = event_dtype(EVENTS[name])
-    return pa.struct([(n, _NP_TO_PA[dt.fields[n][0]]) for n in dt.names])
+    return pa.struct([(n, pa.string() if dt.fields[n][0].kind == "S" else _NP_TO_PA[dt.fields[n][0]])
+                      for n in dt.names])
 
 
 def table_types() -> dict[str, pa.StructType]:

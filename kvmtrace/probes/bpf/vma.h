@@ -31,7 +31,8 @@ struct kvmtrace_vma_ctx {
     u32 dev;        /* vm_file->f_inode->i_sb->s_dev */
     u32 count;      /* VMAs seen */
     u32 has_file;   /* vm_file != NULL */
-    u32 pad;
+    u32 magic;      /* vm_file->f_inode->i_sb->s_magic */
+    char name[64];  /* vm_file->f_path.dentry->d_name.name, NUL-terminated (events.VMA_NAME_LEN) */
 };
 
 #ifdef KVMTRACE_VMA_LOOKUP
@@ -62,6 +63,13 @@ long kvmtrace_vma_cb_impl(void *task, void *vma, void *data)
             c->has_file = 1;
             c->ino = KVMTRACE_READ(u64, inode, KT_OFF_inode__i_ino);
             c->dev = KVMTRACE_READ(u32, sb, KT_OFF_super_block__s_dev);
+            c->magic = (u32)KVMTRACE_READ(u64, sb, KT_OFF_super_block__s_magic);
+            u64 dentry = KVMTRACE_READ(u64, file, KT_OFF_file__f_path__dentry);
+            u64 name = KVMTRACE_READ(u64, dentry, KT_OFF_dentry__d_name__name);
+            /* (unconditional: name 0 fails and leaves it empty; a branch here
+             * made clang put the callback's exit before its last instruction,
+             * which host/bccload.link_callback refuses) */
+            bpf_probe_read_kernel_str(c->name, sizeof(c->name), (void *)name);
         }
     }
     c->next = end;
