@@ -16,6 +16,7 @@ normalise once, query many times).
 
 from __future__ import annotations
 
+import errno as errno_mod
 import json
 from dataclasses import dataclass, field
 
@@ -269,7 +270,7 @@ def build(path_or_recording, keep_raw: bool = True, lean: bool = False) -> Model
     ex = t["userspace_exit"].copy()
     ex["proc"] = identity.generations(ex, exits_)
     ex["reason_name"] = ex["reason"].map(EXIT_REASONS).fillna(ex["reason"].astype(str))
-    failures = ex.loc[ex["errno"] < 0, ["tid", "ts"]].reset_index(drop=True)
+    failures = ex.loc[failed_runs(ex), ["tid", "ts"]].reset_index(drop=True)
     ctx = _FaultContext(meta, kvm, spte_format, pat, page, exits_, vcpus, arm)
     if arm:
         ops["reason"] = stage2.memslot_reasons(ops, t, meta)
@@ -441,6 +442,14 @@ def _loss_notes(kinds: pd.DataFrame, unplaced: int) -> list[str]:
     return out
 
 
+def failed_runs(ex: pd.DataFrame) -> pd.Series:
+    """The KVM_RUN calls that failed. Not EINTR: KVM returns it when a signal
+    is pending (KVM_EXIT_INTR), which is how VMMs kick a vCPU out of the guest
+    to pause it, run work on it or stop it (QEMU's SIG_IPI): every QEMU run
+    has some, and none is a fault."""
+    return (ex["errno"] < 0) & (ex["errno"] != -errno_mod.EINTR)
+
+
 def _errors(ops, ex, failures, stats: faultstats.FaultStats, slots, vcpus,
             page: int) -> pd.DataFrame:
     rows = []
@@ -452,7 +461,7 @@ def _errors(ops, ex, failures, stats: faultstats.FaultStats, slots, vcpus,
                      "what": f"{r.access} fault at IPA {int(r.gfn) * page:#x}",
                      "slot": int(slots.loc[r.slot_row, "slot"]) if r.slot_row >= 0 else None,
                      "errno": r.rule.rsplit("[", 1)[-1].rstrip("]"), "detail": r.rule})
-    bad = ex[ex["errno"] < 0]
+    bad = ex[failed_runs(ex)]
     if len(bad):
         bad = bad.assign(vm_fd=faults_mod.attach_vm(bad, vcpus, slots))
         # the last fault on that thread before the failure names the page

@@ -403,7 +403,8 @@ EXITS = Table("exits", "MMIO exits to the VMM (kvm_mmio)", (
     PROC, VM_FD, SLOT_ROW,
 ))
 
-ERRORS = Table("errors", "failed memslot ioctls, faults KVM refused and failed KVM_RUNs", (
+ERRORS = Table("errors", "failed memslot ioctls, faults KVM refused and failed KVM_RUNs "
+               "(not EINTR: a signal kicked the vCPU out, as VMMs do)", (
     C("ts", "uint64", "ns", "CLOCK_MONOTONIC time of the event"), PID, PROC, VM_FD, C("what", "str", "", "what failed"),
     C("slot", "Int64", "", "slot id (null when not about one slot)"),
     C("errno", "str", "", "errno name"), C("detail", "str", "", "why"),
