@@ -71,6 +71,11 @@ def test_link_refuses_what_it_does_not_understand():
     main, cb = (LINK / "enter.bin").read_bytes(), (LINK / "callback.bin").read_bytes()
     with pytest.raises(bccload.LinkError, match="not end with exit"):
         bccload.link_callback(main, cb[:-8])
+    # ending with an unconditional jump back to its exit (clang's layout when a
+    # branch comes after it) cannot fall through: accepted
+    ja_back = struct.pack("<BBhi", 0x05, 0, 0, -(len(cb) // 8))
+    insns, start = bccload.link_callback(main, cb + ja_back)
+    assert insns[start * 8:] == cb + ja_back
     with pytest.raises(bccload.LinkError, match="no load of a callback"):
         bccload.link_callback(cb, cb)
     # r3 = 0 (unrelocated) then a jump before the helper call: refused, not guessed

@@ -160,6 +160,7 @@ def _bcc_library() -> str | None:
 # same from 5.17 (bpf_find_vma) to 7.x.
 
 BPF_LD_IMM64, BPF_CALL, BPF_EXIT = 0x18, 0x85, 0x95
+BPF_JA, BPF_JA32 = 0x05, 0x06  # BPF_JMP | BPF_JA; BPF_JMP32 | BPF_JA ("gotol")
 BPF_PSEUDO_CALL, BPF_PSEUDO_FUNC = 1, 4
 BPF_FUNC_FIND_VMA = 180
 INSN = struct.Struct("<BBhi")  # code, dst:4 | src:4, off, imm
@@ -230,8 +231,11 @@ def link_callback(main: bytes, callback: bytes,
         raise LinkError(f"no load of a callback address for call #{helper} in the program")
     if not callback or len(callback) % 8:
         raise LinkError(f"callback size {len(callback)} is not a whole number of instructions")
-    if _insn(callback, len(callback) // 8 - 1)[0] != BPF_EXIT:
-        raise LinkError("the callback does not end with exit")
+    # its last instruction must not fall through into whatever follows: an
+    # exit, or an unconditional jump back (clang 14 ends the callback with
+    # "ja" to its exit when a branch is laid out after it)
+    if _insn(callback, len(callback) // 8 - 1)[0] not in (BPF_EXIT, BPF_JA, BPF_JA32):
+        raise LinkError("the callback does not end with exit or an unconditional jump")
     m = len(callback) // 8
     for k in range(m):
         code, _, src, _, imm = _insn(callback, k)
