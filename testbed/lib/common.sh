@@ -32,12 +32,15 @@ kt_need_host_pkgs() {
     done
     if ((${#missing[@]})); then
         kt_log "installing host packages: ${missing[*]}"
-        if ! DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
-                "${missing[@]}" >&2; then
+        # (both testbeds' builds start together on a new machine: wait for
+        # the other's dpkg lock rather than fail)
+        local lock=(-o DPkg::Lock::Timeout=600)
+        if ! DEBIAN_FRONTEND=noninteractive apt-get "${lock[@]}" install -y -q \
+                --no-install-recommends "${missing[@]}" >&2; then
             kt_log "apt-get install failed; retrying after apt-get update"
-            apt-get update -q >&2
-            DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
-                "${missing[@]}" >&2 || kt_die "cannot install ${missing[*]}"
+            apt-get "${lock[@]}" update -q >&2
+            DEBIAN_FRONTEND=noninteractive apt-get "${lock[@]}" install -y -q \
+                --no-install-recommends "${missing[@]}" >&2 || kt_die "cannot install ${missing[*]}"
         fi
     fi
 }
