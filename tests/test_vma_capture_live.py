@@ -165,25 +165,31 @@ mode, backing = sys.argv[1], sys.argv[2]
 libc = ctypes.CDLL(None)
 kvm = open_kvm()
 vm = ioctl(kvm, kvmapi.KVM_CREATE_VM, 0)
-if backing == "anon":
-    m = mmap.mmap(-1, 256 << 10, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+size = 256 << 10
+if backing == "vvar":  # the kernel's own special mapping (VM_PFNMAP, no file)
+    line = next(l for l in open("/proc/self/maps") if l.split()[-1] == "[vvar]")
+    addr, end = (int(x, 16) for x in line.split()[0].split("-"))
+    size = end - addr
 else:
-    fd = (os.memfd_create("kvmtrace-quick") if backing == "memfd" else
-          os.open(sys.argv[3], os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600))
-    os.ftruncate(fd, 256 << 10)
-    m = mmap.mmap(fd, 256 << 10, flags=mmap.MAP_SHARED)
-    if backing == "file":
-        os.unlink(sys.argv[3])
-addr = ctypes.addressof(ctypes.c_char.from_buffer(m))
-line = next(l for l in open("/proc/self/maps") if int(l.split("-")[0], 16) <= addr
-            < int(l.split("-")[1].split()[0], 16))
+    if backing == "anon":
+        m = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    else:
+        fd = (os.memfd_create("kvmtrace-quick") if backing == "memfd" else
+              os.open(sys.argv[3], os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600))
+        os.ftruncate(fd, size)
+        m = mmap.mmap(fd, size, flags=mmap.MAP_SHARED)
+        if backing == "file":
+            os.unlink(sys.argv[3])
+    addr = ctypes.addressof(ctypes.c_char.from_buffer(m))
+    line = next(l for l in open("/proc/self/maps") if int(l.split("-")[0], 16) <= addr
+                < int(l.split("-")[1].split()[0], 16))
 r = kvmapi.kvm_userspace_memory_region(slot=3, flags=0, guest_phys_addr=1 << 20,
-                                       memory_size=256 << 10, userspace_addr=addr)
+                                       memory_size=size, userspace_addr=addr)
 print(json.dumps({"pid": os.getpid(), "hva": addr, "maps": line}), flush=True)
 ioctl(vm, kvmapi.KVM_SET_USER_MEMORY_REGION, r)
 if mode == "exit":
     os._exit(0)
-assert libc.munmap(ctypes.c_void_p(addr), ctypes.c_size_t(256 << 10)) == 0
+assert libc.munmap(ctypes.c_void_p(addr), ctypes.c_size_t(size)) == 0
 print("unmapped", flush=True)
 time.sleep(2)
 """
@@ -318,7 +324,8 @@ def _record_quick(tmp_path, mode, env=None, backing="anon"):
 
 @pytest.mark.usefixtures("live")
 @pytest.mark.parametrize("mode, backing", [("unmap", "anon"), ("exit", "anon"),
-                                           ("exit", "memfd"), ("unmap", "file")])
+                                           ("exit", "memfd"), ("unmap", "file"),
+                                           ("exit", "vvar")])
 def test_vmm_that_unmaps_or_exits_at_once_keeps_its_vma(tmp_path, mode, backing):
     """The VMA, and its file's name (the dentry's, read in BPF at the ioctl),
     although no smaps snapshot ever showed it."""
@@ -327,11 +334,13 @@ def test_vmm_that_unmaps_or_exits_at_once_keeps_its_vma(tmp_path, mode, backing)
     assert row.vma_source == "captured in BPF at the ioctl"
     maps = parse_maps_line(said["maps"])
     check_vma_against_maps(row, maps)
-    name = {"anon": "[anon]", "memfd": "memfd:kvmtrace-quick",
+    name = {"anon": "[anon]", "memfd": "memfd:kvmtrace-quick", "vvar": "[vvar]",
             "file": f".../{Path(maps['path'].removesuffix(' (deleted)')).name} "
                     f"(inode {maps['inode']} on {maps['dev']})"}
     assert row.vma == name[backing], (row.vma, maps)
-    assert not row.pfnmap and row.pgprot_memtype == "WB"
+    assert row.pfnmap == (backing == "vvar")
+    if backing != "vvar":
+        assert row.pgprot_memtype == "WB"
     # smaps, read after the munmap or the exit, could not have seen it
     snap = model.recording["vmas"]
     snap = snap[snap["pid"] == said["pid"]]

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import errno as errno_mod
 import json
+import re
 from types import SimpleNamespace
 
 import numpy as np
@@ -83,6 +84,13 @@ def kernel_file_name(name: str, fs_magic: int, ino: int, dev: int) -> str:
     if name.startswith("memfd:"):
         return name
     return f".../{name} ({where})"
+
+
+def special_mapping_name(name: str) -> str:
+    """A file-less VMA's name as BPF read it (a special mapping's own:
+    [vvar], [vdso] ...; probes/bpf/vma_name.h), or '' when what was read is
+    not such a bracketed name."""
+    return name if re.fullmatch(r"\[[ -~]{1,62}\]", name or "") else ""
 
 
 def is_pfn_mapped(vmflags: str) -> bool:
@@ -373,7 +381,8 @@ def _from_bpf(row: dict, ev, hit, g, meta: dict, how: str) -> dict:
                        anonhuge_kb=int(g.at(f, "anonhugepages_kb")))
     else:
         name = (kernel_file_name(ev.vma_name, ev.vma_fs_magic, ino, dev) if has_file else
-                "[no file, VM_PFNMAP]" if flags & (VM_PFNMAP | VM_MIXEDMAP) else "[anon]")
+                special_mapping_name(ev.vma_name) or
+                ("[no file, VM_PFNMAP]" if flags & (VM_PFNMAP | VM_MIXEDMAP) else "[anon]"))
         row.update(kernelpagesize_kb=None, anonhuge_kb=0)  # smaps showed another mapping
     count = int(ev.vma_count)
     mt, mt_src = pgprot_memtype(prot, meta, "at the ioctl" if how.endswith("ioctl")

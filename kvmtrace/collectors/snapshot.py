@@ -206,6 +206,10 @@ def program_text(layout: dict) -> tuple[str, list[str]]:
              f"-DKT_REC_TRAILER={REC_TRAILER}"]
     with open(os.path.join(_HERE, "iter_kvm.c")) as f:
         body = f.read()
+    include = '#include "{}"'.format(os.path.join(_HERE, "vma_name.h").replace("\\", "\\\\")
+                                     .replace('"', '\\"'))
+    body = body.replace("/* KVMTRACE_VMA_NAME_H: replaced by an #include of vma_name.h by its "
+                        "absolute\n * path (collectors/snapshot.py) */", include)
     text = (_c_struct("kvmtrace_slot_rec", SLOT_FIELDS) + _c_assert("kvmtrace_slot_rec", SLOT_DTYPE)
             + _c_struct("kvmtrace_vma_rec", VMA_FIELDS) + _c_assert("kvmtrace_vma_rec", VMA_DTYPE)
             + body)

@@ -209,6 +209,8 @@ VMA_LOOKUP_MEMBERS = (
     ("vm_area_struct", "vm_pgoff"), ("vm_area_struct", "vm_file"),
     ("file", "f_inode"), ("inode", "i_ino"), ("inode", "i_sb"), ("super_block", "s_dev"),
     ("super_block", "s_magic"), ("file", "f_path.dentry"), ("dentry", "d_name.name"),
+    ("vm_area_struct", "vm_ops"), ("vm_area_struct", "vm_private_data"),
+    ("vm_operations_struct", "name"), ("vm_special_mapping", "name"),
 )
 
 

@@ -29,6 +29,9 @@
     if (__b) bpf_probe_read_kernel(&__v, sizeof(__v), (void *)(__b + (off))); __v; })
 #endif
 
+/* KVMTRACE_VMA_NAME_H: replaced by an #include of vma_name.h by its absolute
+ * path (collectors/snapshot.py) */
+
 static long (*kvmtrace_seq_write)(void *m, const void *data, u32 len) = (void *)127;
 
 /* The process to look at (tgid): set by user space before each read. Also
@@ -203,10 +206,9 @@ int kvmtrace_iter_vmas(struct kvmtrace_iter_ctx *ctx)
         r.ino = KVMTRACE_READ(u64, inode, KT_OFF_inode__i_ino);
         r.dev = KVMTRACE_READ(u32, sb, KT_OFF_super_block__s_dev);
         r.magic = (u32)KVMTRACE_READ(u64, sb, KT_OFF_super_block__s_magic);
-        u64 dentry = KVMTRACE_READ(u64, file, KT_OFF_file__f_path__dentry);
-        u64 name = KVMTRACE_READ(u64, dentry, KT_OFF_dentry__d_name__name);
-        bpf_probe_read_kernel_str(r.name, sizeof(r.name), (void *)name);
     }
+    u64 name = kvmtrace_vma_name_ptr(vma, file);  /* vma_name.h */
+    bpf_probe_read_kernel_str(r.name, sizeof(r.name), (void *)name);
     r.tgid = KVMTRACE_READ(u32, task, KT_OFF_task_struct__tgid);
     kvmtrace_seq_write(seq, &r, sizeof(r));
     return 0;

@@ -32,7 +32,7 @@ struct kvmtrace_vma_ctx {
     u32 count;      /* VMAs seen */
     u32 has_file;   /* vm_file != NULL */
     u32 magic;      /* vm_file->f_inode->i_sb->s_magic */
-    char name[64];  /* vm_file->f_path.dentry->d_name.name, NUL-terminated (events.VMA_NAME_LEN) */
+    char name[64];  /* its name as stored (vma_name.h), NUL-terminated (events.VMA_NAME_LEN) */
 };
 
 #ifdef KVMTRACE_VMA_LOOKUP
@@ -64,13 +64,10 @@ long kvmtrace_vma_cb_impl(void *task, void *vma, void *data)
             c->ino = KVMTRACE_READ(u64, inode, KT_OFF_inode__i_ino);
             c->dev = KVMTRACE_READ(u32, sb, KT_OFF_super_block__s_dev);
             c->magic = (u32)KVMTRACE_READ(u64, sb, KT_OFF_super_block__s_magic);
-            u64 dentry = KVMTRACE_READ(u64, file, KT_OFF_file__f_path__dentry);
-            u64 name = KVMTRACE_READ(u64, dentry, KT_OFF_dentry__d_name__name);
-            /* (unconditional: name 0 fails and leaves it empty; a branch here
-             * made clang put the callback's exit before its last instruction,
-             * which host/bccload.link_callback refuses) */
-            bpf_probe_read_kernel_str(c->name, sizeof(c->name), (void *)name);
         }
+        /* vma_name.h; a name at 0 fails and leaves it empty */
+        u64 name = kvmtrace_vma_name_ptr((u64)vma, file);
+        bpf_probe_read_kernel_str(c->name, sizeof(c->name), (void *)name);
     }
     c->next = end;
     c->count++;
