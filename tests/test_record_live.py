@@ -67,7 +67,12 @@ def test_demo_end_to_end(tmp_path):
     end = json.loads(model.recording["notes"].query("key == 'end'")["value"].iloc[0])
     assert sum(end["lost"].values()) == 0
     assert "kvmmmu:kvm_mmu_set_spte" in model.meta["probes"]["attached"]
-    assert set(model.recording["vmas"]["reason"]) >= {"memslot"}
+    # a smaps snapshot was taken after the memslot burst, or tried and found
+    # the guest gone (a loaded host: the names then come from BPF)
+    notes = model.recording["notes"]
+    tried = notes[(notes["key"] == "smaps_unavailable")
+                  & notes["value"].str.contains('"reason": "memslot"')]
+    assert "memslot" in set(model.recording["vmas"]["reason"]) or len(tried)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])

@@ -10,7 +10,9 @@ and the guest's report beside it says what the guest did.
 """
 
 import json
+import os
 
+import pandas as pd
 import pytest
 
 import kvmtrace
@@ -59,7 +61,11 @@ def check_against_guest(model, guest):
         elif s["backing"] == "memfd":
             assert row.vma.startswith("memfd:kvmtrace-guest-slot")
         elif s["backing"] == "file":
-            assert row.vma == s["path"]
+            # the whole path comes from a smaps snapshot; when the guest exited
+            # before one (a loaded host), the file's own name from BPF
+            short = f".../{os.path.basename(s['path'])} ("
+            assert row.vma == s["path"] or (pd.isna(row.snapshot_delay_ms)
+                                            and row.vma.startswith(short)), row.vma
     assert (model.faults["slot_row"] >= 0).all(), "every fault is in a slot"
     exp_total = guest["expected_faults_total"]
     assert len(model.faults) == exp_total
