@@ -263,8 +263,9 @@ OPS = Table("ops", "every memslot ioctl, decoded and classified by KVM's rules "
     C("vm_page_prot", "uint64", "", "VMA vm_page_prot"),
     C("vm_pgoff", "uint64", "pages", "VMA vm_pgoff"),
     C("vma_ino", "uint64", "", "inode of the VMA's file"),
-    C("vma_name", "str", "", "the VMA's file name as the kernel held it at the ioctl "
-      "(its dentry's; '' for no file and before recording format 6)"),
+    C("vma_name", "str", "", "the VMA's name as the kernel stored it at the ioctl "
+      "(its file's dentry's, or a special mapping's such as [vvar]; '' for none and "
+      "before recording format 6)"),
     C("vma_fs_magic", "int64", "", "s_magic of the VMA file's file system"),
     AS_ID, C("slot_id", "int64", "", "slot id within the address space"),
     C("ioctl_name", "str", "", "the ioctl's name; 'recovered' for a change whose ioctl "

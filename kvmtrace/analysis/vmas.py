@@ -185,6 +185,7 @@ def _events_by_slot(memslot: pd.DataFrame | None) -> dict:
 EVENT_FIELDS = ("vma_status", "vma_err", "vma_has_file", "vma_covers", "vma_count", "vma_dev",
                 "vma_start", "vma_end", "vm_flags", "vm_page_prot", "vm_pgoff", "vma_ino",
                 "vma_fs_magic")
+EVENT_TEXT = "vma_name"  # the one text field among them (format 6; '' before)
 
 
 def _event(memslot, k):
@@ -195,7 +196,8 @@ def _event(memslot, k):
         return None
     return SimpleNamespace(**{f: int(memslot[f][k]) if f in memslot else 0
                               for f in EVENT_FIELDS},
-                           vma_name=str(memslot["vma_name"][k]) if "vma_name" in memslot else "")
+                           **{EVENT_TEXT: str(memslot[EVENT_TEXT][k]) if EVENT_TEXT in memslot
+                              else ""})
 
 
 # how the VMA of a slot set before recording was read (collectors/snapshot.py)
@@ -302,7 +304,7 @@ def slot_vmas(slots: pd.DataFrame, vmas: pd.DataFrame, memslot: pd.DataFrame | N
     by_pid = {pid: _Smaps(g) for pid, g in vmas.groupby("pid")} if len(vmas) else {}
     events = _events_by_slot(memslot)
     if memslot is not None:  # the VMA fields as numpy arrays: one element each per slot
-        memslot = {f: memslot[f].to_numpy() for f in EVENT_FIELDS + ("vma_name",)
+        memslot = {f: memslot[f].to_numpy() for f in EVENT_FIELDS + (EVENT_TEXT,)
                    if f in memslot}
     at_start = _events_from_snapshot(snapshot)
     gone = _smaps_gone(notes)

@@ -48,7 +48,7 @@ from ..host import btf as btf_mod
 from ..host import headers as bcc_headers
 from ..host import procfs
 from ..probes import codegen
-from ..probes.events import VMA_NAME_LEN
+from ..probes.events import VMA_NAME_LEN, numpy_type
 
 _HERE = os.path.join(os.path.dirname(os.path.dirname(__file__)), "probes", "bpf")
 
@@ -82,15 +82,14 @@ VMA_FIELDS = (
     ("ino", "u64", "vm_file->f_inode->i_ino"),
     ("dev", "u32", "vm_file->f_inode->i_sb->s_dev"), ("has_file", "u32", "vm_file != NULL"),
     ("tgid", "u32", "the process"), ("magic", "u32", "vm_file->f_inode->i_sb->s_magic"),
-    (  # the file's own name, as the memslot event has it (probes/events.py)
-        "name", f"char[{VMA_NAME_LEN}]", "vm_file->f_path.dentry->d_name.name"),
+    (  # its name as stored, as the memslot event has it (probes/bpf/vma_name.h)
+        "name", f"char[{VMA_NAME_LEN}]", "its file's dentry name, or a special mapping's"),
 )
 
-_NP = {"u32": "<u4", "u64": "<u8", f"char[{VMA_NAME_LEN}]": f"S{VMA_NAME_LEN}"}
 # KVM's frame numbers count the host's pages (PAGE_SHIFT: 12, 14 or 16 on arm64)
 PAGE_SHIFT = os.sysconf("SC_PAGE_SIZE").bit_length() - 1
-SLOT_DTYPE = np.dtype([(n, _NP[t]) for n, t, _ in SLOT_FIELDS])
-VMA_DTYPE = np.dtype([(n, _NP[t]) for n, t, _ in VMA_FIELDS])
+SLOT_DTYPE = np.dtype([(n, numpy_type(t)) for n, t, _ in SLOT_FIELDS])
+VMA_DTYPE = np.dtype([(n, numpy_type(t)) for n, t, _ in VMA_FIELDS])
 
 # Members read (struct, member path); an optional one may be missing (-1).
 MEMBERS = (
@@ -131,8 +130,7 @@ class SnapshotError(RuntimeError):
 
 
 def _c_struct(name: str, fields) -> str:
-    body = "".join(f"    char {n}[{VMA_NAME_LEN}];\n" if t.startswith("char") else
-                   f"    {t} {n};\n" for n, t, _ in fields)
+    body = "".join(f"    {codegen.c_decl(t, n)};\n" for n, t, _ in fields)
     return f"struct {name} {{\n{body}}};\n"
 
 
@@ -206,12 +204,9 @@ def program_text(layout: dict) -> tuple[str, list[str]]:
              f"-DKT_REC_TRAILER={REC_TRAILER}"]
     with open(os.path.join(_HERE, "iter_kvm.c")) as f:
         body = f.read()
-    include = '#include "{}"'.format(os.path.join(_HERE, "vma_name.h").replace("\\", "\\\\")
-                                     .replace('"', '\\"'))
-    body = body.replace("/* KVMTRACE_VMA_NAME_H: replaced by an #include of vma_name.h by its "
-                        "absolute\n * path (collectors/snapshot.py) */", include)
     text = (_c_struct("kvmtrace_slot_rec", SLOT_FIELDS) + _c_assert("kvmtrace_slot_rec", SLOT_DTYPE)
             + _c_struct("kvmtrace_vma_rec", VMA_FIELDS) + _c_assert("kvmtrace_vma_rec", VMA_DTYPE)
+            + codegen.KREAD_MACRO + codegen.include_line(os.path.join(_HERE, "vma_name.h"))
             + body)
     return text, defs
 

@@ -139,8 +139,19 @@ def c_struct(ev: Event, buffer_pages: int | dict | None = None) -> str:
 
 def c_member(f) -> str:
     """A field's C declaration: ``u64 ts``, ``char name[64]``."""
-    n = chars_len(f.ctype)
-    return f"char {f.name}[{n}]" if n else f"{f.ctype} {f.name}"
+    return c_decl(f.ctype, f.name)
+
+
+def c_decl(ctype: str, name: str) -> str:
+    """The C declaration of ``name`` of a field type (``char[N]``: an array)."""
+    n = chars_len(ctype)
+    return f"char {name}[{n}]" if n else f"{ctype} {name}"
+
+
+def include_line(path: str) -> str:
+    """``#include "PATH"`` with PATH quoted for C: a header included by its
+    absolute path (the compile cache hashes those, host/bpfcache.key)."""
+    return '#include "{}"\n'.format(path.replace("\\", "\\\\").replace('"', '\\"'))
 
 
 def c_lost(ev: Event, index: int, var=lambda name: f"v_{name}") -> str:

@@ -175,11 +175,12 @@ MEMSLOT = Event(
               "arm64: AttrIndx in [4:2])"),
         Field("vm_pgoff", "u64", "its vm_pgoff (offset into the file or device, in pages)"),
         Field("vma_ino", "u64", "inode number of its file (vm_file->f_inode->i_ino)"),
-        # Its file's name as the kernel holds it, so a slot's VMA is named even
-        # when the VMM exits or unmaps before /proc/PID/smaps is read (version 6)
-        Field("vma_name", f"char[{VMA_NAME_LEN}]", "its file's name: vm_file's dentry "
-              "d_name (the last path component; memfd:NAME for a memfd; [vfio-device] "
-              "for an anon_inode file), cut to fit; empty for no file"),
+        # Its name as the kernel stores it, so a slot's VMA is named even when
+        # the VMM exits or unmaps before /proc/PID/smaps is read (version 6)
+        Field("vma_name", f"char[{VMA_NAME_LEN}]", "its name as stored (bpf/vma_name.h): "
+              "its file's dentry d_name (the last path component; memfd:NAME for a memfd; "
+              "[vfio-device] for an anon_inode file), else a special mapping's own "
+              "([vvar], [vdso]); cut to fit; empty when it has none"),
         Field("vma_fs_magic", "u32", "s_magic of its file's file system (anon_inodefs "
               "0x09041934, tmpfs 0x01021994, hugetlbfs 0x958458f6, sysfs 0x62656572 ...)"),
     ),

@@ -89,8 +89,7 @@ def _vma_lookup_setup(offsets: dict) -> tuple[str, list[str], dict]:
     """(C defines, cflags, status) for bpf/vma.h: the lookup is compiled when
     the kernel's BTF gives every member it reads."""
     text = "".join(f"#define KVMTRACE_VMA_{k} {v}\n" for k, v in VMA_STATUS.items())
-    text += "".join('#include "{}"\n'.format(os.path.join(_HERE, h).replace("\\", "\\\\")
-                                            .replace('"', '\\"'))
+    text += "".join(codegen.include_line(os.path.join(_HERE, h))
                     for h in ("vma_name.h", "vma.h"))
     if os.environ.get(NO_VMA_LOOKUP_ENV) == "1":
         return text, [], {"compiled": False, "available": False,

@@ -110,8 +110,9 @@ def event_struct(name: str) -> pa.StructType:
     """An event table's Arrow type: its fields' integers, and strings for its
     char arrays (numpy ``S<N>``)."""
     dt = event_dtype(EVENTS[name])
-    return pa.struct([(n, pa.string() if dt.fields[n][0].kind == "S" else _NP_TO_PA[dt.fields[n][0]])
-                      for n in dt.names])
+    types = {n: dt.fields[n][0] for n in dt.names}
+    return pa.struct([(n, pa.string() if t.kind == "S" else _NP_TO_PA[t])
+                      for n, t in types.items()])
 
 
 def table_types() -> dict[str, pa.StructType]:

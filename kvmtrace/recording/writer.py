@@ -60,15 +60,11 @@ def _struct_from_numpy(arr, typ: pa.StructType) -> pa.StructArray:
         return arr
     n = len(arr)
     return pa.StructArray.from_arrays(
-        [(_kernel_strings(arr[f.name]) if pa.types.is_string(f.type) else
+        [(pa.array(codegen.text_column(arr[f.name]), type=pa.string())  # a char array
+          if pa.types.is_string(f.type) else
           _array(np.asarray(arr[f.name], dtype=fmt.numpy_dtype(f.type)), f.type))
          for f in typ] if n else [pa.nulls(0, f.type) for f in typ],
         fields=list(typ))
-
-
-def _kernel_strings(values) -> pa.Array:
-    """An event's char array as a string column (codegen.text_column)."""
-    return pa.array(codegen.text_column(values), type=pa.string())
 
 
 def _strings(values: list) -> pa.Array:

@@ -18,19 +18,13 @@
  *
  * Every struct member is read at an offset from the running kernel's BTF
  * (-DKT_OFF_<struct>__<member>, kvmtrace.collectors.snapshot); the record
- * structs come before this text, generated from the field lists there.
+ * structs come before this text, generated from the field lists there, then
+ * KVMTRACE_READ (probes/codegen.py) and vma_name.h.
  * Records go out through bpf_seq_write (helper 127, Linux 5.9+) and are read
  * from the iterator's fd. bcc compiles this; kvmtrace loads it as
  * BPF_PROG_TYPE_TRACING / BPF_TRACE_ITER itself (bcc 0.26 cannot attach
  * iterators). */
 
-#ifndef KVMTRACE_READ
-#define KVMTRACE_READ(type, base, off) ({ type __v = 0; u64 __b = (u64)(base); \
-    if (__b) bpf_probe_read_kernel(&__v, sizeof(__v), (void *)(__b + (off))); __v; })
-#endif
-
-/* KVMTRACE_VMA_NAME_H: replaced by an #include of vma_name.h by its absolute
- * path (collectors/snapshot.py) */
 
 static long (*kvmtrace_seq_write)(void *m, const void *data, u32 len) = (void *)127;
 
